@@ -1,0 +1,1 @@
+"""See ../shared/ARCHITECTURE.md; this package is built by its own issue."""

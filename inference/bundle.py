@@ -1,0 +1,302 @@
+"""The bundle: an ensemble's weights as a folder that crosses from training to inference.
+
+Layout (``weights/<name>/``)::
+
+    ensemble.json          what the ensemble is (format below)
+    <expert>.safetensors   one per expert: exactly the state dict of
+                           ``timm.create_model(arch, num_classes=2, **model_kwargs)``, EMA baked in
+
+``ensemble.json``::
+
+    {"format": "dfx-ensemble/1", "name": "...",
+     "experts": [{"name", "family": "timm", "arch", "model_kwargs": {}, "input_size",
+                  "preprocess": "squash" | "crop", "mean", "std", "file", "sha256",
+                  "weight", "calibration": {"temperature": 1.0}}, ...],
+     "aggregate": "mean_prob", "threshold": 0.5, "uncertain_band": [lo, hi],
+     "threshold_rule": "how the threshold was chosen", "provenance": {...}}
+
+Loading is strict: the format version, every field's type, every file's presence and SHA-256 are
+checked, and any problem raises :class:`BundleError` with the file and the problem in its message.
+Nothing here unpickles anything: weights are read with safetensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "dfx-ensemble/1"
+SUPPORTED_MAJOR = "dfx-ensemble/1"
+MANIFEST_NAME = "ensemble.json"
+FAMILIES = ("timm",)
+PREPROCESS_MODES = ("squash", "crop")
+AGGREGATES = ("mean_prob",)
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used; the message names the file and says why."""
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One expert of an ensemble, as written in ``ensemble.json``."""
+
+    name: str
+    arch: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    file: str
+    sha256: str
+    family: str = "timm"
+    preprocess: str = "squash"
+    weight: float = 1.0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, float] = field(default_factory=lambda: {"temperature": 1.0})
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration.get("temperature", 1.0))
+
+    @property
+    def preprocess_key(self) -> tuple[int, str, tuple[float, ...], tuple[float, ...]]:
+        """Experts with equal keys share one preprocessed tensor per image."""
+        return (self.input_size, self.preprocess, tuple(self.mean), tuple(self.std))
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """The parsed, validated ``ensemble.json`` of a bundle folder."""
+
+    name: str
+    experts: tuple[ExpertSpec, ...]
+    threshold: float = 0.5
+    uncertain_band: tuple[float, float] = (0.5, 0.5)
+    aggregate: str = "mean_prob"
+    threshold_rule: str = "default 0.5 (not chosen on data)"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "name": self.name,
+            "experts": [e.to_json() for e in self.experts],
+            "aggregate": self.aggregate,
+            "threshold": self.threshold,
+            "uncertain_band": list(self.uncertain_band),
+            "threshold_rule": self.threshold_rule,
+            "provenance": self.provenance,
+        }
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _req(obj: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise BundleError(f"{where}: missing field '{key}'")
+    value = obj[key]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise BundleError(f"{where}: field '{key}' must be {_tname(types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise BundleError(f"{where}: field '{key}' must be {_tname(types)}, got {type(value).__name__}")
+    return value
+
+
+def _tname(types: type | tuple[type, ...]) -> str:
+    ts = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in ts)
+
+
+def _triple(obj: dict[str, Any], key: str, where: str) -> tuple[float, float, float]:
+    value = _req(obj, key, list, where)
+    if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise BundleError(f"{where}: field '{key}' must be a list of 3 numbers, got {value!r}")
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def _parse_expert(raw: Any, index: int, manifest: Path) -> ExpertSpec:
+    where = f"{manifest}: experts[{index}]"
+    if not isinstance(raw, dict):
+        raise BundleError(f"{where}: must be an object")
+    name = _req(raw, "name", str, where)
+    where = f"{manifest}: expert '{name}'"
+    family = _req(raw, "family", str, where)
+    if family not in FAMILIES:
+        raise BundleError(f"{where}: unknown family '{family}' (this version knows {', '.join(FAMILIES)})")
+    preprocess = _req(raw, "preprocess", str, where)
+    if preprocess not in PREPROCESS_MODES:
+        raise BundleError(f"{where}: unknown preprocess mode '{preprocess}' "
+                          f"(this version knows {', '.join(PREPROCESS_MODES)})")
+    input_size = _req(raw, "input_size", int, where)
+    if not 8 <= input_size <= 4096:
+        raise BundleError(f"{where}: input_size {input_size} is out of range 8..4096")
+    std = _triple(raw, "std", where)
+    if any(s <= 0 for s in std):
+        raise BundleError(f"{where}: std must be positive, got {list(std)}")
+    file = _req(raw, "file", str, where)
+    if Path(file).name != file or file in ("", ".", ".."):
+        raise BundleError(f"{where}: file '{file}' must be a plain file name inside the bundle")
+    sha = _req(raw, "sha256", str, where)
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise BundleError(f"{where}: sha256 must be 64 lowercase hex digits")
+    weight = float(_req(raw, "weight", (int, float), where))
+    if not (math.isfinite(weight) and weight >= 0):
+        raise BundleError(f"{where}: weight must be a finite number >= 0, got {weight}")
+    calibration = raw.get("calibration", {"temperature": 1.0})
+    if not isinstance(calibration, dict):
+        raise BundleError(f"{where}: calibration must be an object")
+    temperature = calibration.get("temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise BundleError(f"{where}: calibration.temperature must be a number > 0")
+    model_kwargs = raw.get("model_kwargs", {})
+    if not isinstance(model_kwargs, dict):
+        raise BundleError(f"{where}: model_kwargs must be an object")
+    return ExpertSpec(
+        name=name, family=family, arch=_req(raw, "arch", str, where), input_size=input_size,
+        preprocess=preprocess, mean=_triple(raw, "mean", where), std=std, file=file, sha256=sha,
+        weight=weight, model_kwargs=dict(model_kwargs),
+        calibration={"temperature": float(temperature)},
+    )
+
+
+def parse_spec(data: Any, manifest: Path) -> BundleSpec:
+    """Validate a decoded ``ensemble.json``; raise :class:`BundleError` naming what is wrong."""
+    where = str(manifest)
+    if not isinstance(data, dict):
+        raise BundleError(f"{where}: the top level must be a JSON object")
+    fmt = _req(data, "format", str, where)
+    if fmt.split(".")[0] != SUPPORTED_MAJOR:
+        raise BundleError(f"{where}: unsupported bundle format '{fmt}' (this version reads "
+                          f"'{SUPPORTED_MAJOR}'); upgrade deepfake-experts or re-export the bundle")
+    raw_experts = _req(data, "experts", list, where)
+    if not raw_experts:
+        raise BundleError(f"{where}: 'experts' is empty; a bundle needs at least one expert")
+    experts = tuple(_parse_expert(e, i, manifest) for i, e in enumerate(raw_experts))
+    names = [e.name for e in experts]
+    files = [e.file for e in experts]
+    if len(set(names)) != len(names):
+        raise BundleError(f"{where}: expert names must be unique, got {names}")
+    if len(set(files)) != len(files):
+        raise BundleError(f"{where}: expert files must be distinct, got {files}")
+    if sum(e.weight for e in experts) <= 0:
+        raise BundleError(f"{where}: expert weights sum to 0")
+    aggregate = _req(data, "aggregate", str, where)
+    if aggregate not in AGGREGATES:
+        raise BundleError(f"{where}: unknown aggregate '{aggregate}' (known: {', '.join(AGGREGATES)})")
+    threshold = float(_req(data, "threshold", (int, float), where))
+    band = _req(data, "uncertain_band", list, where)
+    if len(band) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in band):
+        raise BundleError(f"{where}: uncertain_band must be two numbers, got {band!r}")
+    lo, hi = float(band[0]), float(band[1])
+    if not 0.0 <= lo <= threshold <= hi <= 1.0:
+        raise BundleError(f"{where}: need 0 <= uncertain_band[0] <= threshold <= uncertain_band[1] <= 1, "
+                          f"got band {band} and threshold {threshold}")
+    provenance = data.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise BundleError(f"{where}: provenance must be an object")
+    return BundleSpec(
+        name=_req(data, "name", str, where), experts=experts, threshold=threshold,
+        uncertain_band=(lo, hi), aggregate=aggregate,
+        threshold_rule=str(data.get("threshold_rule", "")), provenance=provenance, format=fmt,
+    )
+
+
+def read_spec(bundle_dir: str | os.PathLike[str]) -> BundleSpec:
+    """Read and validate ``ensemble.json`` (no weights are read)."""
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(f"{root}: not a bundle folder (it does not exist or is not a folder)")
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file():
+        raise BundleError(f"{manifest}: missing; a bundle folder holds {MANIFEST_NAME} and the expert files")
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{manifest}: not UTF-8 text ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    return parse_spec(data, manifest)
+
+
+def check_files(bundle_dir: str | os.PathLike[str], spec: BundleSpec) -> None:
+    """Check that every expert file exists and matches its SHA-256."""
+    root = Path(bundle_dir)
+    for e in spec.experts:
+        path = root / e.file
+        if not path.is_file():
+            raise BundleError(f"{path}: missing expert file for expert '{e.name}'")
+        actual = sha256_file(path)
+        if actual != e.sha256:
+            raise BundleError(f"{path}: checksum mismatch for expert '{e.name}' (expected sha256 "
+                              f"{e.sha256[:12]}…, file has {actual[:12]}…): the file is damaged or replaced")
+
+
+def bundle_digest(spec: BundleSpec) -> str:
+    """A short, stable identity of an ensemble: its experts' checksums, weights and decision rule."""
+    ident = json.dumps(
+        {"experts": [[e.name, e.sha256, e.weight, e.preprocess_key, e.calibration] for e in spec.experts],
+         "aggregate": spec.aggregate, "threshold": spec.threshold, "band": spec.uncertain_band},
+        sort_keys=True, default=list,
+    )
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
+
+
+def write_bundle(out_dir: str | os.PathLike[str], spec: BundleSpec,
+                 state_dicts: dict[str, dict[str, Any]], *, overwrite: bool = False) -> BundleSpec:
+    """Write a bundle atomically: all files go to a temporary sibling folder, which is then renamed.
+
+    ``state_dicts`` maps expert name to its state dict (tensors). Checksums are computed here and
+    returned in the final spec; the ``sha256`` fields of ``spec`` are ignored. A reader never sees a
+    half-written bundle, and an existing bundle is replaced only with ``overwrite``.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out}: already exists (pass overwrite/--force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        experts = []
+        for e in spec.experts:
+            if e.name not in state_dicts:
+                raise BundleError(f"no state dict given for expert '{e.name}'")
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dicts[e.name].items()}
+            path = tmp / e.file
+            save_file(tensors, str(path), metadata={"format": "pt", "arch": e.arch, "expert": e.name})
+            os.chmod(path, 0o644)  # servers often run as another user than the exporter
+            experts.append(ExpertSpec(**{**e.__dict__, "sha256": sha256_file(path)}))
+        final = BundleSpec(**{**spec.__dict__, "experts": tuple(experts)})
+        (tmp / MANIFEST_NAME).write_text(json.dumps(final.to_json(), indent=2) + "\n", encoding="utf-8")
+        os.chmod(tmp / MANIFEST_NAME, 0o644)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,105 @@
+"""``dfx bundle init|info|verify``: create, describe and check ensemble bundles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .bundle import PREPROCESS_MODES, BundleError, bundle_digest, check_files, read_spec
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bundle", help="create, describe and verify ensemble bundles",
+                       description="Create, describe and verify ensemble bundles (weights/<name>/).")
+    verbs = p.add_subparsers(dest="bundle_verb", metavar="ACTION", required=True)
+
+    init = verbs.add_parser("init", help="write an untrained bundle (seeded random weights)",
+                            description="Write a bundle of randomly initialised timm experts: for smoke "
+                                        "tests, API tests and as training's starting point. Its scores mean nothing.")
+    init.add_argument("--arch", action="append", required=True,
+                      help="timm architecture of one expert; repeat for several (e.g. --arch convnext_atto "
+                           "--arch vit_tiny_patch16_224)")
+    init.add_argument("--input-size", type=int, default=None,
+                      help="input side length for every expert (default: each architecture's own, e.g. 224)")
+    init.add_argument("--preprocess", choices=PREPROCESS_MODES, default="squash",
+                      help="squash: whole image resized to S×S; crop: short side to S, then centre crop "
+                           "(default: squash)")
+    init.add_argument("--seed", type=int, default=0, help="seed of expert 0; expert i uses seed+i (default 0)")
+    init.add_argument("--name", default=None, help="bundle name (default: the output folder's name)")
+    init.add_argument("--out", required=True, help="bundle folder to create")
+    init.add_argument("--force", action="store_true", help="replace --out if it exists")
+    init.set_defaults(func=_init)
+
+    info = verbs.add_parser("info", help="describe a bundle", description="Print a bundle's experts, "
+                            "decision rule and provenance (reads ensemble.json only; see verify).")
+    info.add_argument("bundle", help="bundle folder")
+    info.add_argument("--json", action="store_true", help="print ensemble.json plus its digest as JSON")
+    info.set_defaults(func=_info)
+
+    verify = verbs.add_parser("verify", help="check a bundle completely; exit 1 on any problem",
+                              description="Check ensemble.json, every file's SHA-256, and that every expert's "
+                                          "weights load strictly into its architecture and run.")
+    verify.add_argument("bundle", help="bundle folder")
+    verify.set_defaults(func=_verify)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from .bundle_init import init_bundle
+
+    spec = init_bundle(args.arch, args.out, input_size=args.input_size, preprocess=args.preprocess,
+                       seed=args.seed, name=args.name, overwrite=args.force)
+    print(f"wrote untrained bundle '{spec.name}' ({len(spec.experts)} experts) to {args.out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    spec = read_spec(args.bundle)
+    if args.json:
+        print(json.dumps({**spec.to_json(), "digest": bundle_digest(spec)}, indent=2))
+        return 0
+    root = Path(args.bundle)
+    lo, hi = spec.uncertain_band
+    print(f"bundle     {spec.name}@{bundle_digest(spec)}  ({root})")
+    print(f"format     {spec.format}")
+    print(f"aggregate  {spec.aggregate}: weighted mean of the experts' fake-probabilities")
+    print(f"decision   fake if score >= {spec.threshold:g}; uncertain if {lo:g} < score < {hi:g}")
+    if spec.threshold_rule:
+        print(f"           ({spec.threshold_rule})")
+    print(f"experts    {len(spec.experts)}")
+    header = f"  {'name':<24} {'arch':<28} {'size':>5} {'mode':<7} {'weight':>6} {'temp':>5} {'MB':>7}"
+    print(header)
+    for e in spec.experts:
+        path = root / e.file
+        mb = f"{path.stat().st_size / 1e6:.1f}" if path.is_file() else "missing"
+        print(f"  {e.name:<24} {e.arch:<28} {e.input_size:>5} {e.preprocess:<7} {e.weight:>6.3g} "
+              f"{e.temperature:>5.3g} {mb:>7}")
+    if spec.provenance:
+        print("provenance")
+        for k, v in spec.provenance.items():
+            text = v if isinstance(v, str) else json.dumps(v)
+            print(f"  {k}: {text if len(text) < 200 else text[:197] + '...'}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import torch
+
+    from .experts import load_expert
+
+    try:
+        spec = read_spec(args.bundle)
+        check_files(args.bundle, spec)
+        for e in spec.experts:
+            model = load_expert(e, args.bundle)
+            with torch.inference_mode():
+                out = model(torch.zeros(1, 3, e.input_size, e.input_size))
+            if tuple(out.shape) != (1, 2) or not torch.isfinite(out).all():
+                raise BundleError(f"{Path(args.bundle) / e.file}: expert '{e.name}' gives "
+                                  f"{tuple(out.shape)} / non-finite logits instead of 2 finite logits")
+    except BundleError as exc:
+        print(f"FAILED: {exc}")
+        return 1
+    print(f"OK: {spec.name}@{bundle_digest(spec)}: {len(spec.experts)} experts, checksums match, "
+          "weights load strictly and run")
+    return 0

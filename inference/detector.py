@@ -1,0 +1,230 @@
+"""The Detector: an ensemble bundle loaded once, scoring batches of images.
+
+A score is the weighted mean of the experts' softmax fake-probabilities (``aggregate: mean_prob``),
+each expert's logits divided by its calibration temperature first. The label is ``uncertain``
+strictly inside the bundle's uncertain band, else ``fake`` at or above the threshold, else ``real``.
+
+Performance follows ARCHITECTURE.md: weights are loaded once with EMA already baked in (nothing is
+swapped per call); images are decoded at reduced JPEG scale and resized before normalising, once
+per distinct preprocessing; batches run under ``torch.inference_mode`` in channels-last memory
+format; folders are decoded in DataLoader worker processes so the model does not wait for JPEGs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from .bundle import BundleSpec, bundle_digest, check_files, read_spec
+from .experts import FAKE_INDEX, load_expert
+from .images import DEFAULT_MAX_PIXELS, ImageError, Source
+from .preprocess import PreprocessKey, Preprocessor
+
+log = logging.getLogger(__name__)
+
+Prepared = dict[PreprocessKey, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's verdict: the ensemble's fake-probability, its label, and each expert's score."""
+
+    score: float
+    label: str
+    experts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """One input of a folder/file run: a prediction, or the error that kept it from one."""
+
+    path: Path
+    prediction: Prediction | None
+    error: str | None = None
+    error_code: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.prediction is not None
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto``/None → CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{device}' requested but CUDA is not available on this machine")
+    return dev
+
+
+class _PathDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses one file per item; a bad file becomes an error item, never an exception."""
+
+    def __init__(self, paths: Sequence[Path], pre: Preprocessor) -> None:
+        self.paths, self.pre = list(paths), pre
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, Prepared | None, str | None, str | None]:
+        try:
+            return i, self.pre.prepare(self.paths[i]), None, None
+        except ImageError as exc:
+            return i, None, exc.message, exc.code
+        except Exception as exc:  # a decoder bug must not end a 100k-image run
+            return i, None, f"{self.paths[i]}: unexpected decoding error ({exc!r})", "unreadable"
+
+
+def _keep_list(items: list[Any]) -> list[Any]:
+    return items
+
+
+class Detector:
+    """Loads a bundle (verifying every checksum) and scores images with its ensemble."""
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike[str],
+        *,
+        device: str | None = "auto",
+        batch_size: int = 32,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        precision: str = "fp32",
+        compile: bool = False,
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.spec: BundleSpec = read_spec(self.bundle_dir)
+        check_files(self.bundle_dir, self.spec)
+        self.device = resolve_device(device)
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got '{precision}'")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 needs a CUDA device; use fp32 on CPU")
+        self.precision = precision
+        self.batch_size = max(1, int(batch_size))
+        self.digest = bundle_digest(self.spec)
+        self.models: dict[str, torch.nn.Module] = {}
+        for e in self.spec.experts:
+            model = load_expert(e, self.bundle_dir).to(self.device)
+            model = model.to(memory_format=torch.channels_last)
+            self.models[e.name] = torch.compile(model) if compile else model
+        self.preprocessor = Preprocessor((e.preprocess_key for e in self.spec.experts), max_pixels=max_pixels)
+        total = sum(e.weight for e in self.spec.experts)
+        self._weights = {e.name: e.weight / total for e in self.spec.experts}
+        log.info("loaded bundle %s (%s) with %d experts on %s", self.spec.name, self.digest,
+                 len(self.models), self.device)
+
+    # -- description -------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        """``<bundle name>@<short hash>``: what the API reports as the model that answered."""
+        return f"{self.spec.name}@{self.digest}"
+
+    def describe(self) -> dict[str, Any]:
+        """The bundle's description for people and clients (no weights, no paths)."""
+        d = self.spec.to_json()
+        d["model"] = self.model_id
+        d["digest"] = self.digest
+        return d
+
+    def label_for(self, score: float) -> str:
+        lo, hi = self.spec.uncertain_band
+        if lo < score < hi:
+            return "uncertain"
+        return "fake" if score >= self.spec.threshold else "real"
+
+    # -- scoring -----------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def score_prepared(self, items: Sequence[Prepared]) -> list[Prediction]:
+        """Score already preprocessed images (from :meth:`prepare`), in chunks of ``batch_size``."""
+        out: list[Prediction] = []
+        for start in range(0, len(items), self.batch_size):
+            out.extend(self._score_batch(items[start:start + self.batch_size]))
+        return out
+
+    @torch.inference_mode()
+    def _score_batch(self, items: Sequence[Prepared]) -> list[Prediction]:
+        if not items:
+            return []
+        probs: dict[str, torch.Tensor] = {}
+        inputs: dict[PreprocessKey, torch.Tensor] = {}
+        with self._autocast():
+            for e in self.spec.experts:
+                key = e.preprocess_key
+                if key not in inputs:
+                    x = torch.stack([it[key] for it in items])
+                    inputs[key] = x.to(self.device, non_blocking=True).contiguous(
+                        memory_format=torch.channels_last)
+                logits = self.models[e.name](inputs[key]).float()
+                probs[e.name] = torch.softmax(logits / e.temperature, dim=1)[:, FAKE_INDEX].cpu()
+        ensemble = sum(self._weights[name] * p for name, p in probs.items())
+        experts_np = {name: p.double().numpy() for name, p in probs.items()}
+        results = []
+        for i, score in enumerate(ensemble.double().numpy().tolist()):
+            results.append(Prediction(score=float(score), label=self.label_for(score),
+                                      experts={n: float(v[i]) for n, v in experts_np.items()}))
+        return results
+
+    def prepare(self, src: Source | Image.Image, name: str | None = None) -> Prepared:
+        """Decode and preprocess one image; raises :class:`ImageError` if it cannot be used."""
+        return self.preprocessor.prepare(src, name=name)
+
+    def predict(self, sources: Sequence[Source | Image.Image]) -> list[Prediction]:
+        """Score images given as paths, bytes, streams or PIL images. Raises on the first bad one;
+        use :meth:`predict_paths` (files) or :meth:`prepare` per item to keep going past errors."""
+        return self.score_prepared([self.prepare(s) for s in sources])
+
+    def predict_paths(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        workers: int | None = None,
+        progress: bool = False,
+        desc: str = "scoring",
+    ) -> Iterator[ItemResult]:
+        """Score files in order, decoding them in ``workers`` DataLoader processes.
+
+        Yields one :class:`ItemResult` per path; a file that cannot be decoded yields an error result
+        and the run goes on.
+        """
+        from tqdm import tqdm
+
+        paths = [Path(p) for p in paths]
+        if not paths:
+            return
+        if workers is None:
+            workers = default_workers()
+        loader = torch.utils.data.DataLoader(
+            _PathDataset(paths, self.preprocessor),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_keep_list,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers > 0 else None,
+        )
+        with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+            for batch in loader:
+                good = [(i, prepared) for i, prepared, _, _ in batch if prepared is not None]
+                scored = dict(zip((i for i, _ in good), self.score_prepared([p for _, p in good])))
+                for i, _, err, code in batch:
+                    yield ItemResult(paths[i], scored.get(i), err, code)
+                bar.update(len(batch))
+
+
+def default_workers() -> int:
+    """Decoding processes for folder runs: leave one core to the model, use at most four."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))

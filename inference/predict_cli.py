@@ -1,0 +1,159 @@
+"""``dfx predict`` (files and folders → a table of scores) and ``dfx submit`` (a competition CSV)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, TextIO
+
+from .detector import Detector, ItemResult, default_workers
+from .images import DEFAULT_MAX_PIXELS, collect_images
+from .weights import resolve_weights
+
+
+def add_detector_options(p: argparse.ArgumentParser) -> None:
+    """Options every scoring verb shares."""
+    p.add_argument("--weights", default=None,
+                   help="bundle folder (default: $DFX_WEIGHTS, else weights/default)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"decoding processes (default {default_workers()} here: cores - 1, at most 4; 0 = in-process)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast precision; bf16/fp16 pay off on GPUs only (default fp32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="score image files and folders",
+                       description="Score images with an ensemble bundle. Folders are searched recursively "
+                                   "for image files; files named explicitly are always tried (their content, "
+                                   "not their name, decides the format). A file that cannot be decoded gets a "
+                                   "row with status=error and the run goes on.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    p.add_argument("-o", "--output", default=None,
+                   help="write results to this .csv or .jsonl file (atomically); default: CSV on stdout")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
+    add_detector_options(p)
+    p.set_defaults(func=_predict)
+
+    s = sub.add_parser("submit", help="write a competition submission CSV",
+                       description="Score every image file in TEST_DIR (not recursive) and write a submission "
+                                   "in the Global Multimedia Deepfake Detection format: header img_name,y_pred, one "
+                                   "row per image, sorted by name, y_pred in [0,1]. An unreadable image gets 0.5 "
+                                   "and is listed in a warning.")
+    s.add_argument("test_dir", metavar="TEST_DIR", help="folder of test images")
+    s.add_argument("-o", "--output", required=True, help="submission CSV to write (atomically)")
+    add_detector_options(s)
+    s.set_defaults(func=_submit)
+
+
+def _detector(args: argparse.Namespace) -> Detector:
+    return Detector(resolve_weights(args.weights), device=args.device, batch_size=args.batch_size,
+                    max_pixels=args.max_pixels, precision=args.precision)
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary sibling and a rename: never a half-written file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _rows_csv(results: Iterable[ItemResult], experts: list[str], out: TextIO) -> None:
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["path", "score", "label", *[f"expert_{n}" for n in experts], "status", "error"])
+    for r in results:
+        if r.prediction:
+            p = r.prediction
+            w.writerow([str(r.path), repr(p.score), p.label, *[repr(p.experts[n]) for n in experts], "ok", ""])
+        else:
+            w.writerow([str(r.path), "", "", *["" for _ in experts], "error", r.error])
+
+
+def _rows_jsonl(results: Iterable[ItemResult], out: TextIO) -> None:
+    for r in results:
+        p = r.prediction
+        row = {"path": str(r.path), "score": p.score if p else None, "label": p.label if p else None,
+               "experts": p.experts if p else None, "status": "ok" if p else "error",
+               "error": r.error, "error_code": r.error_code}
+        out.write(json.dumps(row) + "\n")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    paths = collect_images(args.paths)
+    if not paths:
+        print("dfx predict: error: no image files found in the given paths", file=sys.stderr)
+        return 1
+    det = _detector(args)
+    results = list(det.predict_paths(paths, workers=args.workers, progress=not args.no_progress))
+    experts = [e.name for e in det.spec.experts]
+    fmt = "jsonl" if args.output and Path(args.output).suffix.lower() in (".jsonl", ".json") else "csv"
+    buf = io.StringIO()
+    _rows_jsonl(results, buf) if fmt == "jsonl" else _rows_csv(results, experts, buf)
+    if args.output:
+        write_atomic(args.output, buf.getvalue())
+    else:
+        sys.stdout.write(buf.getvalue())
+    failed = [r for r in results if not r.ok]
+    n_ok = len(results) - len(failed)
+    print(f"scored {n_ok} of {len(results)} images with {det.model_id}"
+          + (f"; {len(failed)} failed" if failed else "")
+          + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
+    for r in failed[:20]:
+        print(f"  error: {r.error}", file=sys.stderr)
+    if len(failed) > 20:
+        print(f"  ... and {len(failed) - 20} more (see the status/error columns)", file=sys.stderr)
+    if n_ok == 0 or (args.strict and failed):
+        return 1
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    test_dir = Path(args.test_dir)
+    if not test_dir.is_dir():
+        raise FileNotFoundError(f"{test_dir}: not a folder")
+    paths = sorted(collect_images([test_dir], recursive=False), key=lambda p: p.name)
+    if not paths:
+        print(f"dfx submit: error: no image files in {test_dir}", file=sys.stderr)
+        return 1
+    det = _detector(args)
+    rows, failed = [], []
+    for r in det.predict_paths(paths, workers=args.workers, progress=not args.no_progress, desc="submission"):
+        score = r.prediction.score if r.prediction else 0.5
+        if not r.prediction:
+            failed.append(r)
+        rows.append((r.path.name, min(1.0, max(0.0, score))))
+    if len(failed) == len(rows):
+        print(f"dfx submit: error: none of the {len(rows)} images could be scored; no submission written",
+              file=sys.stderr)
+        for r in failed[:20]:
+            print(f"  error: {r.error}", file=sys.stderr)
+        return 1
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["img_name", "y_pred"])
+    for name, score in rows:
+        w.writerow([name, f"{score:.8f}"])
+    write_atomic(args.output, buf.getvalue())
+    print(f"wrote {args.output}: {len(rows)} rows scored with {det.model_id}", file=sys.stderr)
+    if failed:
+        print(f"warning: {len(failed)} unreadable image(s) got y_pred=0.5:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r.path.name}: {r.error}", file=sys.stderr)
+    return 0
