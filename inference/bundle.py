@@ -282,7 +282,9 @@ def write_bundle(out_dir: str | os.PathLike[str], spec: BundleSpec,
                 raise BundleError(f"no state dict given for expert '{e.name}'")
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dicts[e.name].items()}
             path = tmp / e.file
-            save_file(tensors, str(path), metadata={"format": "pt", "arch": e.arch, "expert": e.name})
+            # One metadata key only: safetensors stores metadata from a hash map, so several keys come
+            # out in varying order and equal weights would get different checksums.
+            save_file(tensors, str(path), metadata={"format": "pt"})
             os.chmod(path, 0o644)  # servers often run as another user than the exporter
             experts.append(ExpertSpec(**{**e.__dict__, "sha256": sha256_file(path)}))
         final = BundleSpec(**{**spec.__dict__, "experts": tuple(experts)})

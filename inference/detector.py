@@ -169,11 +169,11 @@ class Detector:
                     inputs[key] = x.to(self.device, non_blocking=True).contiguous(
                         memory_format=torch.channels_last)
                 logits = self.models[e.name](inputs[key]).float()
-                probs[e.name] = torch.softmax(logits / e.temperature, dim=1)[:, FAKE_INDEX].cpu()
+                probs[e.name] = torch.softmax(logits / e.temperature, dim=1)[:, FAKE_INDEX].cpu().double()
         ensemble = sum(self._weights[name] * p for name, p in probs.items())
-        experts_np = {name: p.double().numpy() for name, p in probs.items()}
+        experts_np = {name: p.numpy() for name, p in probs.items()}
         results = []
-        for i, score in enumerate(ensemble.double().numpy().tolist()):
+        for i, score in enumerate(ensemble.numpy().tolist()):
             results.append(Prediction(score=float(score), label=self.label_for(score),
                                       experts={n: float(v[i]) for n, v in experts_np.items()}))
         return results

@@ -1,0 +1,186 @@
+"""Bundles round-trip, refuse damage with a message naming the file, and load in plain timm."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from inference import BundleError, Detector
+from inference.bundle import read_spec
+from inference.bundle_init import init_bundle
+from inference.experts import expert_forward, load_expert
+
+from .conftest import TINY_SIZE, dfx
+
+
+@pytest.fixture()
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def _edit_json(bundle: Path, fn) -> None:
+    path = bundle / "ensemble.json"
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def test_init_is_seeded_and_round_trips(tmp_path, odd_images):
+    a = init_bundle(["convnext_atto"], tmp_path / "a", input_size=TINY_SIZE, seed=3)
+    b = init_bundle(["convnext_atto"], tmp_path / "b", input_size=TINY_SIZE, seed=3)
+    c = init_bundle(["convnext_atto"], tmp_path / "c", input_size=TINY_SIZE, seed=4)
+    assert a.experts[0].sha256 == b.experts[0].sha256 != c.experts[0].sha256
+    images = [odd_images["rgb.jpg"], odd_images["rgba.png"]]
+    first = Detector(tmp_path / "a", device="cpu").predict(images)
+    again = Detector(tmp_path / "a", device="cpu").predict(images)
+    other = Detector(tmp_path / "c", device="cpu").predict(images)
+    assert [p.score for p in first] == [p.score for p in again]
+    assert [p.score for p in first] != [p.score for p in other]
+
+
+def test_existing_bundle_is_not_overwritten_by_accident(tmp_path):
+    init_bundle(["convnext_atto"], tmp_path / "x", input_size=TINY_SIZE)
+    with pytest.raises(BundleError, match="already exists"):
+        init_bundle(["convnext_atto"], tmp_path / "x", input_size=TINY_SIZE)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+
+
+def test_tampered_bytes_are_refused(bundle_copy):
+    spec = read_spec(bundle_copy)
+    path = bundle_copy / spec.experts[0].file
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="checksum mismatch") as info:
+        Detector(bundle_copy, device="cpu")
+    assert spec.experts[0].file in str(info.value)
+
+
+def test_wrong_checksum_in_json_is_refused(bundle_copy):
+    _edit_json(bundle_copy, lambda d: d["experts"][1].update(sha256="ab" * 32))
+    with pytest.raises(BundleError, match="checksum mismatch") as info:
+        Detector(bundle_copy, device="cpu")
+    assert read_spec(bundle_copy).experts[1].file in str(info.value)
+
+
+def test_missing_expert_file_is_refused(bundle_copy):
+    spec = read_spec(bundle_copy)
+    (bundle_copy / spec.experts[1].file).unlink()
+    with pytest.raises(BundleError, match="missing expert file") as info:
+        Detector(bundle_copy, device="cpu")
+    assert spec.experts[1].file in str(info.value)
+
+
+def test_unknown_format_version_is_refused(bundle_copy):
+    _edit_json(bundle_copy, lambda d: d.update(format="dfx-ensemble/2"))
+    with pytest.raises(BundleError, match="unsupported bundle format 'dfx-ensemble/2'"):
+        Detector(bundle_copy, device="cpu")
+
+
+def test_malformed_json_is_refused(bundle_copy):
+    (bundle_copy / "ensemble.json").write_text('{"format": "dfx-ensemble/1", "name": ')
+    with pytest.raises(BundleError, match=r"ensemble.json: malformed JSON at line 1"):
+        Detector(bundle_copy, device="cpu")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["experts"][0].pop("arch"), "missing field 'arch'"),
+    (lambda d: d["experts"][0].update(preprocess="stretch"), "unknown preprocess mode 'stretch'"),
+    (lambda d: d["experts"][0].update(file="../../etc/passwd"), "must be a plain file name"),
+    (lambda d: d.update(uncertain_band=[0.7, 0.9]), "uncertain_band"),
+    (lambda d: d.update(experts=[]), "at least one expert"),
+    (lambda d: d["experts"][0].update(mean=[0.5, 0.5]), "list of 3 numbers"),
+])
+def test_invalid_fields_are_named(bundle_copy, edit, message):
+    _edit_json(bundle_copy, edit)
+    with pytest.raises(BundleError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        read_spec(bundle_copy)
+
+
+def test_weights_that_do_not_fit_the_arch_are_refused(bundle_copy):
+    """A valid safetensors file with a matching checksum but the wrong tensors."""
+    from inference.bundle import sha256_file
+
+    spec = read_spec(bundle_copy)
+    path = bundle_copy / spec.experts[0].file
+    state = load_file(str(path))
+    state.pop(next(iter(state)))
+    save_file(state, str(path))
+    _edit_json(bundle_copy, lambda d: d["experts"][0].update(sha256=sha256_file(path)))
+    with pytest.raises(BundleError, match="weights do not fit 'convnext_atto'"):
+        Detector(bundle_copy, device="cpu")
+
+
+def _reference_input(path: Path, size: int, mode: str, mean, std) -> torch.Tensor:
+    """An independent implementation of the bundle's preprocessing contract, as a user would write it."""
+    img = Image.open(path).convert("RGB")
+    if mode == "squash":
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    else:
+        w, h = img.size
+        s = size / min(w, h)
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return ((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)).unsqueeze(0)
+
+
+def test_plain_timm_loads_each_expert_strictly_and_agrees(tiny_bundle, odd_images):
+    spec = read_spec(tiny_bundle)
+    det = Detector(tiny_bundle, device="cpu")
+    images = [odd_images["rgb.jpg"], odd_images["rgb.bmp"]]
+    preds = det.predict(images)
+    for e in spec.experts:
+        model = timm.create_model(e.arch, pretrained=False, num_classes=2, **e.model_kwargs)
+        model.load_state_dict(load_file(str(tiny_bundle / e.file)), strict=True)
+        model.eval()
+        for path, pred in zip(images, preds):
+            x = _reference_input(path, e.input_size, e.preprocess, e.mean, e.std)
+            with torch.no_grad():
+                p = torch.softmax(model(x) / e.temperature, dim=1)[0, 1].item()
+            assert p == pytest.approx(pred.experts[e.name], abs=1e-5)
+    weights = np.array([e.weight for e in spec.experts])
+    for pred in preds:
+        expected = float(np.dot(weights, [pred.experts[e.name] for e in spec.experts]) / weights.sum())
+        assert pred.score == pytest.approx(expected, abs=1e-9)
+
+
+def test_expert_forward_matches_model_logits(tiny_bundle):
+    for e in read_spec(tiny_bundle).experts:
+        model = load_expert(e, tiny_bundle)
+        x = torch.randn(2, 3, e.input_size, e.input_size)
+        with torch.no_grad():
+            logits, feature = expert_forward(model, x)
+            assert torch.allclose(logits, model(x), atol=1e-5)
+        assert feature.ndim == 2 and feature.shape[0] == 2
+
+
+def test_bundle_verbs(tmp_path):
+    out = tmp_path / "cli_bundle"
+    r = dfx("bundle", "init", "--arch", "convnext_atto", "--arch", "convnext_atto",
+            "--input-size", str(TINY_SIZE), "--seed", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    spec = read_spec(out)
+    assert [e.name for e in spec.experts] == ["convnext_atto-0", "convnext_atto-1"]
+    assert spec.experts[0].sha256 != spec.experts[1].sha256, "experts of one arch get different seeds"
+    info = dfx("bundle", "info", str(out))
+    assert info.returncode == 0 and "convnext_atto-1" in info.stdout and "uncertain if" in info.stdout
+    ok = dfx("bundle", "verify", str(out))
+    assert ok.returncode == 0 and ok.stdout.startswith("OK"), ok.stdout + ok.stderr
+    path = out / spec.experts[1].file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    bad = dfx("bundle", "verify", str(out))
+    assert bad.returncode == 1 and "checksum mismatch" in bad.stdout and spec.experts[1].file in bad.stdout
