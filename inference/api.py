@@ -1,0 +1,316 @@
+"""The JSON API: a Flask app around one Detector per worker process.
+
+Contract kept from the competition-winning service: ``POST /predict`` with ``{"image": "<base64>"}``
+answers ``{"result": <fake probability>}`` (plus more fields that old clients ignore).
+
+Design choices, and why:
+- The Detector loads in a background thread, so ``/healthcheck`` can answer 503 while a worker loads
+  (or failed to load) and a load balancer routes around it.
+- Decoding runs in the request threads in parallel (Pillow releases the GIL); the forward pass is
+  serialised per worker by a lock, so N threads never oversubscribe the cores with N forwards.
+- Every error is JSON ``{"error": {"code", "message"}}`` with a fitting status; nothing returns a stack
+  trace. Request logs carry method, path, status, size and time, never the body.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .detector import Detector, Prediction
+from .images import DEFAULT_MAX_PIXELS, ImageError
+
+log = logging.getLogger("dfx.api")
+
+DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w-]+=[\w.-]+)*;base64,", re.IGNORECASE)
+
+
+@dataclass
+class ApiConfig:
+    """Settings of one API worker. ``dfx serve`` fills them from options and ``DFX_*`` variables."""
+
+    weights: str | None = None
+    device: str = "auto"
+    batch_size: int = 32
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch: int = 32
+    api_key: str | None = None
+    torch_threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a stable machine-readable code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+IMAGE_ERROR_STATUS = {"empty": (400, "empty_image"), "not_image": (422, "not_an_image"),
+                      "unsupported_format": (422, "not_an_image"), "corrupt": (422, "corrupt_image"),
+                      "too_large": (413, "image_too_large"), "unreadable": (422, "corrupt_image")}
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    resp = jsonify({"error": {"code": code, "message": message}})
+    resp.status_code = status
+    return resp
+
+
+def decode_base64_image(value: Any, what: str) -> bytes:
+    """Plain base64 or a ``data:image/...;base64,`` URL → bytes; whitespace and missing padding tolerated."""
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_field", f"{what} must be a base64 string, got {type(value).__name__}")
+    text = DATA_URL.sub("", value.strip(), count=1)
+    text = "".join(text.split())
+    if not text:
+        raise ApiError(400, "empty_image", f"{what} is an empty string")
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        try:
+            return base64.b64decode(text, altchars=b"-_", validate=True)  # URL-safe alphabet
+        except (binascii.Error, ValueError) as exc:
+            raise ApiError(400, "invalid_base64", f"{what} is not valid base64 ({exc})") from exc
+
+
+class _Model:
+    """The worker's Detector, loaded in the background; ``state`` is loading, ready or failed."""
+
+    def __init__(self, config: ApiConfig) -> None:
+        self.config = config
+        self.detector: Detector | None = None
+        self.state = "loading"
+        self.error: str | None = None
+        self.forward_lock = threading.Lock()
+        threading.Thread(target=self._load, name="dfx-load-model", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            import torch
+
+            from .weights import resolve_weights
+
+            if self.config.torch_threads:
+                torch.set_num_threads(self.config.torch_threads)
+            self.detector = Detector(resolve_weights(self.config.weights), device=self.config.device,
+                                     batch_size=self.config.batch_size, max_pixels=self.config.max_pixels)
+            self.state = "ready"
+            log.info("model ready: %s on %s", self.detector.model_id, self.detector.device)
+        except Exception as exc:  # reported by /healthcheck and every scoring call
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.state = "failed"
+            log.error("model failed to load: %s", self.error)
+
+    def require(self) -> Detector:
+        if self.state == "ready" and self.detector is not None:
+            return self.detector
+        if self.state == "loading":
+            raise ApiError(503, "model_loading", "the model is still loading; retry shortly")
+        raise ApiError(503, "model_unavailable", f"the model could not be loaded ({self.error})")
+
+    def wait(self, timeout: float = 300) -> bool:
+        """Block until loaded or failed (for tools and tests); True when ready."""
+        end = time.monotonic() + timeout
+        while self.state == "loading" and time.monotonic() < end:
+            time.sleep(0.05)
+        return self.state == "ready"
+
+
+def _prediction_json(det: Detector, pred: Prediction) -> dict[str, Any]:
+    return {"result": pred.score, "label": pred.label, "experts": pred.experts}
+
+
+def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
+    """The API as a WSGI app; the Detector starts loading at once in a background thread."""
+    if config is None:
+        config = ApiConfig()
+    elif isinstance(config, dict):
+        config = ApiConfig(**config)
+    app = Flask("dfx-api")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.json.sort_keys = False
+    model = _Model(config)
+    app.extensions["dfx_model"] = model
+    app.extensions["dfx_config"] = config
+    api_key = config.api_key or None
+
+    @app.before_request
+    def _start() -> Response | None:
+        g.t0 = time.perf_counter()
+        if api_key and request.path != "/healthcheck":
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                resp = _error(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'")
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="dfx"'
+                return resp
+        return None
+
+    @app.after_request
+    def _log(resp: Response) -> Response:
+        elapsed = (time.perf_counter() - g.get("t0", time.perf_counter())) * 1000
+        log.info("%s %s %d %sB %.1fms", request.method, request.path, resp.status_code,
+                 request.content_length or 0, elapsed)
+        return resp
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Response:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                 415: "unsupported_media_type", 400: "bad_request"}
+        message = exc.description or exc.name
+        if exc.code == 413:
+            message = f"request body is over the limit of {config.max_body_bytes:,} bytes"
+        resp = _error(exc.code or 500, codes.get(exc.code or 500, "http_error"), message)
+        if exc.code == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
+            resp.headers["Allow"] = ", ".join(exc.valid_methods)
+        return resp
+
+    @app.errorhandler(Exception)
+    def _internal(exc: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return _error(500, "internal_error", f"the model failed on this request ({type(exc).__name__}); "
+                                             "the error is logged and the service keeps running")
+
+    def _score(det: Detector, payloads: list[tuple[bytes, str]]) -> list[Prediction | ApiError]:
+        """Decode each payload (errors kept per item), then score the good ones in one locked batch."""
+        prepared, results = [], []
+        for data, what in payloads:
+            try:
+                prepared.append(det.prepare(data, name=what))
+                results.append(None)
+            except ImageError as exc:
+                status, code = IMAGE_ERROR_STATUS.get(exc.code, (422, "invalid_image"))
+                results.append(ApiError(status, code, exc.message))
+        if prepared:
+            with model.forward_lock:
+                scored = iter(det.score_prepared(prepared))
+            results = [r if r is not None else next(scored) for r in results]
+        return results
+
+    def _single_payload() -> bytes:
+        ctype = (request.mimetype or "").lower()
+        if ctype.startswith("image/") or ctype == "application/octet-stream":
+            data = request.get_data(cache=False)
+            if not data:
+                raise ApiError(400, "empty_image", "the request body is empty")
+            return data
+        if ctype == "multipart/form-data":
+            upload = request.files.get("image")
+            if upload is None:
+                raise ApiError(400, "missing_field", "multipart request needs a file field named 'image'")
+            return upload.read()
+        if ctype in ("application/json", "") or ctype.endswith("+json") or ctype == "text/plain":
+            # Old clients sometimes send JSON without a content type; try it before refusing.
+            body = request.get_json(force=True, silent=True)
+            if not isinstance(body, dict):
+                raise ApiError(400, "bad_json", "the body must be a JSON object like {\"image\": \"<base64>\"}")
+            if "image" not in body:
+                raise ApiError(400, "missing_field", "the JSON body needs an 'image' field (base64)")
+            return decode_base64_image(body["image"], "image")
+        raise ApiError(415, "unsupported_media_type",
+                       f"content type '{ctype}' is not accepted: send application/json "
+                       "{\"image\": \"<base64>\"}, multipart/form-data with a file 'image', or image/* bytes")
+
+    @app.post("/predict")
+    def predict() -> Response:
+        data = _single_payload()
+        det = model.require()
+        [result] = _score(det, [(data, "image")])
+        if isinstance(result, ApiError):
+            raise result
+        body = _prediction_json(det, result)
+        body.update(threshold=det.spec.threshold, model=det.model_id,
+                    elapsed_ms=round((time.perf_counter() - g.t0) * 1000, 2))
+        return jsonify(body)
+
+    @app.post("/predict/batch")
+    def predict_batch() -> Response:
+        ctype = (request.mimetype or "").lower()
+        if ctype not in ("application/json", "", "text/plain") and not ctype.endswith("+json"):
+            raise ApiError(415, "unsupported_media_type", "send application/json {\"images\": [\"<base64>\", ...]}")
+        body = request.get_json(force=True, silent=True)
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad_json", "the body must be a JSON object like {\"images\": [\"<base64>\", ...]}")
+        images = body.get("images")
+        if not isinstance(images, list):
+            raise ApiError(400, "missing_field", "the JSON body needs an 'images' list of base64 strings")
+        if not images:
+            raise ApiError(400, "empty_batch", "'images' is empty")
+        if len(images) > config.max_batch:
+            raise ApiError(413, "too_many_images", f"{len(images)} images is over the limit of {config.max_batch} "
+                                                   "per request")
+        det = model.require()
+        payloads, entries = [], []
+        for i, value in enumerate(images):
+            try:
+                payloads.append((decode_base64_image(value, f"images[{i}]"), f"images[{i}]"))
+                entries.append(None)
+            except ApiError as exc:
+                entries.append(exc)
+        scored = iter(_score(det, payloads))
+        out = []
+        for entry in entries:
+            result = entry if entry is not None else next(scored)
+            if isinstance(result, ApiError):
+                out.append({"error": {"code": result.code, "message": result.message, "status": result.status}})
+            else:
+                out.append(_prediction_json(det, result))
+        return jsonify({"results": out, "threshold": det.spec.threshold, "model": det.model_id,
+                        "elapsed_ms": round((time.perf_counter() - g.t0) * 1000, 2)})
+
+    @app.get("/healthcheck")
+    def healthcheck() -> Response:
+        if model.state == "ready" and model.detector is not None:
+            return jsonify({"healthy": True, "model": model.detector.model_id})
+        resp = jsonify({"healthy": False, "status": model.state, "error": model.error})
+        resp.status_code = 503
+        return resp
+
+    @app.get("/model")
+    def model_info() -> Response:
+        det = model.require()
+        return jsonify({**det.describe(), "device": str(det.device),
+                        "limits": {"max_body_bytes": config.max_body_bytes, "max_pixels": config.max_pixels,
+                                   "max_batch": config.max_batch}})
+
+    @app.get("/openapi.json")
+    def openapi() -> Response:
+        from .openapi import openapi_spec
+
+        return jsonify(openapi_spec(config))
+
+    return app
+
+
+def config_from_env(**overrides: Any) -> ApiConfig:
+    """An ApiConfig from ``DFX_*`` environment variables (used by gunicorn's app factory)."""
+    env = os.environ
+    cfg = ApiConfig(
+        weights=env.get("DFX_WEIGHTS") or None,
+        device=env.get("DFX_DEVICE", "auto"),
+        batch_size=int(env.get("DFX_BATCH_SIZE", 32)),
+        max_body_bytes=int(float(env.get("DFX_MAX_BODY_MB", 20)) * 1024 * 1024),
+        max_pixels=int(env.get("DFX_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+        max_batch=int(env.get("DFX_MAX_BATCH", 32)),
+        api_key=env.get("DFX_API_KEY") or None,
+    )
+    return ApiConfig(**{**asdict(cfg), **{k: v for k, v in overrides.items() if v is not None}})

@@ -1,0 +1,93 @@
+"""The OpenAPI 3 description of the JSON API (served at ``GET /openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "bad request (JSON, field, base64)", 401: "missing or wrong API key",
+            413: "body, image or batch over its limit", 415: "unsupported content type",
+            422: "not an image, or a corrupt one", 500: "failure inside the model (logged)",
+            503: "model loading or unavailable"}
+    return {str(c): {"description": text[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
+
+
+def openapi_spec(config: Any) -> dict[str, Any]:
+    """Build the document; limits come from the running configuration."""
+    b64 = {"type": "string", "description": "base64 image bytes, or a data:image/...;base64, URL"}
+    secured = bool(getattr(config, "api_key", None))
+    spec: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {"title": "deepfake-experts API", "version": "1",
+                 "description": "Scores images: the probability that each is generated or manipulated. "
+                                "POST /predict {\"image\": \"<base64>\"} answers {\"result\": p, ...}."},
+        "paths": {
+            "/predict": {"post": {
+                "operationId": "predict",
+                "summary": "Score one image",
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"type": "object", "required": ["image"],
+                                                    "properties": {"image": b64}}},
+                    "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
+                                                       "properties": {"image": {"type": "string", "format": "binary"}}}},
+                    "image/png": {"schema": {"type": "string", "format": "binary"}},
+                    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                }},
+                "responses": {"200": {"description": "the verdict", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Prediction"}}}},
+                    **_errors(400, 401, 413, 415, 422, 500, 503)},
+            }},
+            "/predict/batch": {"post": {
+                "operationId": "predictBatch",
+                "summary": f"Score up to {config.max_batch} images; a bad image is an error entry",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["images"],
+                    "properties": {"images": {"type": "array", "items": b64, "minItems": 1,
+                                              "maxItems": config.max_batch}}}}}},
+                "responses": {"200": {"description": "one entry per image, in order", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/BatchResult"}}}},
+                    **_errors(400, 401, 413, 415, 500, 503)},
+            }},
+            "/healthcheck": {"get": {
+                "operationId": "healthcheck", "summary": "Whether the model is loaded", "security": [],
+                "responses": {"200": {"description": "ready", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"healthy": {"type": "boolean"}, "model": {"type": "string"}}}}}},
+                    "503": {"description": "loading or failed", "content": {"application/json": {"schema": {
+                        "type": "object", "properties": {"healthy": {"type": "boolean"}, "status": {"type": "string"},
+                                                         "error": {"type": "string", "nullable": True}}}}}}},
+            }},
+            "/model": {"get": {
+                "operationId": "model", "summary": "The bundle: experts, threshold, provenance",
+                "responses": {"200": {"description": "the bundle's description",
+                                      "content": {"application/json": {"schema": {"type": "object"}}}},
+                              **_errors(401, 503)},
+            }},
+            "/openapi.json": {"get": {
+                "operationId": "openapi", "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI 3 document",
+                                      "content": {"application/json": {"schema": {"type": "object"}}}},
+                              **_errors(401)},
+            }},
+        },
+        "components": {"schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+            "Prediction": {"type": "object", "required": ["result", "label", "experts"], "properties": {
+                "result": {"type": "number", "minimum": 0, "maximum": 1, "description": "fake probability"},
+                "label": {"type": "string", "enum": ["fake", "real", "uncertain"]},
+                "experts": {"type": "object", "additionalProperties": {"type": "number"}},
+                "threshold": {"type": "number"}, "model": {"type": "string"}, "elapsed_ms": {"type": "number"}}},
+            "BatchResult": {"type": "object", "required": ["results"], "properties": {
+                "results": {"type": "array", "items": {"oneOf": [
+                    {"$ref": "#/components/schemas/Prediction"}, {"$ref": "#/components/schemas/Error"}]}},
+                "threshold": {"type": "number"}, "model": {"type": "string"}, "elapsed_ms": {"type": "number"}}},
+        }},
+    }
+    if secured:
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        spec["security"] = [{"bearer": []}]
+    return spec

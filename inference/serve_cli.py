@@ -1,0 +1,98 @@
+"""``dfx serve``: the JSON API under gunicorn (a production WSGI server, never Flask's dev server).
+
+Each gunicorn worker is a process with its own Detector (workers share nothing but the weights on
+disk); each worker runs ``--threads`` request threads (gthread). A burst beyond the threads waits in
+the listen backlog instead of failing. Workers are recycled after ``--max-requests`` (with jitter) so
+memory stays bounded over weeks. SIGTERM stops gracefully: requests in flight finish first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .images import DEFAULT_MAX_PIXELS
+
+
+def _env(name: str, default: Any) -> Any:
+    return os.environ.get(f"DFX_{name}", default)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the JSON API (gunicorn)",
+                       description="Serve the JSON API under gunicorn. Every option also reads an environment "
+                                   "variable (shown in brackets). The API key comes only from DFX_API_KEY (a "
+                                   "command line is visible to every user of the machine); when it is set every "
+                                   "endpoint but /healthcheck needs 'Authorization: Bearer <key>'.")
+    p.add_argument("--weights", default=_env("WEIGHTS", None),
+                   help="bundle folder [DFX_WEIGHTS] (default: weights/default)")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to bind [DFX_HOST] (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(_env("PORT", 8080)), help="port [DFX_PORT] (default 8080)")
+    p.add_argument("--workers", type=int, default=int(_env("WORKERS", 1)),
+                   help="worker processes, each with its own model [DFX_WORKERS] (default 1)")
+    p.add_argument("--threads", type=int, default=int(_env("THREADS", 4)),
+                   help="request threads per worker; decoding runs in parallel, forwards one at a time "
+                        "[DFX_THREADS] (default 4)")
+    p.add_argument("--device", default=_env("DEVICE", "auto"), help="auto, cpu, cuda, cuda:N [DFX_DEVICE]")
+    p.add_argument("--batch-size", type=int, default=int(_env("BATCH_SIZE", 32)),
+                   help="forward batch size for /predict/batch [DFX_BATCH_SIZE] (default 32)")
+    p.add_argument("--max-body-mb", type=float, default=float(_env("MAX_BODY_MB", 20)),
+                   help="largest request body in MiB; larger gets 413 [DFX_MAX_BODY_MB] (default 20)")
+    p.add_argument("--max-pixels", type=int, default=int(_env("MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+                   help=f"largest image in pixels; larger gets 413 [DFX_MAX_PIXELS] (default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--max-batch", type=int, default=int(_env("MAX_BATCH", 32)),
+                   help="most images per /predict/batch request [DFX_MAX_BATCH] (default 32)")
+    p.add_argument("--timeout", type=int, default=int(_env("TIMEOUT", 120)),
+                   help="seconds before a stuck worker is restarted [DFX_TIMEOUT] (default 120)")
+    p.add_argument("--max-requests", type=int, default=int(_env("MAX_REQUESTS", 10000)),
+                   help="recycle a worker after this many requests, 0 = never [DFX_MAX_REQUESTS] (default 10000)")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning [DFX_LOG_LEVEL]")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from gunicorn.app.base import BaseApplication
+
+    from .api import ApiConfig, create_app
+    from .bundle import check_files, read_spec
+    from .weights import resolve_weights
+
+    weights = resolve_weights(args.weights)
+    spec = read_spec(weights)  # fail fast, before any worker starts, on a bad bundle
+    check_files(weights, spec)
+    cores = os.cpu_count() or 1
+    config = ApiConfig(weights=str(weights), device=args.device, batch_size=args.batch_size,
+                       max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                       max_batch=args.max_batch, api_key=os.environ.get("DFX_API_KEY") or None,
+                       torch_threads=max(1, cores // max(1, args.workers)))
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    logging.getLogger("dfx").setLevel(level)
+    logging.getLogger("inference").setLevel(level)
+
+    class _App(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in {
+                "bind": f"{args.host}:{args.port}", "workers": args.workers, "threads": args.threads,
+                "worker_class": "gthread", "timeout": args.timeout, "graceful_timeout": 30,
+                "max_requests": args.max_requests, "max_requests_jitter": max(0, args.max_requests // 10),
+                "loglevel": args.log_level, "accesslog": None, "errorlog": "-", "backlog": 2048,
+                "proc_name": "dfx-serve",
+                # gunicorn >= 25 opens a control socket at one fixed path per user; two servers would clash.
+                "control_socket_disable": True,
+            }.items():
+                if key in self.cfg.settings:
+                    self.cfg.set(key, value)
+
+        def load(self):  # called in each worker: one Detector per process
+            logging.basicConfig(level=level, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+            return create_app(config)
+
+    print(f"serving {spec.name} from {weights} on http://{args.host}:{args.port} "
+          f"({args.workers} worker(s) x {args.threads} threads; auth {'on' if config.api_key else 'off'})",
+          file=sys.stderr, flush=True)
+    _App().run()
+    return 0
