@@ -1,0 +1,174 @@
+"""Requests/s and latency of ``dfx serve`` against the reference setup, same bundle, same run.
+
+Run by hand (not a test):  .venv/bin/python bench/api_load.py [--requests 48] [--side 1600]
+
+Reference: one Flask development-server process scoring one image per request with the
+competition code's per-image recipe (full decode, ToTensor → Normalize → Resize, EMA swapped in per
+call; see bench/infer_speed.py). Ours: ``dfx serve`` (gunicorn, 1 worker × 4 threads, and 2 workers).
+Load: threads each POSTing ``{"image": base64}`` at concurrency 1, 4 and 16. Also prints the server's
+resident memory before and after the load (a leak shows as growth that does not level off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from infer_speed import make_photos  # noqa: E402  (a sibling benchmark script)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+REFERENCE_APP = r'''
+import sys, base64, io
+from flask import Flask, request, jsonify
+from PIL import Image
+sys.path.insert(0, {bench!r})
+from infer_speed import ReferenceScorer
+from inference import Detector
+scorer = ReferenceScorer(Detector({weights!r}, device="cpu"))
+app = Flask("reference")
+
+@app.post("/predict")
+def predict():
+    data = base64.b64decode(request.get_json()["image"])
+    path = io.BytesIO(data)
+    return jsonify({{"result": scorer.score(path)}})
+
+@app.get("/healthcheck")
+def health():
+    return jsonify({{"healthy": True}})
+
+app.run(host="127.0.0.1", port={port})
+'''
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if requests.get(f"{url}/healthcheck", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server did not become healthy")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (gunicorn workers), in MB."""
+    import psutil
+
+    p = psutil.Process(pid)
+    return sum(x.memory_info().rss for x in [p, *p.children(recursive=True)]) / 1e6
+
+
+def load(url: str, payloads: list[str], n: int, concurrency: int) -> tuple[float, float, float, int]:
+    lat: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    local = threading.local()
+
+    def one(i: int) -> None:
+        nonlocal errors
+        if not hasattr(local, "s"):
+            local.s = requests.Session()
+        t0 = time.perf_counter()
+        r = local.s.post(f"{url}/predict", json={"image": payloads[i % len(payloads)]}, timeout=600)
+        dt = time.perf_counter() - t0
+        with lock:
+            lat.append(dt)
+            errors += r.status_code != 200
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(n)))
+    wall = time.perf_counter() - t0
+    lat.sort()
+    return n / wall, statistics.median(lat) * 1000, lat[int(0.95 * (len(lat) - 1))] * 1000, errors
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level (default 48)")
+    ap.add_argument("--side", type=int, default=1600, help="photo width in pixels (default 1600, a typical upload)")
+    ap.add_argument("--weights", default=None, help="bundle (default: untrained convnext_atto + vit_tiny at 224)")
+    args = ap.parse_args()
+    bench_dir = str(Path(__file__).resolve().parent)
+    dfx = str(Path(sys.executable).with_name("dfx"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        weights = args.weights
+        if not weights:
+            from inference.bundle_init import init_bundle
+
+            weights = str(tmp_path / "bundle")
+            init_bundle(["convnext_atto", "vit_tiny_patch16_224"], weights)
+        photos = make_photos(tmp_path, 8, args.side)
+        payloads = [base64.b64encode(p.read_bytes()).decode() for p in photos]
+        print(f"{len(payloads)} JPEGs of {args.side}x{args.side * 3 // 4}, {args.requests} requests per level, "
+              f"{os.cpu_count()} CPU cores")
+
+        setups = {
+            "reference (flask dev server)": None,
+            "dfx serve 1 worker x 4 threads": ["--workers", "1", "--threads", "4"],
+            "dfx serve 2 workers x 2 threads": ["--workers", "2", "--threads", "2"],
+        }
+        table: dict[str, dict[int, tuple[float, float, float, int]]] = {}
+        memory: dict[str, tuple[float, float]] = {}
+        for name, extra in setups.items():
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            if extra is None:
+                script = tmp_path / "reference_app.py"
+                script.write_text(REFERENCE_APP.format(bench=bench_dir, weights=weights, port=port))
+                proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+            else:
+                proc = subprocess.Popen([dfx, "serve", "--weights", weights, "--port", str(port),
+                                         "--log-level", "warning", *extra],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_healthy(url, proc)
+                load(url, payloads, 4, 1)  # warm-up
+                before = rss_mb(proc.pid)
+                table[name] = {c: load(url, payloads, args.requests, c) for c in (1, 4, 16)}
+                memory[name] = (before, rss_mb(proc.pid))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+
+        ref = table["reference (flask dev server)"]
+        print(f"\n{'setup':<34} {'conc':>4} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6} {'req/s vs ref':>12}")
+        for name, rows in table.items():
+            for c, (rps, p50, p95, err) in rows.items():
+                print(f"{name:<34} {c:>4} {rps:>7.2f} {p50:>8.0f} {p95:>8.0f} {err:>6} {rps / ref[c][0]:>11.2f}x")
+        print("\nresident memory (server + workers), MB, before -> after the load:")
+        for name, (a, b) in memory.items():
+            print(f"  {name:<34} {a:>7.0f} -> {b:>7.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
