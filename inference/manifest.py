@@ -1,0 +1,112 @@
+"""The manifest: a CSV table of images, one row per image (see ../shared/ARCHITECTURE.md).
+
+Columns: ``path`` (relative to the manifest's folder; absolute paths accepted), ``label`` (0 real,
+1 fake), ``source``, ``kind``, ``parent``, ``cluster``, ``fold``, ``split``; extra columns are kept, in
+order, never dropped. It lives in the core because both training and data_prep read and write it and
+neither may import the other; it needs nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+COLUMNS = ("path", "label", "source", "kind", "parent", "cluster", "fold", "split")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file, and the row where it applies."""
+
+
+class Manifest:
+    """Rows (dicts of strings) plus the folder their relative paths are resolved against."""
+
+    def __init__(self, rows: list[dict[str, str]], root: Path, columns: list[str] | None = None,
+                 source_file: Path | None = None) -> None:
+        self.rows = rows
+        self.root = Path(root)
+        self.source_file = source_file
+        extra = [c for r in rows for c in r if c not in COLUMNS]
+        self.columns = list(columns) if columns else list(COLUMNS) + list(dict.fromkeys(extra))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def abspath(self, row: dict[str, str]) -> Path:
+        p = Path(row["path"])
+        return p if p.is_absolute() else self.root / p
+
+    def labels(self) -> list[int]:
+        return [int(r["label"]) for r in self.rows]
+
+
+def read_manifest(path: str | os.PathLike[str], *, require_labels: bool = True) -> Manifest:
+    """Read and check a manifest: ``path`` present in every row, labels 0/1 when required."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise ManifestError(f"{path}: no 'path' column (a manifest's columns: {', '.join(COLUMNS)})")
+        columns = list(reader.fieldnames)
+        rows = []
+        for i, row in enumerate(reader, start=2):
+            row = {k: (v if v is not None else "") for k, v in row.items() if k is not None}
+            if not row.get("path"):
+                raise ManifestError(f"{path}:{i}: empty path")
+            if require_labels and row.get("label", "") not in ("0", "1"):
+                raise ManifestError(f"{path}:{i}: label must be 0 (real) or 1 (fake), got {row.get('label')!r}")
+            rows.append(row)
+    missing = [c for c in COLUMNS if c not in columns]
+    for r in rows:
+        for c in missing:
+            r[c] = ""
+    return Manifest(rows, path.parent, columns + missing, source_file=path)
+
+
+def write_manifest(path: str | os.PathLike[str], rows: Iterable[dict[str, object]],
+                   columns: list[str] | None = None, *, root: str | os.PathLike[str] | None = None) -> Path:
+    """Write rows atomically (temporary file + rename). Standard columns first, then extras in order.
+
+    ``root``: the folder the rows' relative paths refer to, when not the output's own folder; paths are
+    rewritten relative to the output's folder (absolute when that is impossible).
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [dict(r) for r in rows]
+    cols = list(COLUMNS)
+    for c in (columns or []) + [k for r in rows for k in r]:
+        if c not in cols:
+            cols.append(c)
+    if root is not None:
+        src, dst = Path(root).resolve(), out.parent.resolve()
+        for r in rows:
+            p = Path(str(r["path"]))
+            absolute = p if p.is_absolute() else src / p
+            r["path"] = os.path.relpath(absolute, dst) if _same_drive(absolute, dst) else str(absolute)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _same_drive(a: Path, b: Path) -> bool:
+    return a.anchor == b.anchor
+
+
+def manifest_sha256(path: str | os.PathLike[str]) -> str:
+    """Checksum of a manifest file, recorded in a bundle's provenance."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

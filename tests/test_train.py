@@ -1,0 +1,205 @@
+"""``dfx train`` end to end on a tiny dataset: learning, export, resume after a kill, bad config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from inference import Detector
+from inference.bundle import read_spec
+from inference.manifest import read_manifest
+
+from .conftest import dfx
+
+BASE = {
+    "seed": 3,
+    "data": {"balanced_sampler": True, "workers": 0},
+    "experts": [{"arch": "convnext_atto", "input_size": 64, "val_fold": 0}],
+    "loss": {"ce": 1.0, "kl": 0.5, "nce": 0.1},
+    "optim": {"lr": 0.002, "warmup_steps": 2},
+    "train": {"epochs": 3, "batch_size": 8, "ema_decay": 0.9, "checkpoint_every_steps": 1},
+}
+
+
+def write_config(path: Path, manifest: Path, output: Path, **changes) -> Path:
+    cfg = json.loads(json.dumps(BASE))
+    cfg.update({"output": str(output)})
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            cfg[section][field] = value
+        else:
+            cfg[section] = value
+    cfg["data"]["manifest"] = str(manifest)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, tmp_path_factory):
+    """Two experts (one per fold, two architectures) trained for 4 epochs; decoding in a worker."""
+    d = tmp_path_factory.mktemp("run")
+    cfg = write_config(d / "cfg.yaml", tiny_dataset, d / "out",
+                       experts=[{"arch": "convnext_atto", "input_size": 64, "val_fold": 0},
+                                {"arch": "vit_tiny_patch16_224", "input_size": 64, "val_fold": 1, "weight": 0.5}],
+                       data={"balanced_sampler": True, "workers": 1}, train__epochs=4, train__checkpoint_every_steps=0)
+    r = dfx("train", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / "out", r
+
+
+def test_training_lowers_the_loss_and_logs(trained_run):
+    out, r = trained_run
+    for name in ("convnext_atto-f0", "vit_tiny_patch16_224-f1"):
+        info = json.loads((out / "experts" / name / "final" / "expert.json").read_text())
+        hist = info["history"]
+        assert len(hist) == 4
+        assert hist[-1]["train_total"] < hist[0]["train_total"], hist
+        assert all(h["val_auc"] is not None for h in hist)
+    assert "epoch 4/4" in r.stdout and "val AUC (EMA)" in r.stdout
+    log = (out / "logs" / "metrics.csv").read_text().splitlines()
+    assert log[0] == "time,step,key,value" and any(",convnext_atto-f0/kl," in line for line in log)
+    for f in ("run.json", "oof.csv", "metrics.json", "roc.png", "per_source.md", "train.log", "config.yaml"):
+        assert (out / f).is_file(), f
+    assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_corrupt_image_is_skipped_and_reported(trained_run):
+    out, r = trained_run
+    skipped = {}
+    for name in ("convnext_atto-f0", "vit_tiny_patch16_224-f1"):
+        skipped.update(json.loads((out / "experts" / name / "final" / "expert.json").read_text())["skipped"])
+    assert any("broken.png" in msg for msg in skipped.values())
+    assert "broken.png" in r.stderr  # logged as it happened
+
+
+def test_out_of_fold_ensemble_and_decision(trained_run, tiny_dataset):
+    out, _ = trained_run
+    run = json.loads((out / "run.json").read_text())
+    oof = read_manifest(out / "oof.csv")
+    good = len(read_manifest(tiny_dataset).rows) - 1  # every image but the corrupt one, once
+    assert run["oof"]["n"] == len(oof.rows) == good
+    t, (lo, hi) = run["decision"]["threshold"], run["decision"]["uncertain_band"]
+    assert 0 <= lo <= t <= hi <= 1 and run["decision"]["rule"]
+    assert run["manifests"][0]["sha256"] and run["config"]["train"]["epochs"] == 4
+
+
+def test_exported_bundle_reproduces_validation_predictions(trained_run, tmp_path):
+    out, _ = trained_run
+    bundle = tmp_path / "bundle"
+    r = dfx("export", str(out), "--out", str(bundle))
+    assert r.returncode == 0, r.stderr
+    assert dfx("bundle", "verify", str(bundle)).returncode == 0
+    spec = read_spec(bundle)
+    run = json.loads((out / "run.json").read_text())
+    assert spec.threshold == pytest.approx(run["decision"]["threshold"])
+    assert spec.provenance["manifests"] == run["manifests"]
+    assert [e.weight for e in spec.experts] == [1.0, 0.5]
+    det = Detector(bundle, device="cpu")
+    for e in spec.experts:
+        vp = read_manifest(out / "experts" / e.name / "final" / "val_predictions.csv")
+        preds = det.predict([Path(row["path"]) for row in vp.rows])
+        for row, pred in zip(vp.rows, preds):
+            assert pred.experts[e.name] == pytest.approx(float(row["prob"]), abs=1e-5)
+    # plain timm reads the exported EMA weights strictly
+    import timm
+
+    e = spec.experts[1]
+    model = timm.create_model(e.arch, num_classes=2, **e.model_kwargs)
+    model.load_state_dict(load_file(str(bundle / e.file)), strict=True)
+
+
+def test_evaluate_writes_metrics_table_and_roc(trained_run, tiny_dataset, tmp_path):
+    out, _ = trained_run
+    bundle = tmp_path / "b"
+    assert dfx("export", str(out), "--out", str(bundle)).returncode == 0
+    r = dfx("evaluate", str(tiny_dataset), "--weights", str(bundle), "--out", str(tmp_path / "ev"))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["n"] == 48 and summary["errors"] == 1 and 0 <= summary["auc"] <= 1
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(metrics["per_source"]) == {"skimage", "tinygen"}
+    for key in ("auc", "ap", "accuracy", "eer", "tpr_at_fpr_1pct", "tpr_at_fpr_0.1pct", "ece"):
+        assert key in metrics["overall"]
+    assert set(metrics["experts"]) == {"convnext_atto-f0", "vit_tiny_patch16_224-f1"}
+    assert "| tinygen |" in (tmp_path / "ev" / "per_source.md").read_text()
+    assert (tmp_path / "ev" / "roc.png").stat().st_size > 1000
+
+
+def _train_proc(cfg: Path, *extra: str) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("dfx")
+    return subprocess.Popen([str(exe), "train", str(cfg), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_dataset, tmp_path):
+    full_cfg = write_config(tmp_path / "full.yaml", tiny_dataset, tmp_path / "full")
+    killed_cfg = write_config(tmp_path / "killed.yaml", tiny_dataset, tmp_path / "killed")
+    proc = _train_proc(full_cfg)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+
+    proc = _train_proc(killed_cfg)
+    progress = tmp_path / "killed" / "experts" / "convnext_atto-f0" / "checkpoint" / "progress.json"
+    state = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            state = json.loads(progress.read_text())
+        except (OSError, ValueError):
+            state = None
+        if state and state["global_step"] >= 4 and state["batches_done"] > 0:  # mid-epoch, past epoch 1
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {state}"
+    assert not (tmp_path / "killed" / "experts" / "convnext_atto-f0" / "final").exists()
+
+    resumed = _train_proc(killed_cfg, "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resuming at epoch" in out
+    a = json.loads((tmp_path / "full" / "experts" / "convnext_atto-f0" / "final" / "expert.json").read_text())
+    b = json.loads((tmp_path / "killed" / "experts" / "convnext_atto-f0" / "final" / "expert.json").read_text())
+    assert a["steps"] == b["steps"] == 9
+    wa = load_file(str(tmp_path / "full" / "experts" / "convnext_atto-f0" / "final" / "ema.safetensors"))
+    wb = load_file(str(tmp_path / "killed" / "experts" / "convnext_atto-f0" / "final" / "ema.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    # finished runs are not redone: a second --resume only re-finalises
+    again = _train_proc(killed_cfg, "--resume")
+    out2, _ = again.communicate(timeout=300)
+    assert again.returncode == 0 and "already trained; skipping" in out2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("experts.0.arch=resnet_does_not_exist", "unknown timm architecture 'resnet_does_not_exist'"),
+    ("data.manifest=/nonexistent/manifest.csv", "/nonexistent/manifest.csv not found"),
+    ("loss.kl=-1", "loss.kl: must be a number >= 0"),
+    ("train.epochz=3", "unknown key(s) epochz"),
+    ("experts.0.val_fold=7", "val_fold=7: no rows in that fold (the manifest's folds: 0, 1)"),
+])
+def test_config_errors_fail_before_training(tiny_dataset, tmp_path, override, message):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_dataset, tmp_path / "out")
+    r = dfx("train", str(cfg), override)
+    assert r.returncode == 1
+    assert message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists(), "nothing may be written before the config is known to be good"
+
+
+def test_existing_output_needs_resume(trained_run, tiny_dataset, tmp_path):
+    out, _ = trained_run
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_dataset, out)
+    r = dfx("train", str(cfg))
+    assert r.returncode == 1 and "--resume" in r.stderr

@@ -1,0 +1,77 @@
+"""Verbs of the training package: ``dfx train``, ``dfx export``, ``dfx evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train the experts of a config (CE + KL + NCE, Accelerate, EMA)",
+                       description="Train every expert listed in CONFIG.yaml, one after another, then choose the "
+                                   "ensemble's threshold on out-of-fold predictions. Overrides are dotted keys: "
+                                   "data.manifest=PATH train.epochs=2 output=DIR experts.0.arch=vit_tiny_patch16_224. "
+                                   "Multi-GPU: accelerate launch -m inference.cli train CONFIG.yaml. "
+                                   "Shipped configs: training/configs/cpu-small.yaml, training/configs/competition.yaml.")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-key overrides of the config")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in the config's output folder: finished experts are kept, the unfinished "
+                        "one continues from its last checkpoint")
+    t.set_defaults(func=_train)
+
+    x = sub.add_parser("export", help="write a bundle from a finished training run",
+                       description="Write weights/NAME from a run of `dfx train`: EMA weights, checksums, the "
+                                   "out-of-fold threshold and uncertain band, and provenance (config, manifest hash, "
+                                   "metrics).")
+    x.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder")
+    x.add_argument("--out", required=True, help="bundle folder to write (e.g. weights/NAME)")
+    x.add_argument("--name", default=None, help="bundle name (default: the output folder's name)")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+    x.set_defaults(func=_export)
+
+    e = sub.add_parser("evaluate", help="score a labelled manifest with a bundle; metrics, per-source table, ROC",
+                       description="Score every row of MANIFEST with the bundle through the inference core and write "
+                                   "predictions.csv, metrics.json (AUC, AP, accuracy, EER, TPR at 5/1/0.1%% FPR, ECE, "
+                                   "overall, per source and per expert), per_source.md and roc.png.")
+    e.add_argument("manifest", metavar="MANIFEST", help="manifest CSV with labels")
+    e.add_argument("--weights", default=None, help="bundle folder (default: $DFX_WEIGHTS, else weights/default)")
+    e.add_argument("--out", default="eval", help="output folder (default ./eval)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--workers", type=int, default=None)
+    e.set_defaults(func=_evaluate)
+
+
+def _train(args: argparse.Namespace) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from .config import load_config
+    from .trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    spec = export_run(args.run_dir, args.out, name=args.name, overwrite=args.force)
+    print(f"wrote bundle '{spec.name}' ({len(spec.experts)} experts, threshold {spec.threshold:.4f}) to {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from inference.weights import resolve_weights
+
+    from .evaluate import evaluate
+
+    m = evaluate(resolve_weights(args.weights), args.manifest, args.out, device=args.device,
+                 batch_size=args.batch_size, workers=args.workers)
+    o = m["overall"]
+    print(json.dumps({"model": m["model"], "n": o["n"], "auc": o["auc"], "ap": o["ap"],
+                      "tpr_at_fpr_5pct": o["tpr_at_fpr_5pct"], "accuracy": o["accuracy"], "errors": len(m["errors"])}))
+    print(f"wrote {args.out}/metrics.json, per_source.md, roc.png, predictions.csv", file=sys.stderr)
+    return 0

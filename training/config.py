@@ -1,0 +1,300 @@
+"""Training configuration: a YAML file plus ``dotted.key=value`` overrides, checked before any work.
+
+Every section is a dataclass with defaults; unknown keys are errors (a typo must not silently train
+with a default). ``check_config`` verifies what can be verified before training starts: manifests
+exist, architectures are known to timm, loss weights make sense, pretrained files exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot train; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    manifest: list[str] = field(default_factory=list)   #: one or several manifest CSVs
+    balanced_sampler: bool = True                         #: draw real and fake equally often
+    workers: int | None = None                            #: DataLoader decoding processes (None: cores-1, ≤4)
+    max_pixels: int = 64_000_000
+
+
+@dataclass
+class ExpertConfig:
+    arch: str = "convnext_atto"
+    name: str | None = None              #: default: arch, or arch-f<fold>
+    input_size: int | None = None        #: default: the arch's own
+    preprocess: str = "squash"           #: squash | crop (see inference.preprocess)
+    val_fold: int | None = None          #: validate on this fold, train on the others; None: use `split`
+    pretrained: str | None = None        #: local file/folder of weights, a hub name, or None (random init)
+    weight: float = 1.0                  #: weight in the ensemble average
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    ce: float = 1.0
+    kl: float = 0.5
+    nce: float = 0.1
+    label_smoothing: float = 0.0
+    kl_temperature: float = 1.0
+    nce_temperature: float = 0.1
+    proj_dim: int = 128
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    schedule: str = "cosine"             #: cosine | constant
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class TrainLoopConfig:
+    epochs: int = 3
+    batch_size: int = 16
+    grad_accum: int = 1
+    ema_decay: float = 0.995
+    mixed_precision: str = "auto"        #: auto (bf16 on a GPU that has it, else no) | no | bf16 | fp16
+    checkpoint_every_steps: int = 0      #: 0: only at epoch ends
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class AugmentConfig:
+    """Two views per image. Weak: flip, sometimes JPEG. Strong: JPEG at random quality, random
+    rescaling, blur, noise, colour jitter. Both views see JPEG and resizing so that file format and
+    size are not usable cues."""
+
+    hflip_p: float = 0.5
+    weak_jpeg_p: float = 0.5
+    jpeg_quality: tuple[int, int] = (40, 100)
+    rescale: tuple[float, float] = (0.5, 1.5)
+    strong_rescale_p: float = 0.5
+    blur_p: float = 0.3
+    noise_p: float = 0.2
+    color_p: float = 0.3
+
+
+@dataclass
+class DecisionConfig:
+    """How the bundle's threshold and uncertain band are chosen on out-of-fold predictions:
+    ``youden`` maximises TPR − FPR; ``fpr`` takes the lowest threshold whose FPR ≤ target_fpr.
+    The band runs from the score below which at most ``band_error`` of fakes fall to the score above
+    which at most ``band_error`` of reals fall (widened to contain the threshold)."""
+
+    rule: str = "youden"
+    target_fpr: float = 0.05
+    band_error: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    output: str = "runs/train"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    experts: list[ExpertConfig] = field(default_factory=lambda: [ExpertConfig()])
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
+    config_dir: str = "."                #: where relative paths in the file are resolved (set by the loader)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("config_dir")
+        return d
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"override '{dotted}': '{'.'.join(keys[:i])}' has no item {k}")
+            node = node[int(k)]
+        else:
+            node = node.setdefault(k, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override '{dotted}': '{'.'.join(keys[:i + 1])}' is not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override '{dotted}': no item {last}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Dataclass from a dict, rejecting unknown keys and coercing simple types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(k for k in fields if k != 'config_dir')})")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else name
+        default = cls.__dataclass_fields__[name]
+        sub = {"data": DataConfig, "loss": LossConfig, "optim": OptimConfig, "train": TrainLoopConfig,
+               "augment": AugmentConfig, "decision": DecisionConfig}.get(name) if cls is TrainConfig else None
+        if sub:
+            kwargs[name] = _build(sub, value, key)
+        elif cls is TrainConfig and name == "experts":
+            if not isinstance(value, list) or not value:
+                raise ConfigError("experts: must be a non-empty list")
+            kwargs[name] = [_build(ExpertConfig, e, f"experts.{i}") for i, e in enumerate(value)]
+        elif cls is DataConfig and name == "manifest":
+            kwargs[name] = [str(v) for v in (value if isinstance(value, list) else [value])]
+        else:
+            kwargs[name] = _coerce(value, default, key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
+    t = str(f.type)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"{key}: may not be empty")
+    try:
+        if t.startswith("tuple"):
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise ConfigError(f"{key}: must be a pair [low, high], got {value!r}")
+            cast = int if "int" in t else float
+            return (cast(value[0]), cast(value[1]))
+        if t.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        if t.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ConfigError(f"{key}: must be an integer, got {value!r}")
+            return int(value)
+        if t.startswith("float"):
+            if isinstance(value, bool):
+                raise ConfigError(f"{key}: must be a number, got {value!r}")
+            return float(value)
+        if t.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot use {value!r} ({exc})") from exc
+    return value
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read YAML (or start from defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        base = p.resolve().parent
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.epochs=2)")
+        key, _, raw = item.partition("=")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    cfg = _build(TrainConfig, tree, "")
+    cfg.config_dir = str(base)
+    # Paths given on the command line are relative to the working directory, paths in the file to it.
+    cli_keys = {o.partition("=")[0].strip() for o in overrides or []}
+    if "data.manifest" not in cli_keys:
+        cfg.data.manifest = [str(base / m) if not Path(m).is_absolute() else m for m in cfg.data.manifest]
+    if "output" not in cli_keys and not Path(cfg.output).is_absolute() and path is not None:
+        cfg.output = str(Path.cwd() / cfg.output)
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Everything that can fail before training, failing now with the key in the message."""
+    import timm
+
+    from inference.bundle import PREPROCESS_MODES
+
+    if not cfg.data.manifest:
+        raise ConfigError("data.manifest: no manifest given (data.manifest=PATH)")
+    for m in cfg.data.manifest:
+        if not Path(m).is_file():
+            raise ConfigError(f"data.manifest: {m} not found")
+    names = set()
+    for i, e in enumerate(cfg.experts):
+        if not timm.is_model(e.arch):
+            raise ConfigError(f"experts.{i}.arch: unknown timm architecture '{e.arch}'")
+        if e.preprocess not in PREPROCESS_MODES:
+            raise ConfigError(f"experts.{i}.preprocess: must be one of {', '.join(PREPROCESS_MODES)}")
+        if e.input_size is not None and not 16 <= e.input_size <= 2048:
+            raise ConfigError(f"experts.{i}.input_size: {e.input_size} is out of range 16..2048")
+        if e.weight < 0:
+            raise ConfigError(f"experts.{i}.weight: must be >= 0")
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        if e.pretrained and not Path(e.pretrained).exists() and offline:
+            raise ConfigError(f"experts.{i}.pretrained: {e.pretrained} is not a local file or folder, and the "
+                              "model hub is offline (HF_HUB_OFFLINE)")
+        name = expert_name(e)
+        if name in names:
+            raise ConfigError(f"experts.{i}: two experts are named '{name}'; set experts.{i}.name")
+        names.add(name)
+    lw = cfg.loss
+    for k in ("ce", "kl", "nce"):
+        v = getattr(lw, k)
+        if not (v >= 0) or v != v:
+            raise ConfigError(f"loss.{k}: must be a number >= 0, got {v}")
+    if lw.ce + lw.kl + lw.nce <= 0 or lw.ce == 0 and lw.nce == 0:
+        raise ConfigError("loss: at least one of loss.ce or loss.nce must be > 0 (KL alone learns nothing)")
+    if not 0 <= lw.label_smoothing < 1:
+        raise ConfigError("loss.label_smoothing: must be in [0, 1)")
+    if lw.kl_temperature <= 0 or lw.nce_temperature <= 0:
+        raise ConfigError("loss.kl_temperature and loss.nce_temperature: must be > 0")
+    t = cfg.train
+    if t.epochs < 1 or t.batch_size < 2 or t.grad_accum < 1:
+        raise ConfigError("train: epochs >= 1, batch_size >= 2 and grad_accum >= 1 are required")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError("train.ema_decay: must be in [0, 1)")
+    if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise ConfigError("train.mixed_precision: auto, no, bf16 or fp16")
+    if cfg.optim.name not in ("adamw", "sgd", "adam", "lamb"):
+        raise ConfigError(f"optim.name: unknown optimiser '{cfg.optim.name}' (adamw, adam, sgd, lamb)")
+    if cfg.optim.lr <= 0:
+        raise ConfigError("optim.lr: must be > 0")
+    if cfg.optim.schedule not in ("cosine", "constant"):
+        raise ConfigError("optim.schedule: cosine or constant")
+    if cfg.decision.rule not in ("youden", "fpr"):
+        raise ConfigError("decision.rule: youden or fpr")
+    a = cfg.augment
+    if not 1 <= a.jpeg_quality[0] <= a.jpeg_quality[1] <= 100:
+        raise ConfigError("augment.jpeg_quality: [low, high] within 1..100")
+    if not 0 < a.rescale[0] <= a.rescale[1]:
+        raise ConfigError("augment.rescale: [low, high] with 0 < low <= high")
+
+
+def expert_name(e: ExpertConfig) -> str:
+    if e.name:
+        return e.name
+    return e.arch if e.val_fold is None else f"{e.arch}-f{e.val_fold}"

@@ -1,0 +1,168 @@
+"""Training data: manifest rows → a weak and a strong view of each image, decoded in DataLoader workers.
+
+Determinism is by construction, which is what makes a killed run resume to the same weights:
+the sampler's order is a function of (seed, epoch); each sample's augmentation is seeded by
+(seed, epoch, position in the epoch), so it does not depend on which worker decoded it or on how many
+batches were skipped on resume.
+
+Both views end in the same resize and normalisation that inference uses (inference.preprocess), so the
+model is trained on exactly the pixel pipeline it is served with. JPEG at random quality and random
+rescaling reach both views: reals in the wild are mostly JPEG and large, many public fakes PNG and
+small, and neither cue may be learnable.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from inference.images import ImageError, load_image
+from inference.preprocess import Preprocessor, normalise, resize_for
+
+from .config import AugmentConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_views(aug: AugmentConfig):
+    """(weak, strong) albumentations pipelines on 8-bit RGB arrays."""
+    import albumentations as A
+
+    lo, hi = aug.rescale
+    scale = (lo - 1.0, hi - 1.0)
+    weak = A.Compose([
+        A.HorizontalFlip(p=aug.hflip_p),
+        A.RandomScale(scale_limit=scale, interpolation=1, p=aug.strong_rescale_p * 0.5),
+        A.ImageCompression(quality_range=aug.jpeg_quality, p=aug.weak_jpeg_p),
+    ])
+    strong = A.Compose([
+        A.HorizontalFlip(p=aug.hflip_p),
+        A.RandomScale(scale_limit=scale, interpolation=1, p=aug.strong_rescale_p),
+        A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.2, 1.5), p=aug.blur_p),
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=aug.color_p),
+        A.GaussNoise(std_range=(0.01, 0.05), p=aug.noise_p),
+        A.ImageCompression(quality_range=aug.jpeg_quality, p=1.0),
+    ])
+    return weak, strong
+
+
+def sample_seed(*parts: int) -> int:
+    """A stable 31-bit seed from integers (the same in every process and on every run)."""
+    return zlib.crc32(np.asarray(parts, dtype=np.int64).tobytes()) & 0x7FFFFFFF
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(row_index, epoch, position)``; the order depends only on (seed, epoch).
+
+    ``balanced``: draws real and fake rows equally often (with replacement), so a collection with
+    many more fakes than reals does not teach 'say fake'. ``set_epoch`` chooses the epoch.
+    """
+
+    def __init__(self, labels: list[int], *, seed: int, balanced: bool, num_samples: int | None = None) -> None:
+        self.labels = np.asarray(labels)
+        self.seed, self.balanced = seed, balanced
+        self.num_samples = num_samples or len(labels)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        rng = np.random.default_rng(sample_seed(self.seed, self.epoch, 7))
+        if self.balanced and 0 < self.labels.sum() < len(self.labels):
+            weights = np.where(self.labels == 1, 1.0 / self.labels.sum(), 1.0 / (len(self.labels) - self.labels.sum()))
+            order = rng.choice(len(self.labels), size=self.num_samples, replace=True, p=weights / weights.sum())
+        else:
+            order = rng.permutation(len(self.labels))[: self.num_samples]
+        for pos, idx in enumerate(order.tolist()):
+            yield (idx, self.epoch, pos)
+
+
+@dataclass
+class Row:
+    path: str
+    label: int
+    source: str
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Two augmented views of one manifest row; a row that cannot be decoded yields an error item."""
+
+    def __init__(self, rows: list[Row], *, size: int, mode: str, mean, std, aug: AugmentConfig, seed: int,
+                 max_pixels: int) -> None:
+        self.rows, self.size, self.mode = rows, size, mode
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.aug, self.seed, self.max_pixels = aug, seed, max_pixels
+        self._views = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _view(self, pipeline, arr: np.ndarray, seed: int) -> torch.Tensor:
+        pipeline.set_random_seed(seed)
+        out = pipeline(image=arr)["image"]
+        return normalise(resize_for(Image.fromarray(out), self.size, self.mode), self.mean, self.std)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
+        idx, epoch, pos = key
+        row = self.rows[idx]
+        if self._views is None:  # built lazily: once per worker process
+            self._views = build_views(self.aug)
+        try:
+            img = load_image(row.path, max_pixels=self.max_pixels, min_size=self.size)
+            arr = np.asarray(img)
+            s = sample_seed(self.seed, epoch, pos)
+            return {"weak": self._view(self._views[0], arr, s), "strong": self._view(self._views[1], arr, s + 1),
+                    "label": row.label, "index": idx}
+        except ImageError as exc:
+            return {"error": exc.message, "index": idx}
+        except Exception as exc:  # an augmentation failure on a strange image must not end the epoch
+            return {"error": f"{row.path}: failed in augmentation ({exc!r})", "index": idx}
+
+
+def collate_views(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the good items; pass the errors along so the loop can report skipped images."""
+    good = [it for it in items if "error" not in it]
+    errors = [(it["index"], it["error"]) for it in items if "error" in it]
+    if not good:
+        return {"weak": None, "strong": None, "label": None, "index": None, "errors": errors}
+    return {
+        "weak": torch.stack([it["weak"] for it in good]),
+        "strong": torch.stack([it["strong"] for it in good]),
+        "label": torch.tensor([it["label"] for it in good], dtype=torch.long),
+        "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+        "errors": errors,
+    }
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    """Rows preprocessed exactly as the Detector does (the same Preprocessor), for validation."""
+
+    def __init__(self, rows: list[Row], pre: Preprocessor) -> None:
+        self.rows, self.pre = rows, pre
+        self.key = pre.keys[0]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        try:
+            return {"x": self.pre.prepare(self.rows[idx].path)[self.key], "index": idx}
+        except ImageError as exc:
+            return {"error": exc.message, "index": idx}
+
+
+def collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [it for it in items if "error" not in it]
+    return {"x": torch.stack([it["x"] for it in good]) if good else None,
+            "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+            "errors": [(it["index"], it["error"]) for it in items if "error" in it]}

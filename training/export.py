@@ -1,0 +1,44 @@
+"""``dfx export``: a finished training run → a bundle (EMA weights baked in, checksums, provenance)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from inference.bundle import BundleError, BundleSpec, ExpertSpec, write_bundle
+
+
+def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, name: str | None = None,
+               overwrite: bool = False) -> BundleSpec:
+    """Write the bundle of a run made by ``dfx train``; refuses an unfinished run."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    run_file = run_dir / "run.json"
+    if not run_file.is_file():
+        raise BundleError(f"{run_file}: missing; the run is unfinished (finish it with `dfx train CONFIG --resume`)")
+    run = json.loads(run_file.read_text())
+    experts, states = [], {}
+    for ename in run["experts"]:
+        final = run_dir / "experts" / ename / "final"
+        if not (final / "expert.json").is_file():
+            raise BundleError(f"{final}: expert '{ename}' has no final weights")
+        info = json.loads((final / "expert.json").read_text())
+        experts.append(ExpertSpec(name=ename, arch=info["arch"], input_size=int(info["input_size"]),
+                                  mean=tuple(info["mean"]), std=tuple(info["std"]), file=f"{ename}.safetensors",
+                                  sha256="0" * 64, preprocess=info["preprocess"], weight=float(info["weight"]),
+                                  model_kwargs=info.get("model_kwargs", {})))
+        states[ename] = load_file(str(final / "ema.safetensors"))
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    decision = run["decision"]
+    spec = BundleSpec(
+        name=name or Path(out).name, experts=tuple(experts), threshold=float(decision["threshold"]),
+        uncertain_band=(float(decision["uncertain_band"][0]), float(decision["uncertain_band"][1])),
+        threshold_rule=decision["rule"],
+        provenance={"trained_with": "dfx train", "created": run["created"], "run_dir": str(run_dir),
+                    "manifests": run["manifests"], "config": run["config"],
+                    "oof_metrics": metrics.get("overall", {}), "experts": metrics.get("experts", {}),
+                    "ema": f"EMA weights (decay {run['config']['train']['ema_decay']}) baked in"},
+    )
+    return write_bundle(out, spec, states, overwrite=overwrite)

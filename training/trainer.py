@@ -1,0 +1,458 @@
+"""``dfx train``: experts trained one after another with CE + KL + NCE through Hugging Face Accelerate.
+
+The same code runs on a CPU, one GPU, or many (``accelerate launch -m inference.cli train ...``).
+A run folder holds, per expert, a rolling checkpoint (Accelerate state: model, optimiser, scheduler, RNG;
+plus EMA weights and progress) written atomically every N steps and at every epoch end, and when the
+expert is done a ``final/`` folder (EMA weights, validation predictions, metrics, ROC). ``--resume``
+skips finished experts and continues the unfinished one from its checkpoint: the data order and every
+augmentation are functions of (seed, epoch, position), so the resumed run reaches the same weights.
+
+After all experts: the ensemble's out-of-fold predictions, metrics and ROC, and the decision threshold
+and uncertain band chosen on them (``run.json``); ``dfx export`` turns the run into a bundle.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.tracking import GeneralTracker, on_main_process
+from torch import nn
+
+from inference.experts import arch_defaults, expert_forward
+from inference.manifest import manifest_sha256, read_manifest, write_manifest
+from inference.predict_cli import write_atomic
+from inference.preprocess import Preprocessor
+
+from .config import ConfigError, ExpertConfig, TrainConfig, check_config, expert_name
+from .data import EpochSampler, EvalDataset, Row, TrainDataset, collate_eval, collate_views
+from .losses import ProjectionHead, combined_loss
+from .metrics import choose_decision, metrics_by_source, per_source_markdown, save_metrics, save_roc_png
+
+log = logging.getLogger("dfx.train")
+RUN_FORMAT = "dfx-run/1"
+
+
+class TrainNet(nn.Module):
+    """The timm expert plus the projection head used by the NCE term (not exported)."""
+
+    def __init__(self, backbone: nn.Module, proj: ProjectionHead) -> None:
+        super().__init__()
+        self.backbone, self.proj = backbone, proj
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, pooled = expert_forward(self.backbone, x)
+        return logits, self.proj(pooled)
+
+
+class CSVTracker(GeneralTracker):
+    """An Accelerate tracker writing ``time,step,key,value`` rows to ``<run>/logs/metrics.csv``."""
+
+    name = "csv"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, run_dir: str) -> None:
+        super().__init__()
+        self.path = Path(run_dir) / "logs" / "metrics.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            self.path.write_text("time,step,key,value\n")
+
+    @property
+    def tracker(self) -> Path:
+        return self.path
+
+    @on_main_process
+    def store_init_configuration(self, values: dict) -> None:
+        (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str))
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        with open(self.path, "a", newline="") as f:
+            w = csv.writer(f)
+            now = f"{time.time():.3f}"
+            for k, v in values.items():
+                w.writerow([now, "" if step is None else step, k, v])
+
+
+def _rows(cfg: TrainConfig) -> list[dict[str, Any]]:
+    rows = []
+    for m in cfg.data.manifest:
+        man = read_manifest(m)
+        for r in man.rows:
+            rows.append({**r, "abspath": str(man.abspath(r)), "label": int(r["label"])})
+    return rows
+
+
+def split_rows(rows: list[dict[str, Any]], e: ExpertConfig, index: int) -> tuple[list[dict], list[dict]]:
+    """Train and validation rows of one expert: folds ≠ k / = k, or the ``split`` column."""
+    usable = [r for r in rows if r.get("split", "") != "test"]
+    if e.val_fold is not None:
+        if not any(r.get("fold", "") != "" for r in usable):
+            raise ConfigError(f"experts.{index}.val_fold={e.val_fold}: the manifest has no 'fold' column values "
+                              "(run `dfx prepare cluster` first, or validate on split=val)")
+        k = str(e.val_fold)
+        train = [r for r in usable if r.get("fold", "") not in ("", k)]
+        val = [r for r in usable if r.get("fold", "") == k]
+        if not val:
+            folds = sorted({r.get("fold", "") for r in usable} - {""})
+            raise ConfigError(f"experts.{index}.val_fold={e.val_fold}: no rows in that fold "
+                              f"(the manifest's folds: {', '.join(folds)})")
+    else:
+        val = [r for r in usable if r.get("split", "") == "val"]
+        train = [r for r in usable if r.get("split", "") in ("", "train")]
+        if not val:
+            raise ConfigError(f"experts.{index}: no validation rows: set experts.{index}.val_fold (folds from "
+                              "`dfx prepare cluster`) or mark rows split=val in the manifest")
+    if not train or len({r["label"] for r in train}) < 2:
+        raise ConfigError(f"experts.{index}: the training rows need both real and fake images "
+                          f"(got {len(train)} rows)")
+    return train, val
+
+
+def _mixed_precision(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"  # bf16 autocast is 5-15x slower on CPUs without AMX/AVX512-BF16
+
+
+def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any]) -> nn.Module:
+    """A timm model with a 2-class head; pretrained weights from a local file or folder if given."""
+    import timm
+
+    kwargs = dict(model_kwargs)
+    if e.drop_path_rate:
+        kwargs["drop_path_rate"] = e.drop_path_rate
+    if not e.pretrained:
+        return timm.create_model(e.arch, pretrained=False, num_classes=2, **kwargs)
+    p = Path(e.pretrained)
+    if p.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if (p / name).is_file():
+                p = p / name
+                break
+        else:
+            raise ConfigError(f"{e.pretrained}: no model.safetensors in this folder")
+    if p.is_file():
+        # The ImageNet head is replaced by a fresh 2-class head (num_classes=2 re-initialises it).
+        return timm.create_model(e.arch, pretrained=True, num_classes=2,
+                                 pretrained_cfg_overlay={"file": str(p)}, **kwargs)
+    return timm.create_model(e.pretrained, pretrained=True, num_classes=2, **kwargs)  # a hub name
+
+
+def _lr_lambda(warmup: int, total: int, schedule: str):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def _save_checkpoint(accelerator, ckpt: Path, ema, progress: dict[str, Any]) -> None:
+    """Accelerate state + EMA + progress into ``ckpt.tmp``, then swapped in by renames."""
+    from safetensors.torch import save_file
+
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()},
+                  str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+        (tmp / "progress.json").write_text(json.dumps(progress))
+        old = ckpt.with_name(ckpt.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if ckpt.exists():
+            os.replace(ckpt, old)
+        os.replace(tmp, ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+@torch.inference_mode()
+def predict_rows(model: nn.Module, loader, device, accelerator) -> tuple[dict[int, float], list[tuple[int, str]]]:
+    model.eval()
+    probs: dict[int, float] = {}
+    errors: list[tuple[int, str]] = []
+    for batch in loader:
+        errors.extend(batch["errors"])
+        if batch["x"] is None:
+            continue
+        with accelerator.autocast():
+            logits = model(batch["x"].to(device))
+        p = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        probs.update(zip(batch["index"].tolist(), p.tolist()))
+    return probs, errors
+
+
+def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[str, Any]], accelerator,
+                 run_dir: Path, max_size: int, resume: bool) -> None:
+    from accelerate import skip_first_batches
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file, save_file
+    from timm.optim import create_optimizer_v2
+    from timm.utils import ModelEmaV3
+    from tqdm import tqdm
+
+    name = expert_name(e)
+    edir = run_dir / "experts" / name
+    ckpt = edir / "checkpoint"
+    edir.mkdir(parents=True, exist_ok=True)
+    d = arch_defaults(e.arch, e.input_size)
+    size, mean, std, model_kwargs = d["input_size"], d["mean"], d["std"], d["model_kwargs"]
+    train_rows, val_rows = split_rows(rows, e, index)
+    expert_seed = cfg.seed + 1000 * index
+    set_seed(expert_seed)
+
+    backbone = create_backbone(e, size, model_kwargs)
+    with torch.no_grad():
+        feat_dim = expert_forward(backbone.eval(), torch.zeros(1, 3, size, size))[1].shape[1]
+    net = TrainNet(backbone, ProjectionHead(feat_dim, cfg.loss.proj_dim)).train()
+    # Warm-up: the decay ramps up over the first steps ((1+t)/(10+t)), so a short run's EMA is not stuck
+    # near the random initialisation.
+    ema = ModelEmaV3(backbone, decay=cfg.train.ema_decay, use_warmup=True)
+
+    tc = cfg.train
+    to_row = lambda r: Row(r["abspath"], r["label"], r.get("source", ""))  # noqa: E731
+    num_samples = len(train_rows)
+    if tc.max_steps_per_epoch:
+        num_samples = min(num_samples, tc.max_steps_per_epoch * tc.batch_size)
+    sampler = EpochSampler([r["label"] for r in train_rows], seed=expert_seed, balanced=cfg.data.balanced_sampler,
+                           num_samples=num_samples)
+    from inference.detector import default_workers
+
+    workers = default_workers() if cfg.data.workers is None else cfg.data.workers
+    train_ds = TrainDataset([to_row(r) for r in train_rows], size=size, mode=e.preprocess, mean=mean, std=std,
+                            aug=cfg.augment, seed=expert_seed, max_pixels=cfg.data.max_pixels)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler, num_workers=workers,
+                                         collate_fn=collate_views, generator=torch.Generator().manual_seed(expert_seed))
+    pre = Preprocessor([(size, e.preprocess, tuple(mean), tuple(std))], max_pixels=cfg.data.max_pixels)
+    pre.min_decode_size = max_size  # decode exactly as the exported ensemble's Detector will
+    val_loader = torch.utils.data.DataLoader(EvalDataset([to_row(r) for r in val_rows], pre),
+                                             batch_size=tc.batch_size * 2, num_workers=workers, collate_fn=collate_eval)
+
+    opt = create_optimizer_v2(net, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    net, opt, loader = accelerator.prepare(net, opt, loader)
+    steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
+    total = steps_per_epoch * tc.epochs * accelerator.num_processes
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.optim.warmup_steps * accelerator.num_processes,
+                                                              total, cfg.optim.schedule))
+    sched = accelerator.prepare(sched)
+    ema.module.to(accelerator.device)
+
+    progress: dict[str, Any] = {"epoch": 0, "batches_done": 0, "global_step": 0, "history": [], "skipped": {}}
+    if resume and (ckpt / "progress.json").is_file():
+        accelerator.load_state(str(ckpt))
+        ema.module.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=str(accelerator.device)))
+        progress = json.loads((ckpt / "progress.json").read_text())
+        accelerator.print(f"[{name}] resuming at epoch {progress['epoch'] + 1}, batch {progress['batches_done']}, "
+                          f"step {progress['global_step']}")
+    accelerator.print(f"[{name}] {e.arch} at {size}px ({e.preprocess}); train {len(train_rows)} rows, "
+                      f"validate {len(val_rows)} rows"
+                      + (f" (fold {e.val_fold})" if e.val_fold is not None else " (split=val)"))
+    lw = cfg.loss
+    for epoch in range(progress["epoch"], tc.epochs):
+        net.train()
+        skip = progress["batches_done"]
+        it = skip_first_batches(loader, skip) if skip else loader
+        # Accelerate's loader calls sampler.set_epoch(its own iteration count) when iteration starts, and a
+        # fresh loader (after --resume) counts from 0: set the epoch on the loader itself so both agree.
+        sampler.set_epoch(epoch)
+        if hasattr(it, "set_epoch"):
+            it.set_epoch(epoch)
+        sums: dict[str, float] = defaultdict(float)
+        n_steps = 0
+        bar = tqdm(it, total=len(loader) - skip, desc=f"{name} epoch {epoch + 1}/{tc.epochs}", leave=False,
+                   disable=not accelerator.is_local_main_process)
+        for batch in bar:
+            progress["batches_done"] += 1
+            for idx, msg in batch["errors"]:
+                if str(idx) not in progress["skipped"]:
+                    progress["skipped"][str(idx)] = msg
+                    log.warning("[%s] skipped unreadable image: %s", name, msg)
+            if batch["weak"] is None or batch["weak"].shape[0] < 2:
+                continue
+            with accelerator.accumulate(net):
+                labels = batch["label"]
+                n = labels.shape[0]
+                logits, proj = net(torch.cat([batch["weak"], batch["strong"]]))
+                parts = combined_loss(logits[:n], logits[n:], proj[:n].float(), proj[n:].float(), labels,
+                                      w_ce=lw.ce, w_kl=lw.kl, w_nce=lw.nce, label_smoothing=lw.label_smoothing,
+                                      kl_temperature=lw.kl_temperature, nce_temperature=lw.nce_temperature)
+                accelerator.backward(parts.total)
+                if accelerator.sync_gradients and cfg.optim.grad_clip:
+                    accelerator.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            values = {k: getattr(parts, k).detach().item() for k in ("total", "ce", "kl", "nce")}
+            for k, v in values.items():
+                sums[k] += v
+            n_steps += 1
+            if accelerator.sync_gradients:
+                progress["global_step"] += 1
+                ema.update(accelerator.unwrap_model(net).backbone, step=progress["global_step"])
+                accelerator.log({f"{name}/{k}": v for k, v in values.items()} | {f"{name}/lr": sched.get_last_lr()[0]},
+                                step=progress["global_step"])
+                bar.set_postfix(loss=f"{values['total']:.3f}")
+                every = tc.checkpoint_every_steps
+                if every and progress["global_step"] % every == 0 and progress["batches_done"] < len(loader):
+                    _save_checkpoint(accelerator, ckpt, ema, progress)
+        bar.close()
+        probs, errors = predict_rows(ema.module, val_loader, accelerator.device, accelerator)
+        for idx, msg in errors:
+            if f"val:{idx}" not in progress["skipped"]:
+                progress["skipped"][f"val:{idx}"] = msg
+                log.warning("[%s] skipped unreadable validation image: %s", name, msg)
+        y = [val_rows[i]["label"] for i in probs]
+        m = metrics_by_source(y, list(probs.values()), [val_rows[i].get("source", "") for i in probs])["overall"] \
+            if probs else {}
+        entry = {"epoch": epoch + 1, "step": progress["global_step"],
+                 **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
+                 "val_auc": m.get("auc"), "val_accuracy": m.get("accuracy"), "val_n": len(probs)}
+        progress["history"].append(entry)
+        accelerator.log({f"{name}/val_auc": entry["val_auc"] or float("nan"),
+                         f"{name}/train_loss": entry.get("train_total", float("nan"))}, step=progress["global_step"])
+        auc = "n/a" if entry["val_auc"] is None else f"{entry['val_auc']:.4f}"
+        accelerator.print(f"[{name}] epoch {epoch + 1}/{tc.epochs}: step {entry['step']}, loss "
+                          f"{entry.get('train_total', float('nan')):.4f} (ce {entry.get('train_ce', 0):.4f}, "
+                          f"kl {entry.get('train_kl', 0):.4f}, nce {entry.get('train_nce', 0):.4f}), "
+                          f"val AUC (EMA) {auc} on {len(probs)} images")
+        progress["epoch"], progress["batches_done"] = epoch + 1, 0
+        _save_checkpoint(accelerator, ckpt, ema, progress)
+
+    # -- final: EMA weights and validation predictions, written as one folder -----------------------
+    probs, _ = predict_rows(ema.module, val_loader, accelerator.device, accelerator)
+    if accelerator.is_main_process:
+        final = edir / "final"
+        tmp = edir / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()},
+                  str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+        vrows = [{"path": val_rows[i]["abspath"], "label": val_rows[i]["label"], "source": val_rows[i].get("source", ""),
+                  "fold": val_rows[i].get("fold", ""), "prob": p} for i, p in probs.items()]
+        write_manifest(tmp / "val_predictions.csv", vrows)
+        metrics = metrics_by_source([r["label"] for r in vrows], [r["prob"] for r in vrows],
+                                    [r["source"] for r in vrows]) if vrows else {}
+        save_metrics(tmp / "metrics.json", metrics)
+        if vrows:
+            save_roc_png(tmp / "roc.png", {name: ([r["label"] for r in vrows], [r["prob"] for r in vrows])},
+                         title=f"{name}: validation ROC (EMA)")
+        info = {"name": name, "arch": e.arch, "input_size": size, "preprocess": e.preprocess, "mean": list(mean),
+                "std": list(std), "model_kwargs": model_kwargs, "weight": e.weight, "val_fold": e.val_fold,
+                "pretrained": e.pretrained, "n_train": len(train_rows), "n_val": len(val_rows),
+                "steps": progress["global_step"], "history": progress["history"], "skipped": progress["skipped"],
+                "val_auc": metrics.get("overall", {}).get("auc") if metrics else None}
+        (tmp / "expert.json").write_text(json.dumps(info, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def finalize_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """Ensemble out-of-fold predictions, metrics, ROC, and the decision rule, into ``run.json``."""
+    experts = [expert_name(e) for e in cfg.experts]
+    weights = {expert_name(e): e.weight for e in cfg.experts}
+    per_path: dict[str, dict[str, Any]] = {}
+    curves = {}
+    infos = {}
+    for name in experts:
+        final = run_dir / "experts" / name / "final"
+        infos[name] = json.loads((final / "expert.json").read_text())
+        vp = read_manifest(final / "val_predictions.csv")
+        curves[name] = ([int(r["label"]) for r in vp.rows], [float(r["prob"]) for r in vp.rows])
+        for r in vp.rows:
+            row = per_path.setdefault(r["path"], {"path": r["path"], "label": int(r["label"]), "source": r["source"],
+                                                  "fold": r["fold"], "num": 0.0, "den": 0.0})
+            row["num"] += weights[name] * float(r["prob"])
+            row["den"] += weights[name]
+            row[f"prob_{name}"] = float(r["prob"])
+    oof = [{**{k: v for k, v in r.items() if k not in ("num", "den")},
+            "prob": r["num"] / r["den"] if r["den"] else 0.5} for r in per_path.values()]
+    write_manifest(run_dir / "oof.csv", oof)
+    y = [r["label"] for r in oof]
+    s = [r["prob"] for r in oof]
+    dc = cfg.decision
+    decision = choose_decision(y, s, dc.rule, dc.target_fpr, dc.band_error)
+    metrics = metrics_by_source(y, s, [r["source"] for r in oof], threshold=decision["threshold"])
+    metrics["experts"] = {n: {"val_auc": infos[n]["val_auc"], "val_fold": infos[n]["val_fold"],
+                              "steps": infos[n]["steps"]} for n in experts}
+    save_metrics(run_dir / "metrics.json", metrics)
+    write_atomic(run_dir / "per_source.md", per_source_markdown(metrics))
+    if oof:
+        save_roc_png(run_dir / "roc.png", {"ensemble (out-of-fold)": (y, s), **curves}, title="Out-of-fold ROC")
+    run = {"format": RUN_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "config": cfg.to_dict(),
+           "manifests": [{"path": m, "sha256": manifest_sha256(m)} for m in cfg.data.manifest],
+           "experts": experts, "decision": decision,
+           "oof": {"n": len(oof), "auc": metrics["overall"]["auc"],
+                   "tpr_at_fpr_5pct": metrics["overall"]["tpr_at_fpr_5pct"]}}
+    write_atomic(run_dir / "run.json", json.dumps(run, indent=2) + "\n")
+    return run
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+    """Train every expert of ``cfg`` (skipping finished ones on resume) and finalise the run."""
+    from accelerate import Accelerator
+
+    check_config(cfg)
+    run_dir = Path(cfg.output)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise ConfigError(f"output {run_dir} already holds a run: pass --resume to continue it, or choose another "
+                          "output=DIR")
+    rows = _rows(cfg)
+    for i, e in enumerate(cfg.experts):  # fail on data problems before any expert trains
+        split_rows(rows, e, i)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("dfx").addHandler(handler)
+    logging.getLogger("dfx").setLevel(logging.INFO)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision),
+                              gradient_accumulation_steps=cfg.train.grad_accum, log_with=[CSVTracker(str(run_dir))],
+                              project_dir=str(run_dir))
+    try:
+        accelerator.init_trackers("dfx-train", config={"output": cfg.output, "seed": cfg.seed})
+        if accelerator.is_main_process:
+            import yaml
+
+            write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        max_size = max(arch_defaults(e.arch, e.input_size)["input_size"] for e in cfg.experts)
+        for i, e in enumerate(cfg.experts):
+            if (run_dir / "experts" / expert_name(e) / "final" / "expert.json").is_file():
+                accelerator.print(f"[{expert_name(e)}] already trained; skipping")
+                continue
+            train_expert(cfg, e, i, rows, accelerator, run_dir, max_size, resume)
+            accelerator.free_memory()
+        if accelerator.is_main_process:
+            run = finalize_run(cfg, run_dir)
+            auc = run["oof"]["auc"]
+            accelerator.print(f"run finished: ensemble out-of-fold AUC {'n/a' if auc is None else f'{auc:.4f}'} "
+                              f"on {run['oof']['n']} images; threshold {run['decision']['threshold']:.4f}, "
+                              f"uncertain band {[round(b, 4) for b in run['decision']['uncertain_band']]}")
+            accelerator.print(f"export it: dfx export {run_dir} --out weights/NAME")
+        accelerator.wait_for_everyone()
+    finally:
+        accelerator.end_training()
+        logging.getLogger("dfx").removeHandler(handler)
+        handler.close()
+    return run_dir
