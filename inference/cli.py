@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _verb_modules():
         try:
             module = importlib.import_module(name)
-        except ImportError as exc:  # an extra that is not installed
+        except ImportError as exc:  # an extra that is not installed (the verb module imports it at top level)
             missing = getattr(exc, "name", None) or str(exc)
             logging.getLogger("dfx").debug("verbs of %s unavailable: %s", name, missing)
             continue

@@ -1,0 +1,65 @@
+"""``dfx prepare index`` and ``dfx prepare merge``: manifests from folders, label files and other manifests."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from inference.images import collect_images
+from inference.manifest import COLUMNS, ManifestError, read_manifest, write_manifest
+
+
+def index_folders(folders: list[str], out: str | os.PathLike[str], *, label: int | None, source: str | None = None,
+                  kind: str | None = None, from_competition: str | None = None) -> int:
+    """Rows for every image file under ``folders``. Labels come from ``label`` or, for the competition's
+    ``img_name,target`` files, from ``from_competition`` (matched by file name). Returns the row count."""
+    labels_by_name: dict[str, int] = {}
+    if from_competition:
+        with open(from_competition, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"img_name", "target"} <= set(reader.fieldnames):
+                raise ManifestError(f"{from_competition}: expected the columns img_name,target")
+            for i, r in enumerate(reader, start=2):
+                if r["target"] not in ("0", "1"):
+                    raise ManifestError(f"{from_competition}:{i}: target must be 0 or 1, got {r['target']!r}")
+                labels_by_name[r["img_name"]] = int(r["target"])
+    elif label is None:
+        raise ManifestError("give --label real|fake, or --from-competition LABEL_FILE")
+    rows = []
+    for folder in folders:
+        root = Path(folder)
+        for p in collect_images([root]):
+            if from_competition:
+                if p.name not in labels_by_name:
+                    continue
+                lab = labels_by_name[p.name]
+            else:
+                lab = int(label)  # type: ignore[arg-type]
+            rows.append({"path": str(p.resolve()), "label": lab, "source": source or root.name,
+                         "kind": kind or ("real" if lab == 0 else "fake")})
+    if not rows:
+        raise ManifestError(f"no image files found in {', '.join(folders)}")
+    write_manifest(out, rows, root="/")
+    return len(rows)
+
+
+def merge_manifests(inputs: list[str], out: str | os.PathLike[str]) -> int:
+    """Concatenate manifests (paths re-rooted to the output's folder); duplicate paths are an error."""
+    rows, columns, seen = [], list(COLUMNS), {}
+    out_dir = Path(out).resolve().parent
+    for m in inputs:
+        man = read_manifest(m)
+        columns += [c for c in man.columns if c not in columns]
+        for r in man.rows:
+            absolute = man.abspath(r).resolve()
+            if absolute in seen:
+                raise ManifestError(f"{absolute} is in both {seen[absolute]} and {m}")
+            seen[absolute] = m
+            parent = r.get("parent", "")
+            if parent and not Path(parent).is_absolute():
+                parent = str((man.root / parent).resolve())
+            rows.append({**r, "path": os.path.relpath(absolute, out_dir),
+                         "parent": os.path.relpath(parent, out_dir) if parent else ""})
+    write_manifest(out, rows, columns)
+    return len(rows)
