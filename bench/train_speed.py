@@ -59,7 +59,9 @@ def plain_loop(manifest: Path, arch: str, size: int, batch: int, steps: int, wor
     opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)  # the optimiser dfx train builds
     ds = TrainDataset([Row(str(man.abspath(r)), int(r["label"]), r["source"]) for r in rows], size=size,
                       mode="squash", mean=d["mean"], std=d["std"], aug=AugmentConfig(), seed=0, max_pixels=64_000_000)
-    sampler = EpochSampler([int(r["label"]) for r in rows], seed=0, balanced=True, num_samples=batch * steps)
+    # the same number of samples as dfx train draws in its one epoch (it caps an epoch at the training rows)
+    sampler = EpochSampler([int(r["label"]) for r in rows], seed=0, balanced=True,
+                           num_samples=min(len(rows), batch * steps))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
                                          collate_fn=collate_views)
     stamps = []
@@ -93,12 +95,12 @@ def dfx_train(manifest: Path, out: Path, arch: str, size: int, batch: int, steps
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=11, help="steps per run, at most training rows / batch (default 11)")
     ap.add_argument("--arch", default="convnext_atto")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both (default 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both (default 3)")
     args = ap.parse_args()
     ours_all, plain_all = [], []
     with tempfile.TemporaryDirectory() as tmp:
