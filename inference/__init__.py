@@ -2,11 +2,23 @@
 
 It imports torch, timm, safetensors, Pillow, NumPy and Flask, and never training, data_prep, diffusers,
 accelerate, faiss or albumentations (a server installs only this package's core dependencies).
+The names below load on first use, so ``import inference.manifest`` (or ``dfx --help``) does not pay
+for torch.
 """
 
-from .bundle import BundleError, BundleSpec, ExpertSpec, read_spec
-from .detector import Detector, ItemResult, Prediction
-from .images import ImageError, load_image
+from importlib import import_module
+from typing import Any
 
-__all__ = ["BundleError", "BundleSpec", "Detector", "ExpertSpec", "ImageError", "ItemResult",
-           "Prediction", "load_image", "read_spec"]
+_EXPORTS = {
+    "BundleError": "bundle", "BundleSpec": "bundle", "ExpertSpec": "bundle", "read_spec": "bundle",
+    "Detector": "detector", "ItemResult": "detector", "Prediction": "detector",
+    "ImageError": "images", "load_image": "images",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'inference' has no attribute {name!r}")

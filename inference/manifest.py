@@ -83,12 +83,11 @@ def write_manifest(path: str | os.PathLike[str], rows: Iterable[dict[str, object
     for c in (columns or []) + [k for r in rows for k in r]:
         if c not in cols:
             cols.append(c)
-    if root is not None:
-        src, dst = Path(root).resolve(), out.parent.resolve()
+    if root is not None and Path(root).resolve() != out.parent.resolve():
+        src, dst = str(Path(root).resolve()), str(out.parent.resolve())
         for r in rows:
-            p = Path(str(r["path"]))
-            absolute = p if p.is_absolute() else src / p
-            r["path"] = os.path.relpath(absolute, dst) if _same_drive(absolute, dst) else str(absolute)
+            p = str(r["path"])
+            r["path"] = os.path.relpath(p if os.path.isabs(p) else os.path.join(src, p), dst)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
@@ -101,10 +100,6 @@ def write_manifest(path: str | os.PathLike[str], rows: Iterable[dict[str, object
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
-
-
-def _same_drive(a: Path, b: Path) -> bool:
-    return a.anchor == b.anchor
 
 
 def manifest_sha256(path: str | os.PathLike[str]) -> str:

@@ -12,9 +12,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, TextIO
 
-from .detector import Detector, ItemResult, default_workers
+from typing import TYPE_CHECKING
+
 from .images import DEFAULT_MAX_PIXELS, collect_images
 from .weights import resolve_weights
+
+if TYPE_CHECKING:  # torch loads only when a verb runs, so `dfx --help` stays fast
+    from .detector import Detector, ItemResult
 
 
 def add_detector_options(p: argparse.ArgumentParser) -> None:
@@ -24,7 +28,7 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--workers", type=int, default=None,
-                   help=f"decoding processes (default {default_workers()} here: cores - 1, at most 4; 0 = in-process)")
+                   help="decoding processes (default: cores - 1, at most 4; 0 = in-process)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -56,7 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_submit)
 
 
-def _detector(args: argparse.Namespace) -> Detector:
+def _detector(args: argparse.Namespace) -> "Detector":
+    from .detector import Detector
+
     return Detector(resolve_weights(args.weights), device=args.device, batch_size=args.batch_size,
                     max_pixels=args.max_pixels, precision=args.precision)
 
@@ -75,7 +81,7 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
-def _rows_csv(results: Iterable[ItemResult], experts: list[str], out: TextIO) -> None:
+def _rows_csv(results: Iterable["ItemResult"], experts: list[str], out: TextIO) -> None:
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["path", "score", "label", *[f"expert_{n}" for n in experts], "status", "error"])
     for r in results:
@@ -86,7 +92,7 @@ def _rows_csv(results: Iterable[ItemResult], experts: list[str], out: TextIO) ->
             w.writerow([str(r.path), "", "", *["" for _ in experts], "error", r.error])
 
 
-def _rows_jsonl(results: Iterable[ItemResult], out: TextIO) -> None:
+def _rows_jsonl(results: Iterable["ItemResult"], out: TextIO) -> None:
     for r in results:
         p = r.prediction
         row = {"path": str(r.path), "score": p.score if p else None, "label": p.label if p else None,

@@ -1,0 +1,261 @@
+"""The web UI: a page where people upload an image and see the verdict, per-expert scores and a report.
+
+It is a separate service that talks to the JSON API over HTTP only (it imports nothing of ours, and
+no model code), so the model can live on a GPU server and the site anywhere. It uses the standard
+library's HTTP client with a timeout. Upload limits (bytes and pixels) are enforced here, before
+anything reaches the API. Nothing is written to disk: the report PNG is built in memory and returned
+inline for the browser to download. Every page and asset is local (no CDN, no external fonts).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Flask, Response, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+log = logging.getLogger("dfx.webui")
+
+
+@dataclass
+class WebConfig:
+    api_url: str = "http://127.0.0.1:8080"
+    api_key: str | None = None
+    timeout: float = 30.0
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+
+class UserError(Exception):
+    """A failure explained to the person: HTTP status, a short title and a sentence that says what to do."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+API_ERROR_TEXT = {
+    "not_an_image": "This file is not an image the service can read (JPEG, PNG, WEBP, BMP, GIF or TIFF).",
+    "corrupt_image": "This image is damaged or incomplete, so it cannot be checked. Try the original file.",
+    "empty_image": "The file is empty.",
+    "image_too_large": "The image has too many pixels for the detection service.",
+    "payload_too_large": "The file is too large for the detection service.",
+    "unauthorized": "The site could not sign in to the detection service (API key). Tell the site's operator.",
+    "model_loading": "The detection model is still starting. Try again in a few seconds.",
+    "model_unavailable": "The detection model is not available right now. Tell the site's operator.",
+}
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1024 / 1024:.1f} MB"
+
+
+class ApiClient:
+    """POSTs to the JSON API with a timeout; turns every failure into a :class:`UserError`."""
+
+    def __init__(self, cfg: WebConfig) -> None:
+        self.cfg = cfg
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.cfg.api_url.rstrip("/") + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.cfg.api_key:
+            req.add_header("Authorization", f"Bearer {self.cfg.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.cfg.timeout) as resp:
+                return json.loads(resp.read().decode())
+        except urllib.error.HTTPError as exc:
+            try:
+                err = json.loads(exc.read().decode()).get("error", {})
+            except (ValueError, AttributeError):
+                err = {}
+            code = err.get("code", "api_error")
+            text = API_ERROR_TEXT.get(code) or err.get("message") or f"The detection service answered {exc.code}."
+            status = exc.code if exc.code in (400, 413, 415, 422) else 502
+            raise UserError(status, code, text) from exc
+        except (TimeoutError, socket.timeout) as exc:
+            raise UserError(504, "api_timeout", f"The detection service did not answer within {self.cfg.timeout:g} "
+                                                "seconds. Try again, or try a smaller image.") from exc
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, (TimeoutError, socket.timeout)):
+                raise UserError(504, "api_timeout", f"The detection service did not answer within "
+                                                    f"{self.cfg.timeout:g} seconds. Try again later.") from exc
+            raise UserError(502, "api_unreachable", "The detection service cannot be reached right now. "
+                                                    "Try again in a minute; if it persists, tell the site's operator.") from exc
+        except (ValueError, OSError) as exc:
+            raise UserError(502, "api_bad_answer", "The detection service gave an answer the site cannot read.") from exc
+
+    def predict(self, image: bytes) -> dict[str, Any]:
+        return self._call("POST", "/predict", {"image": base64.b64encode(image).decode()})
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/healthcheck", timeout=min(5.0, self.cfg.timeout))
+
+
+def check_upload(data: bytes, cfg: WebConfig) -> tuple[int, int] | None:
+    """The site's own limits, before the API sees anything: size, then pixel count from the header
+    (Pillow reads the header only). Returns (width, height) when Pillow knows the format, else None
+    (the API then decides whether it is an image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise UserError(400, "empty_file", "The file is empty.")
+    if len(data) > cfg.max_upload_bytes:
+        raise UserError(413, "file_too_large", f"The file is {_mb(len(data))}; the limit is {_mb(cfg.max_upload_bytes)}.")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    if w * h > cfg.max_pixels:
+        raise UserError(413, "too_many_pixels", f"The image is {w}×{h} = {w * h / 1e6:.0f} megapixels; the limit is "
+                                                f"{cfg.max_pixels / 1e6:.0f} megapixels. Resize it and try again.")
+    return w, h
+
+
+def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: str) -> bytes:
+    """A one-page PNG report: thumbnail, verdict, score bar, experts, model, date and SHA-256."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    W, pad = 900, 32
+    font = ImageFont.load_default(size=18)
+    big = ImageFont.load_default(size=34)
+    small = ImageFont.load_default(size=15)
+    thumb = None
+    try:
+        with Image.open(io.BytesIO(data)) as src:
+            src.seek(0)
+            thumb = ImageOps.exif_transpose(src).convert("RGB")
+            thumb.thumbnail((360, 360))
+    except Exception:  # the API read it; if Pillow cannot, the report goes without a thumbnail
+        thumb = None
+    experts = result.get("experts", {})
+    H = max(560, 330 + 28 * len(experts))
+    page = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(page)
+    colours = {"fake": (176, 0, 32), "real": (0, 110, 55), "uncertain": (150, 90, 0)}
+    label = result.get("label", "uncertain")
+    d.text((pad, pad), "deepfake-experts report", font=font, fill=(40, 40, 40))
+    if thumb is not None:
+        page.paste(thumb, (pad, pad + 40))
+    x = pad + 380
+    d.text((x, pad + 40), {"fake": "Likely generated or manipulated", "real": "Likely a real photograph",
+                           "uncertain": "Uncertain"}.get(label, label), font=big, fill=colours.get(label, (0, 0, 0)))
+    score = float(result.get("result", 0.0))
+    d.text((x, pad + 95), f"fake probability {score:.3f} (threshold {float(result.get('threshold', 0.5)):.3f})",
+           font=font, fill=(20, 20, 20))
+    d.rectangle([x, pad + 125, x + 440, pad + 145], outline=(60, 60, 60))
+    d.rectangle([x, pad + 125, x + int(440 * score), pad + 145], fill=colours.get(label, (0, 0, 0)))
+    y = pad + 170
+    d.text((x, y), "experts", font=font, fill=(40, 40, 40))
+    for name, p in experts.items():
+        y += 28
+        d.text((x, y), f"{name}: {float(p):.3f}", font=small, fill=(40, 40, 40))
+    y = max(y + 40, pad + 420)
+    for line in (f"file: {filename}", f"SHA-256: {sha256}", f"model: {result.get('model', '?')}",
+                 f"date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}",
+                 "A score is a model's estimate, not proof. Detectors miss generators they never saw."):
+        d.text((pad, y), line, font=small, fill=(60, 60, 60))
+        y += 24
+    out = io.BytesIO()
+    page.crop((0, 0, W, min(H, y + pad))).save(out, "PNG", optimize=True)
+    return out.getvalue()
+
+
+def create_app(config: WebConfig | dict[str, Any] | None = None) -> Flask:
+    cfg = config if isinstance(config, WebConfig) else WebConfig(**(config or {}))
+    app = Flask("dfx-webui", template_folder=os.path.join(os.path.dirname(__file__), "templates"),
+                static_folder=os.path.join(os.path.dirname(__file__), "static"))
+    # A little room above the file limit for the multipart envelope; the exact limit is checked per file.
+    app.config["MAX_CONTENT_LENGTH"] = cfg.max_upload_bytes + 64 * 1024
+    app.extensions["dfx_webui"] = cfg
+    client = ApiClient(cfg)
+
+    def wants_json() -> bool:
+        return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "application/json"
+
+    def fail(err: UserError) -> Response:
+        log.info("check failed: %s (%d)", err.code, err.status)
+        if wants_json():
+            resp = jsonify({"error": {"code": err.code, "message": err.message}})
+        else:
+            resp = Response(render_template("index.html", error=err, limits=_limits(cfg)), mimetype="text/html")
+        resp.status_code = err.status
+        return resp
+
+    @app.errorhandler(UserError)
+    def _user_error(err: UserError) -> Response:
+        return fail(err)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_: Exception) -> Response:
+        return fail(UserError(413, "file_too_large", f"The upload is over the limit of {_mb(cfg.max_upload_bytes)}."))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        return fail(UserError(exc.code or 500, "http_error", exc.description or exc.name))
+
+    @app.get("/")
+    def index() -> str:
+        return render_template("index.html", error=None, limits=_limits(cfg))
+
+    @app.post("/check")
+    def check() -> Response:
+        upload = request.files.get("image")
+        if upload is None or not upload.filename:
+            raise UserError(400, "no_file", "Choose an image file first.")
+        data = upload.read()
+        check_upload(data, cfg)
+        t0 = time.perf_counter()
+        result = client.predict(data)
+        sha = hashlib.sha256(data).hexdigest()
+        report = render_report(data, result, sha, upload.filename)
+        body = {
+            "label": result.get("label"), "score": result.get("result"), "threshold": result.get("threshold"),
+            "experts": result.get("experts", {}), "model": result.get("model"), "sha256": sha,
+            "filename": upload.filename, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1),
+            "heatmap": result.get("heatmap"),  # a data: URL when the API offers one
+            "report_png": "data:image/png;base64," + base64.b64encode(report).decode(),
+        }
+        if wants_json():
+            return jsonify(body)
+        return Response(render_template("index.html", error=None, result=body, limits=_limits(cfg)), mimetype="text/html")
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        try:
+            api = client.health()
+            return jsonify({"healthy": True, "api": api})
+        except UserError as err:
+            resp = jsonify({"healthy": False, "api_error": err.message})
+            resp.status_code = 503
+            return resp
+
+    @app.after_request
+    def _headers(resp: Response) -> Response:
+        # Everything is local: no third-party origin may load anything into the page.
+        resp.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data: blob:; "
+                                                           "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        return resp
+
+    return app
+
+
+def _limits(cfg: WebConfig) -> dict[str, str]:
+    return {"bytes": _mb(cfg.max_upload_bytes), "megapixels": f"{cfg.max_pixels / 1e6:.0f}"}

@@ -1,0 +1,60 @@
+"""``dfx webui``: the upload site under gunicorn. It imports nothing of ours: it calls the API over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _env(name: str, default):
+    return os.environ.get(f"DFX_{name}", default)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("webui", help="serve the upload web page (talks to `dfx serve` over HTTP)",
+                       description="Serve the web page where people upload an image and see the verdict. It calls the "
+                                   "JSON API at --api-url. Every option also reads an environment variable (brackets).")
+    p.add_argument("--api-url", default=_env("API_URL", "http://127.0.0.1:8080"),
+                   help="base URL of `dfx serve` [DFX_API_URL] (default http://127.0.0.1:8080)")
+    p.add_argument("--api-key", default=_env("API_KEY", None),
+                   help="bearer key for the API [DFX_API_KEY] (prefer the variable: a command line is visible to all)")
+    p.add_argument("--host", default=_env("WEBUI_HOST", "127.0.0.1"), help="address to bind [DFX_WEBUI_HOST]")
+    p.add_argument("--port", type=int, default=int(_env("WEBUI_PORT", 1234)), help="port [DFX_WEBUI_PORT] (default 1234)")
+    p.add_argument("--timeout", type=float, default=float(_env("API_TIMEOUT", 30)),
+                   help="seconds to wait for the API [DFX_API_TIMEOUT] (default 30)")
+    p.add_argument("--max-upload-mb", type=float, default=float(_env("MAX_UPLOAD_MB", 10)),
+                   help="largest upload in MiB [DFX_MAX_UPLOAD_MB] (default 10)")
+    p.add_argument("--max-megapixels", type=float, default=float(_env("MAX_MEGAPIXELS", 40)),
+                   help="largest image in megapixels [DFX_MAX_MEGAPIXELS] (default 40)")
+    p.add_argument("--workers", type=int, default=int(_env("WEBUI_WORKERS", 2)), help="[DFX_WEBUI_WORKERS] (default 2)")
+    p.add_argument("--threads", type=int, default=int(_env("WEBUI_THREADS", 4)), help="[DFX_WEBUI_THREADS] (default 4)")
+    p.set_defaults(func=_webui)
+
+
+def _webui(args: argparse.Namespace) -> int:
+    import logging
+
+    from gunicorn.app.base import BaseApplication
+
+    from .app import WebConfig, create_app
+
+    cfg = WebConfig(api_url=args.api_url, api_key=args.api_key or None, timeout=args.timeout,
+                    max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=int(args.max_megapixels * 1e6))
+
+    class _App(BaseApplication):
+        def load_config(self) -> None:
+            opts = {"bind": f"{args.host}:{args.port}", "workers": args.workers, "threads": args.threads,
+                    "worker_class": "gthread", "timeout": int(args.timeout) + 30, "graceful_timeout": 30,
+                    "accesslog": None, "errorlog": "-", "proc_name": "dfx-webui", "control_socket_disable": True}
+            for key, value in opts.items():
+                if key in self.cfg.settings:
+                    self.cfg.set(key, value)
+
+        def load(self):
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+            return create_app(cfg)
+
+    print(f"web UI on http://{args.host}:{args.port} using the API at {args.api_url}", file=sys.stderr, flush=True)
+    _App().run()
+    return 0
