@@ -59,7 +59,8 @@ API_ERROR_TEXT = {
 
 
 def _mb(n: float) -> str:
-    return f"{n / 1024 / 1024:.1f} MB"
+    """A size people read: KB below one MB."""
+    return f"{n / 1024 / 1024:.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KB"
 
 
 class ApiClient:

@@ -1,0 +1,233 @@
+"""The web UI: Flask test client for every route and failure, and a real headless Chromium session."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from inference import Detector
+from webui.app import WebConfig, create_app
+
+from .conftest import png_bomb_header
+from .test_api import Server, free_port
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def api(tiny_bundle, tmp_path_factory):
+    s = Server(tiny_bundle, tmp_path_factory.mktemp("api") / "serve.log", "--threads", "4")
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def client(api):
+    return create_app(WebConfig(api_url=api.url, timeout=60)).test_client()
+
+
+def upload(client, data: bytes, name: str = "photo.jpg", accept: str = "application/json"):
+    return client.post("/check", data={"image": (io.BytesIO(data), name)}, headers={"Accept": accept},
+                       content_type="multipart/form-data")
+
+
+def test_page_is_local_accessible_and_mobile_ready(client):
+    r = client.get("/")
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    assert '<label for="image-input"' in html and 'aria-live="polite"' in html and 'role="alert"' in html
+    assert 'name="viewport"' in html and 'lang="en"' in html
+    assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+    for path in ("/static/app.js", "/static/app.css"):
+        asset = client.get(path)
+        assert asset.status_code == 200
+        html += asset.get_data(as_text=True)
+    assert not re.search(r"(src|href)=\"https?://", html) and "@import" not in html and "//cdn" not in html
+
+
+def test_check_happy_path_matches_the_api(client, odd_images, tiny_bundle):
+    data = odd_images["rgb.jpg"].read_bytes()
+    r = upload(client, data)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    body = r.get_json()
+    expected = Detector(tiny_bundle, device="cpu").predict([data])[0]
+    assert body["score"] == pytest.approx(expected.score, abs=1e-5)
+    assert body["label"] == expected.label and set(body["experts"]) == set(expected.experts)
+    assert body["sha256"] == hashlib.sha256(data).hexdigest() and "@" in body["model"]
+    assert body["report_png"].startswith("data:image/png;base64,")
+    report = Image.open(io.BytesIO(base64.b64decode(body["report_png"].split(",", 1)[1])))
+    assert report.format == "PNG" and report.width == 900 and report.height > 300
+
+
+def test_check_without_javascript_renders_the_verdict(client, odd_images):
+    r = upload(client, odd_images["rgb.webp"].read_bytes(), "x.webp", accept="text/html")
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    assert re.search(r'id="verdict" class="verdict verdict-(fake|real|uncertain)"', html)
+    assert "convnext_atto" in html and "vit_tiny_patch16_224" in html and 'download="dfx-report-' in html
+
+
+def test_api_errors_are_explained(client, bad_images):
+    r = upload(client, b"just some text, not a picture" * 10, "notes.jpg")
+    assert r.status_code == 422 and "not an image" in r.get_json()["error"]["message"]
+    r = upload(client, bad_images["truncated.jpg"][0].read_bytes(), "cut.jpg")
+    assert r.status_code == 422 and "damaged" in r.get_json()["error"]["message"]
+    r = upload(client, b"", "empty.jpg")
+    assert r.status_code == 400 and "empty" in r.get_json()["error"]["message"]
+    r = client.post("/check", data={}, headers={"Accept": "application/json"})
+    assert r.status_code == 400 and "Choose an image" in r.get_json()["error"]["message"]
+    r = client.get("/nowhere")
+    assert r.status_code == 404
+
+
+def test_api_down_is_a_friendly_502(odd_images):
+    dead = create_app(WebConfig(api_url=f"http://127.0.0.1:{free_port()}", timeout=5)).test_client()
+    r = upload(dead, odd_images["rgb.jpg"].read_bytes())
+    assert r.status_code == 502 and "cannot be reached" in r.get_json()["error"]["message"]
+    html = upload(dead, odd_images["rgb.jpg"].read_bytes(), accept="text/html")
+    assert html.status_code == 502 and "cannot be reached" in html.get_data(as_text=True)
+    assert dead.get("/healthz").status_code == 503
+
+
+def test_api_too_slow_is_a_504(odd_images):
+    """A real TCP peer that accepts the connection and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    conns = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        slow = create_app(WebConfig(api_url=f"http://127.0.0.1:{srv.getsockname()[1]}", timeout=1)).test_client()
+        t0 = time.monotonic()
+        r = upload(slow, odd_images["rgb.jpg"].read_bytes())
+        assert r.status_code == 504 and "did not answer within 1" in r.get_json()["error"]["message"]
+        assert time.monotonic() - t0 < 10
+    finally:
+        stop.set()
+        t.join()
+        for c in conns:
+            c.close()
+        srv.close()
+
+
+def test_limits_are_enforced_before_the_api(odd_images):
+    """The API URL is a closed port: an answer other than 502 proves the site stopped the upload itself."""
+    site = create_app(WebConfig(api_url=f"http://127.0.0.1:{free_port()}", max_upload_bytes=20_000,
+                                max_pixels=1_000_000)).test_client()
+    big = os.urandom(30_000)
+    r = upload(site, big)
+    assert r.status_code == 413
+    assert r.get_json()["error"]["message"] == "The file is 29 KB; the limit is 20 KB."
+    r = upload(site, os.urandom(200_000))  # over the whole-request limit too
+    assert r.status_code == 413
+    r = upload(site, png_bomb_header(5000, 5000), "huge.png")
+    assert r.status_code == 413 and "megapixels" in r.get_json()["error"]["message"]
+
+
+def test_nothing_is_left_on_disk(client, odd_images, monkeypatch, tmp_path):
+    """Uploads over werkzeug's in-memory threshold spool to a temporary file; it must be gone afterwards."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    arr = Image.new("RGB", (900, 900))
+    arr.putdata([(i % 251, (i * 7) % 253, (i * 13) % 255) for i in range(900 * 900)])
+    buf = io.BytesIO()
+    arr.save(buf, "PNG")
+    assert len(buf.getvalue()) > 600_000
+    r = upload(client, buf.getvalue(), "big.png")
+    assert r.status_code == 200
+    assert list(spool.iterdir()) == []
+
+
+def _browser_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError:
+        pytest.skip("playwright (Python) is not installed; `pip install -e .[dev]` installs it")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install -y chromium)")
+
+
+def test_real_browser_upload_verdict_and_report(api, odd_images, tmp_path):
+    _browser_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    port = free_port()
+    log = open(tmp_path / "webui.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("dfx")), "webui", "--api-url", api.url,
+                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(200):
+            try:
+                if requests.get(url, timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1100, "height": 900}, accept_downloads=True)
+            page.goto(url)
+            page.focus("#drop-zone")
+            assert page.evaluate("document.activeElement.id") == "drop-zone", "the drop zone takes keyboard focus"
+            page.set_input_files("#image-input", str(odd_images["rgb.jpg"]))
+            expect(page.locator("#preview")).to_be_visible()
+            page.click("#check-button")
+            expect(page.locator("#result")).to_be_visible(timeout=60_000)
+            assert page.locator("#verdict").inner_text().strip().lower() in {"fake", "real", "uncertain"}
+            assert page.locator("#experts tbody tr").count() == 2
+            score = float(page.locator("#score-text").inner_text())
+            assert 0.0 <= score <= 1.0
+            assert page.locator("#sha256").inner_text() == hashlib.sha256(odd_images["rgb.jpg"].read_bytes()).hexdigest()
+            with page.expect_download() as dl:
+                page.click("#report-link")
+            report = tmp_path / dl.value.suggested_filename
+            dl.value.save_as(report)
+            assert report.name.startswith("dfx-report-") and report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            page.screenshot(path=str(tmp_path / "webui-desktop.png"), full_page=True)
+            # a bad file in the browser: the error box, not a dump
+            bad = tmp_path / "notes.jpg"
+            bad.write_text("not an image" * 50)
+            page.set_input_files("#image-input", str(bad))
+            page.click("#check-button")
+            expect(page.locator("#error")).to_be_visible(timeout=30_000)
+            assert "not an image" in page.locator("#error-message").inner_text()
+            # phone-sized screen: nothing scrolls sideways
+            phone = browser.new_page(viewport={"width": 390, "height": 844})
+            phone.goto(url)
+            assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            phone.screenshot(path=str(tmp_path / "webui-phone.png"), full_page=True)
+            browser.close()
+        print(f"screenshots: {tmp_path / 'webui-desktop.png'}, {tmp_path / 'webui-phone.png'}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
