@@ -145,7 +145,7 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
     except Exception:  # the API read it; if Pillow cannot, the report goes without a thumbnail
         thumb = None
     experts = result.get("experts", {})
-    H = max(560, 330 + 28 * len(experts))
+    H = 700 + 28 * len(experts)  # generous; cropped to the content at the end
     page = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(page)
     colours = {"fake": (176, 0, 32), "real": (0, 110, 55), "uncertain": (150, 90, 0)}
@@ -154,14 +154,15 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
     if thumb is not None:
         page.paste(thumb, (pad, pad + 40))
     x = pad + 380
-    d.text((x, pad + 40), {"fake": "Likely generated or manipulated", "real": "Likely a real photograph",
-                           "uncertain": "Uncertain"}.get(label, label), font=big, fill=colours.get(label, (0, 0, 0)))
+    d.text((x, pad + 36), str(label).upper(), font=big, fill=colours.get(label, (0, 0, 0)))
+    d.text((x, pad + 80), {"fake": "Likely generated or manipulated", "real": "Likely a real photograph",
+                           "uncertain": "The detector is not sure"}.get(label, ""), font=font, fill=(20, 20, 20))
     score = float(result.get("result", 0.0))
-    d.text((x, pad + 95), f"fake probability {score:.3f} (threshold {float(result.get('threshold', 0.5)):.3f})",
+    d.text((x, pad + 110), f"fake probability {score:.3f} (threshold {float(result.get('threshold', 0.5)):.3f})",
            font=font, fill=(20, 20, 20))
-    d.rectangle([x, pad + 125, x + 440, pad + 145], outline=(60, 60, 60))
-    d.rectangle([x, pad + 125, x + int(440 * score), pad + 145], fill=colours.get(label, (0, 0, 0)))
-    y = pad + 170
+    d.rectangle([x, pad + 140, x + 440, pad + 160], outline=(60, 60, 60))
+    d.rectangle([x, pad + 140, x + int(440 * score), pad + 160], fill=colours.get(label, (0, 0, 0)))
+    y = pad + 185
     d.text((x, y), "experts", font=font, fill=(40, 40, 40))
     for name, p in experts.items():
         y += 28
@@ -173,7 +174,7 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
         d.text((pad, y), line, font=small, fill=(60, 60, 60))
         y += 24
     out = io.BytesIO()
-    page.crop((0, 0, W, min(H, y + pad))).save(out, "PNG", optimize=True)
+    page.crop((0, 0, W, min(H, y + pad))).save(out, "PNG", optimize=True)  # y: below the last line
     return out.getvalue()
 
 
