@@ -8,9 +8,9 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="build manifests, embed and cluster images into folds",
-                       description="Data preparation: manifests from folders, embeddings, FAISS clustering into "
-                                   "cluster-disjoint folds.")
+    p = sub.add_parser("prepare", help="manifests, generated and edited fakes, embeddings, folds",
+                       description="Data preparation: manifests from folders, more fakes (Stable Diffusion, image edits), "
+                                   "embeddings, FAISS clustering into cluster-disjoint folds.")
     verbs = p.add_subparsers(dest="prepare_verb", metavar="STEP", required=True)
 
     ix = verbs.add_parser("index", help="a manifest from folders of images",
@@ -29,6 +29,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     mg.add_argument("inputs", nargs="+", metavar="MANIFEST")
     mg.add_argument("-o", "--output", required=True)
     mg.set_defaults(func=_merge)
+
+    df = verbs.add_parser("diffuse", help="more fakes from Stable Diffusion (txt2img, img2img, inpaint)",
+                          description="Generate fakes with a diffusers pipeline loaded from a local folder (or a hub id "
+                                      "where a hub is reachable). img2img and inpaint start from the reals (inpaint masks "
+                                      "are saved next to each output). Resumable: finished items are skipped. Several "
+                                      "GPUs: accelerate launch -m inference.cli prepare diffuse ...")
+    df.add_argument("--model", required=True, metavar="PATH_OR_ID", help="diffusers pipeline folder (or hub id)")
+    df.add_argument("--mode", required=True, choices=("txt2img", "img2img", "inpaint"))
+    df.add_argument("--reals", default=None, metavar="MANIFEST", help="real images to start from (and to parent the fakes)")
+    df.add_argument("--out", required=True, help="output folder (images/, items/, manifest.csv, skipped.json)")
+    df.add_argument("--steps", type=int, default=30)
+    df.add_argument("--guidance", type=float, default=7.5)
+    df.add_argument("--strength", type=float, default=0.6, help="img2img/inpaint: how far from the real image (0..1)")
+    df.add_argument("--size", type=int, default=512, help="output side in pixels, a multiple of 8 (default 512)")
+    df.add_argument("--prompts", default=None, metavar="FILE",
+                    help="one prompt per line (default: the reals' caption column, else built-in templates)")
+    df.add_argument("--per-image", type=int, default=1, help="fakes per real image (default 1)")
+    df.add_argument("--count", type=int, default=None, help="txt2img without --reals: how many images")
+    df.add_argument("--seed", type=int, default=0)
+    df.add_argument("--batch-size", type=int, default=4)
+    df.add_argument("--device", default="auto")
+    df.set_defaults(func=_diffuse)
+
+    ed = verbs.add_parser("edit", help="fakes from image edits: splice, copy-move, inpaint, resample, blur_region",
+                          description="Manipulate real images without a generator; each output has its mask (the only "
+                                      "pixels changed) and a manifest row with kind=edit, parent and parameters.")
+    ed.add_argument("--reals", required=True, metavar="MANIFEST")
+    ed.add_argument("--out", required=True)
+    ed.add_argument("--ops", default="splice,copy_move,inpaint,resample",
+                    help="comma-separated: splice, copy_move, inpaint, resample, blur_region (default: the first four)")
+    ed.add_argument("--per-image", type=int, default=1)
+    ed.add_argument("--seed", type=int, default=0)
+    ed.add_argument("--format", choices=("png", "jpg"), default="png",
+                    help="png keeps masks exact (default); jpg matches camera formats but re-compresses everything")
+    ed.add_argument("--max-side", type=int, default=1024, help="downscale larger reals first (default 1024)")
+    ed.set_defaults(func=_edit)
 
     em = verbs.add_parser("embed", help="one embedding per image (resumable)",
                           description="Embed every row of a manifest into a .npy matrix aligned with its rows, in "
@@ -75,6 +111,32 @@ def _merge(args: argparse.Namespace) -> int:
 
     n = merge_manifests(args.inputs, args.output)
     print(f"wrote {args.output}: {n} rows", file=sys.stderr)
+    return 0
+
+
+def _report(kind: str, s: dict, out: str) -> None:
+    print(f"{kind}: {s['made']} new, {s['already_done']} already done, {len(s['skipped'])} reals skipped; "
+          f"manifest {s['manifest']}", file=sys.stderr)
+    for item in s["skipped"][:10]:
+        print(f"  skipped {item['path']}: {item['reason']}", file=sys.stderr)
+
+
+def _diffuse(args: argparse.Namespace) -> int:
+    from .diffuse import diffuse
+
+    s = diffuse(args.model, args.mode, args.out, reals_manifest=args.reals, steps=args.steps, guidance=args.guidance,
+                strength=args.strength, size=args.size, prompts_file=args.prompts, per_image=args.per_image,
+                count=args.count, seed=args.seed, batch_size=args.batch_size, device=args.device)
+    _report(f"diffuse {args.mode}", s, args.out)
+    return 0
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from .edit import edit
+
+    s = edit(args.reals, args.out, ops=[o.strip() for o in args.ops.split(",") if o.strip()], per_image=args.per_image,
+             seed=args.seed, image_format=args.format, max_side=args.max_side)
+    _report("edit", s, args.out)
     return 0
 
 

@@ -66,7 +66,8 @@ def read_manifest(path: str | os.PathLike[str], *, require_labels: bool = True) 
     for r in rows:
         for c in missing:
             r[c] = ""
-    return Manifest(rows, path.parent, columns + missing, source_file=path)
+    # An absolute root: paths from abspath() must stay valid when written into another manifest.
+    return Manifest(rows, path.resolve().parent, columns + missing, source_file=path)
 
 
 def write_manifest(path: str | os.PathLike[str], rows: Iterable[dict[str, object]],

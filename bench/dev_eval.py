@@ -1,0 +1,172 @@
+"""Honest numbers on ../shared/data/dev: leave-one-generator-family-out and cluster-fold CV, two protocols.
+
+Run by hand (not a test; CPU, about half an hour):  .venv/bin/python bench/dev_eval.py [--out runs/dev_eval]
+
+Protocol A: the files as they are. Protocol B: every image resized (short side 256), centre-cropped to
+256×256 and re-encoded as JPEG quality 90, so file format, size and aspect ratio cannot be the cue.
+
+LOSO: for each fake family (stable-diffusion 1.x/2.x repos, latent-diffusion, StyleGAN2, ComfyUI's
+modern models), train on the other families' fakes plus the reals of one half of the real clusters, and
+test on that family's fakes plus the reals of the other half (so test reals are unseen kinds too).
+CV: `dfx prepare cluster` (handcrafted embeddings, k=20) into 5 folds; one expert per fold validates on
+it; the out-of-fold ensemble is scored. Everything runs through the real `train`, `export`, `evaluate`.
+Writes <out>/results.json and <out>/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DEV = ROOT.parent / "shared" / "data" / "dev"
+FAMILIES = {
+    "stable-diffusion": {"CompVis/stable-diffusion", "Stability-AI/stablediffusion", "frederikstroem/stable-diffusion"},
+    "latent-diffusion": {"CompVis/latent-diffusion"},
+    "stylegan2": {"rosinality/stylegan2-pytorch"},
+    "comfyui-modern": {"comfyanonymous/ComfyUI_examples"},
+}
+
+
+def protocol_b(out: Path) -> Path:
+    """Re-encode the dev collection: short side 256, centre crop 256², JPEG q90 (cached)."""
+    from inference.images import load_image
+    from inference.manifest import read_manifest, write_manifest
+    from inference.preprocess import resize_for
+
+    man = read_manifest(DEV / "manifest.csv")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in man.rows:
+        dst = out / (Path(r["path"]).stem + ".jpg")
+        if not dst.exists():
+            resize_for(load_image(man.abspath(r)), 256, "crop").save(dst, "JPEG", quality=90)
+        rows.append({**r, "path": dst.name})
+    return write_manifest(out / "manifest.csv", rows)
+
+
+def with_folds(manifest: Path, work: Path, folds: int, k: int = 20) -> Path:
+    from data_prep.cluster import cluster_manifest
+    from data_prep.embed import embed_manifest
+
+    feats = work / f"{manifest.parent.name}.npy"
+    if not feats.exists():
+        embed_manifest(manifest, feats, progress=False)
+    out = work / f"{manifest.parent.name}_folds{folds}.csv"
+    if not out.exists():
+        cluster_manifest(manifest, feats, out, k=k, folds=folds, make_map=False)
+    return out
+
+
+def run_train(name: str, manifest: Path, out: Path, experts: str, epochs: int) -> Path:
+    from training.config import load_config
+    from training.trainer import train
+
+    run = out / name
+    if (run / "run.json").exists():
+        return run
+    cfg = load_config(ROOT / "training" / "configs" / "cpu-small.yaml",
+                      [f"data.manifest={manifest}", f"output={run}", f"train.epochs={epochs}", f"experts={experts}",
+                       "train.checkpoint_every_steps=0"])
+    train(cfg, resume=run.exists())
+    return run
+
+
+def loso(manifest: Path, work: Path, out: Path, expert: dict, epochs: int) -> dict:
+    """Leave one fake family out; reals split by cluster halves (fold 0 train, fold 1 test)."""
+    from inference.manifest import read_manifest, write_manifest
+    from training.evaluate import evaluate
+    from training.export import export_run
+
+    halves = read_manifest(with_folds(manifest, work, folds=2))
+    results = {}
+    for fam, sources in FAMILIES.items():
+        train_rows, test_rows = [], []
+        for i, r in enumerate(halves.rows):
+            row = {**r, "path": str(halves.abspath(r))}
+            if r["label"] == "1":
+                (test_rows if r["source"] in sources else train_rows).append(row)
+            else:
+                (train_rows if r["fold"] == "0" else test_rows).append(row)
+        for i, r in enumerate(train_rows):  # a small validation split for training's own monitoring
+            r["split"] = "val" if i % 7 == 0 else "train"
+            r["fold"] = ""
+        tm = write_manifest(out / f"loso_{fam}_train.csv", train_rows)
+        sm = write_manifest(out / f"loso_{fam}_test.csv", test_rows)
+        run = run_train(f"loso_{fam}", tm, out, json.dumps([{**expert, "val_fold": None}]), epochs)
+        bundle = out / f"loso_{fam}_bundle"
+        if not bundle.exists():
+            export_run(run, bundle)
+        m = evaluate(bundle, sm, out / f"loso_{fam}_eval", progress=False)["overall"]
+        results[fam] = {"auc": m["auc"], "tpr_at_fpr_5pct": m["tpr_at_fpr_5pct"], "n_fake": m["n_fake"],
+                        "n_real": m["n_real"]}
+        print(f"  LOSO {fam}: AUC {m['auc']:.3f}, TPR@5%FPR {m['tpr_at_fpr_5pct']:.3f}", flush=True)
+    return results
+
+
+def cv(manifest: Path, work: Path, out: Path, expert: dict, epochs: int, folds: int = 5) -> dict:
+    fm = with_folds(manifest, work, folds=folds)
+    experts = json.dumps([{**expert, "val_fold": f, "name": f"{expert['arch']}-f{f}"} for f in range(folds)])
+    run = run_train("cv", fm, out, experts, epochs)
+    metrics = json.loads((run / "metrics.json").read_text())
+    o = metrics["overall"]
+    print(f"  CV out-of-fold: AUC {o['auc']:.3f}, TPR@5%FPR {o['tpr_at_fpr_5pct']:.3f}", flush=True)
+    return {"overall": {"auc": o["auc"], "tpr_at_fpr_5pct": o["tpr_at_fpr_5pct"]},
+            "per_source": {s: {"n": v["n"], "auc_vs_all_reals": v.get("auc_vs_all_reals"), "accuracy": v["accuracy"]}
+                           for s, v in metrics["per_source"].items()}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "dev_eval"))
+    ap.add_argument("--arch", default="convnext_atto")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--preprocess", default="squash")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--protocols", nargs="+", default=["A", "B"])
+    args = ap.parse_args()
+    if not (DEV / "manifest.csv").is_file():
+        print("../shared/data/dev is absent: nothing to evaluate", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    expert = {"arch": args.arch, "input_size": args.size, "preprocess": args.preprocess}
+    results: dict = {"expert": expert, "epochs": args.epochs}
+    for proto in args.protocols:
+        manifest = DEV / "manifest.csv" if proto == "A" else protocol_b(out / "protocol_b_images")
+        if proto == "A":  # a copy next to the work files, so fold files can live beside it
+            from inference.manifest import read_manifest, write_manifest
+
+            man = read_manifest(manifest)
+            manifest = write_manifest(work / "A" / "manifest.csv", [{**r, "path": str(man.abspath(r))} for r in man.rows])
+        print(f"protocol {proto}", flush=True)
+        pout = out / proto
+        pout.mkdir(exist_ok=True)
+        results[proto] = {"loso": loso(manifest, work, pout, expert, args.epochs),
+                          "cv": cv(manifest, work, pout, expert, args.epochs)}
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = [f"Expert: {args.arch} at {args.size}px ({args.preprocess}), {args.epochs} epochs, CE+KL+NCE, from scratch.", "",
+             "| protocol | LOSO " + " | LOSO ".join(FAMILIES) + " | cluster-CV OOF |", "|---" * (len(FAMILIES) + 2) + "|"]
+    for proto in args.protocols:
+        r = results[proto]
+        cells = [f"{r['loso'][f]['auc']:.3f} ({r['loso'][f]['tpr_at_fpr_5pct']:.2f})" for f in FAMILIES]
+        cells.append(f"{r['cv']['overall']['auc']:.3f} ({r['cv']['overall']['tpr_at_fpr_5pct']:.2f})")
+        lines.append(f"| {proto} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: AUC (TPR at 5% FPR)."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
