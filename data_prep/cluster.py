@@ -8,8 +8,11 @@ Rules:
 - k-means is spherical (features L2-normalised, cosine geometry), trained on a random sample of at most
   ``k × max_points_per_centroid`` rows, then every row is assigned in chunks: 1 M × 768 float32 (3 GB)
   is never copied whole, so it fits in 24 GiB; on a GPU box with faiss-gpu the same code uses the GPU.
-- A real image and every fake made from it (``parent``) stay in one fold: clusters linked through a
-  parent→child pair form one group, and groups (never rows) are dealt to folds.
+- A real image and every fake made from it (``parent``) stay in one fold, always: that content is
+  shared, the worst leak. Clusters linked by parent→child pairs are merged into groups (strongest links
+  first, up to one fold's share of rows), groups are dealt to folds, and a fake whose cluster went
+  elsewhere follows its parent. The report counts those moves and the clusters they split, so the
+  compromise is visible (typical cause: one cluster of generated images whose parents lie everywhere).
 - Groups are dealt largest first, each to the fold where it leaves sizes and fake ratios most even;
   the report says how even they came out.
 """
@@ -147,19 +150,53 @@ def parent_links(man: Manifest) -> list[tuple[int, int]]:
 class FoldResult:
     fold_of_cluster: dict[int, int]
     groups: list[list[int]]
+    links_dropped: int
 
 
 def assign_folds(assign: np.ndarray, labels: np.ndarray, links: list[tuple[int, int]], k: int, folds: int,
                  seed: int = 0) -> FoldResult:
-    """Deal groups of clusters (joined by parent links) to folds, balancing size and fake ratio."""
-    uf = _UnionFind(k)
+    """Deal groups of clusters to folds, balancing size and fake ratio.
+
+    Clusters joined by parent links are merged strongest link first, but a merge that would make a group
+    larger than one fold's share (n / folds) is refused: otherwise one cluster of generated images whose
+    parents lie everywhere would glue every cluster into a single group. Children across a refused link
+    are moved to their parent's fold afterwards (see ``cluster_manifest``)."""
+    size = np.bincount(assign, minlength=k).astype(float)
+    fakes = np.bincount(assign, weights=labels, minlength=k)
+    weight: dict[tuple[int, int], int] = {}
     for child, parent in links:
-        uf.union(int(assign[child]), int(assign[parent]))
+        a, b = sorted((int(assign[child]), int(assign[parent])))
+        if a != b:
+            weight[(a, b)] = weight.get((a, b), 0) + 1
+    uf = _UnionFind(k)
+    group_size = size.copy()
+    cap = len(assign) / folds
+    dropped = 0
+    for (a, b), w in sorted(weight.items(), key=lambda kv: (-kv[1], kv[0])):
+        ra, rb = uf.find(a), uf.find(b)
+        if ra == rb:
+            continue
+        if group_size[ra] + group_size[rb] > cap:
+            dropped += w
+            continue
+        uf.union(ra, rb)
+        group_size[uf.find(ra)] = group_size[ra] + group_size[rb]
+    # A child across a refused link will follow its parent: count it in its root parent's cluster, so the
+    # dealing below balances the folds as they will really be.
+    parent_of = {c: p for c, p in links}
+    effective = assign.copy()
+    for child in parent_of:
+        r, seen = child, set()
+        while r in parent_of and r not in seen:
+            seen.add(r)
+            r = parent_of[r]
+        if uf.find(int(assign[child])) != uf.find(int(assign[r])):
+            effective[child] = assign[r]
+    size = np.bincount(effective, minlength=k).astype(float)
+    fakes = np.bincount(effective, weights=labels, minlength=k)
     members: dict[int, list[int]] = {}
     for c in range(k):
         members.setdefault(uf.find(c), []).append(c)
-    size = np.bincount(assign, minlength=k)
-    fakes = np.bincount(assign, weights=labels, minlength=k)
     groups = [g for g in members.values() if size[g].sum() > 0]
     rng = np.random.default_rng(seed)
     order = sorted(range(len(groups)), key=lambda i: (-size[groups[i]].sum(), rng.random()))
@@ -184,7 +221,27 @@ def assign_folds(assign: np.ndarray, labels: np.ndarray, links: list[tuple[int, 
         f_fake[best] += gf
         for c in g:
             fold_of_cluster[c] = best
-    return FoldResult(fold_of_cluster, [groups[i] for i in order])
+    return FoldResult(fold_of_cluster, [groups[i] for i in order], dropped)
+
+
+def follow_parents(fold: np.ndarray, links: list[tuple[int, int]]) -> int:
+    """Move every child to its root parent's fold (in place); returns how many rows moved."""
+    parent_of = {c: p for c, p in links}
+
+    def root(i: int) -> int:
+        seen = set()
+        while i in parent_of and i not in seen:
+            seen.add(i)
+            i = parent_of[i]
+        return i
+
+    moved = 0
+    for child in parent_of:
+        r = root(child)
+        if fold[child] != fold[r]:
+            fold[child] = fold[r]
+            moved += 1
+    return moved
 
 
 def balance_report(fold: np.ndarray, labels: np.ndarray, folds: int) -> dict[str, Any]:
@@ -268,11 +325,12 @@ def cluster_manifest(manifest: str | os.PathLike[str], features: str | os.PathLi
     links = [(pos[c], pos[p]) for c, p in parent_links(man) if c in pos and p in pos]
     labels = labels_all[keep]
     res = assign_folds(assign_keep, labels.astype(float), links, k, folds, seed)
-    if len(res.groups) < folds:
-        raise ClusterError(f"parent links join the {k} clusters into {len(res.groups)} group(s), fewer than --folds "
-                           f"{folds}: some folds would be empty. Use fewer folds or more clusters (--k)")
     lookup = np.asarray([res.fold_of_cluster.get(c, -1) for c in range(k)])
     fold_keep = lookup[assign_keep]
+    moved = follow_parents(fold_keep, links)
+    if len(np.unique(fold_keep)) < folds:
+        raise ClusterError(f"only {len(np.unique(fold_keep))} of {folds} folds received images (too few clusters or "
+                           "groups); use fewer folds or more clusters (--k)")
     rows = []
     for i, r in enumerate(man.rows):
         j = pos.get(i)
@@ -285,6 +343,8 @@ def cluster_manifest(manifest: str | os.PathLike[str], features: str | os.PathLi
         "manifest": str(manifest), "features": str(features), "n": n, "n_used": int(len(keep)),
         "dropped_rows": [int(i) for i in bad], "k": k, "folds": folds, "seed": seed, "dim": int(feats.shape[1]),
         "parent_links": len(links), "cluster_groups": len(res.groups),
+        "links_across_groups": res.links_dropped, "children_moved_to_parent_fold": moved,
+        "clusters_split_across_folds": int(sum(len(np.unique(fold_keep[assign_keep == c])) > 1 for c in range(k))),
         "clusters": [{"cluster": c, "size": int(sizes[c]), "fake": int(fakes[c]), "fold": res.fold_of_cluster.get(c)}
                      for c in range(k)],
         "balance": balance_report(fold_keep, labels.astype(float), folds),

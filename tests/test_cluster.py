@@ -72,12 +72,34 @@ def test_clusters_recovered_folds_disjoint_parents_kept_balance_reported(synth, 
     assert [x["source"] for x in man.rows] == [x["source"] for x in rows], "other columns are kept"
 
 
-def test_parent_links_leaving_too_few_groups_fail(tmp_path):
-    manifest, feats, _, rows = synthetic(tmp_path, n_clusters=4)
-    # link cluster pairs (0,1) and (2,3): 2 groups cannot fill 3 folds
-    r = _run(manifest, feats, tmp_path / "out.csv", "--k", "4", "--folds", "3", "--no-map")
-    assert r.returncode == 1 and "into 2 group(s), fewer than --folds 3" in r.stderr, r.stderr
-    assert _run(manifest, feats, tmp_path / "out.csv", "--k", "4", "--folds", "2", "--no-map").returncode == 0
+def test_parents_win_when_links_would_glue_every_cluster(tmp_path):
+    """Fakes of one kind form their own cluster while their parents lie in every other cluster (what
+    diffusion outputs do): strict cluster grouping would give one group. Children follow their parents
+    instead, folds stay balanced, and the report counts the moves."""
+    rng = np.random.default_rng(1)
+    dim, per = 32, 30
+    centres = rng.normal(size=(5, dim)) * 3
+    feats, rows = [], []
+    for c in range(4):  # four clusters of reals
+        for i in range(per):
+            feats.append(centres[c] + 0.1 * rng.normal(size=dim))
+            rows.append({"path": f"real_{c}_{i}.jpg", "label": 0})
+    for i in range(40):  # one cluster of fakes, each made from a real of any cluster
+        feats.append(centres[4] + 0.1 * rng.normal(size=dim))
+        rows.append({"path": f"fake_{i}.png", "label": 1, "parent": f"real_{i % 4}_{i % per}.jpg"})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    np.save(tmp_path / "f.npy", np.asarray(feats, dtype=np.float32))
+    out = tmp_path / "out.csv"
+    r = _run(manifest, tmp_path / "f.npy", out, "--k", "5", "--folds", "2", "--no-map")
+    assert r.returncode == 0, r.stderr
+    man = read_manifest(out)
+    fold = {x["path"]: x["fold"] for x in man.rows}
+    for x in man.rows:
+        if x["parent"]:
+            assert fold[x["path"]] == fold[x["parent"]]
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["children_moved_to_parent_fold"] > 0 and report["clusters_split_across_folds"] >= 1
+    assert report["balance"]["max_size_deviation"] < 0.35, report["balance"]
 
 
 def test_same_seed_same_folds(synth, tmp_path):
