@@ -66,6 +66,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("--max-side", type=int, default=1024, help="downscale larger reals first (default 1024)")
     ed.set_defaults(func=_edit)
 
+    ts = verbs.add_parser("tiny-sd", help="write a tiny Stable Diffusion pipeline built from configs (random weights)",
+                          description="Write a ~6 MB diffusers pipeline with random weights, built from configs (no "
+                                      "download), loadable offline by path: for smoke tests and the demo. Its images are "
+                                      "noise-like; they carry a VAE decoder's up-sampling fingerprint and nothing more.")
+    ts.add_argument("--out", required=True)
+    ts.add_argument("--seed", type=int, default=0)
+    ts.set_defaults(func=_tiny_sd)
+
     em = verbs.add_parser("embed", help="one embedding per image (resumable)",
                           description="Embed every row of a manifest into a .npy matrix aligned with its rows, in "
                                       "DataLoader workers, written in chunks through a memory map; a rerun resumes.")
@@ -137,6 +145,14 @@ def _edit(args: argparse.Namespace) -> int:
     s = edit(args.reals, args.out, ops=[o.strip() for o in args.ops.split(",") if o.strip()], per_image=args.per_image,
              seed=args.seed, image_format=args.format, max_side=args.max_side)
     _report("edit", s, args.out)
+    return 0
+
+
+def _tiny_sd(args: argparse.Namespace) -> int:
+    from .tiny_sd import build_tiny_pipeline
+
+    out = build_tiny_pipeline(args.out, seed=args.seed)
+    print(f"wrote a tiny Stable Diffusion pipeline to {out}", file=sys.stderr)
     return 0
 
 

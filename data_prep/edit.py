@@ -56,25 +56,26 @@ def _blend(base: np.ndarray, top: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.where(alpha[..., None] > 0, np.clip(np.rint(out), 0, 255), base).astype(np.uint8)
 
 
+def _paste(img: np.ndarray, src: np.ndarray, rng: np.random.Generator, frac: tuple[float, float],
+           max_radius: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A random box of ``src`` (same size as ``img``) pasted at a random place of ``img``, feathered."""
+    h, w = img.shape[:2]
+    box = _rect(h, w, rng, frac)
+    sy, sx = int(rng.integers(0, h - box[2] + 1)), int(rng.integers(0, w - box[3] + 1))
+    top = img.copy()
+    top[box[0]:box[0] + box[2], box[1]:box[1] + box[3]] = src[sy:sy + box[2], sx:sx + box[3]]
+    alpha = _feather(h, w, box, radius=int(rng.integers(1, max_radius)))
+    return _blend(img, top, alpha), alpha > 0, {"box": list(box), "source_box": [sy, sx]}
+
+
 def splice(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
     h, w = img.shape[:2]
     donor = np.asarray(Image.fromarray(donor).resize((w, h), Image.Resampling.BICUBIC))
-    box = _rect(h, w, rng)
-    sy, sx = int(rng.integers(0, h - box[2] + 1)), int(rng.integers(0, w - box[3] + 1))
-    top = img.copy()
-    top[box[0]:box[0] + box[2], box[1]:box[1] + box[3]] = donor[sy:sy + box[2], sx:sx + box[3]]
-    alpha = _feather(h, w, box, radius=int(rng.integers(1, 6)))
-    return _blend(img, top, alpha), alpha > 0, {"box": list(box), "donor_box": [sy, sx]}
+    return _paste(img, donor, rng, (0.15, 0.4), max_radius=6)
 
 
 def copy_move(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    h, w = img.shape[:2]
-    box = _rect(h, w, rng, (0.12, 0.3))
-    sy, sx = int(rng.integers(0, h - box[2] + 1)), int(rng.integers(0, w - box[3] + 1))
-    top = img.copy()
-    top[box[0]:box[0] + box[2], box[1]:box[1] + box[3]] = img[sy:sy + box[2], sx:sx + box[3]]
-    alpha = _feather(h, w, box, radius=int(rng.integers(1, 4)))
-    return _blend(img, top, alpha), alpha > 0, {"box": list(box), "source_box": [sy, sx]}
+    return _paste(img, img, rng, (0.12, 0.3), max_radius=4)
 
 
 def inpaint(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -112,10 +112,9 @@ def run_demo(out_dir: str | os.PathLike[str], *, quick: bool = False) -> Path:
           f"{len(TEST_PHOTOS)} other photographs held out for the test set")
 
     d.step("2. A tiny Stable Diffusion pipeline, built from configs with random weights (no download)")
-    from data_prep.tiny_sd import build_tiny_pipeline
-
-    sd = build_tiny_pipeline(out / "tiny-sd")
-    print(f"    {sd} ({sum(f.stat().st_size for f in sd.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+    sd = out / "tiny-sd"
+    d.dfx("prepare", "tiny-sd", "--out", str(sd))
+    print(f"    {sum(f.stat().st_size for f in sd.rglob('*') if f.is_file()) / 1e6:.1f} MB")
 
     d.step("3. Fakes: image edits and diffusion, each recording its parent real image")
     from inference.manifest import read_manifest
