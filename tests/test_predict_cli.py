@@ -85,8 +85,8 @@ def test_submission_format(tmp_path, odd_images, bad_images, tiny_bundle):
 
 def test_weights_default_and_missing(tmp_path, odd_images, tiny_bundle):
     img = str(odd_images["rgb.jpg"])
-    missing = dfx("predict", img, cwd=tmp_path, env={"DFX_WEIGHTS": ""})
-    assert missing.returncode == 1 and "no weights" in missing.stderr and "dfx bundle init" in missing.stderr
+    missing = dfx("predict", img, cwd=tmp_path, env={"DFX_WEIGHTS": str(tmp_path / "nowhere")})
+    assert missing.returncode == 1 and "nowhere" in missing.stderr and "not a bundle folder" in missing.stderr
     via_env = dfx("predict", img, cwd=tmp_path, env={"DFX_WEIGHTS": str(tiny_bundle)})
     assert via_env.returncode == 0, via_env.stderr
     (tmp_path / "weights").mkdir()
