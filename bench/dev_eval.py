@@ -2,6 +2,15 @@
 
 Run by hand (not a test; CPU, about half an hour):  .venv/bin/python bench/dev_eval.py [--out runs/dev_eval]
 
+Conditions (issue #9; bench/generalise.md has the results):
+  (a) plain expert:           bench/dev_eval.py --out runs/ge/a
+  (b) + simulated fakes:      bench/dev_eval.py --out runs/ge/b --simulated runs/ge/sim/manifest.csv
+  (c) residual expert:        bench/dev_eval.py --out runs/ge/c --simulated ... --stem npr --preprocess tiles --size 96
+  (d) ensemble of two runs:   bench/dev_eval.py --out runs/ge/d --ensemble runs/ge/b runs/ge/c
+where runs/ge/sim comes from `dfx prepare simulate --reals <dev reals> --out runs/ge/sim`. Simulated fakes join
+training only when their parent real is a training real (LOSO: the training half; CV: they take their
+parent's fold), so no test real's content is ever seen, as a fake or otherwise.
+
 Protocol A: the files as they are. Protocol B: every image resized (short side 256), centre-cropped to
 256×256 and re-encoded as JPEG quality 90, so file format, size and aspect ratio cannot be the cue.
 
@@ -37,21 +46,30 @@ FAMILIES = {
 }
 
 
-def protocol_b(out: Path) -> Path:
-    """Re-encode the dev collection: short side 256, centre crop 256², JPEG q90 (cached)."""
+def protocol_b(out: Path, source: Path = DEV / "manifest.csv") -> Path:
+    """Re-encode a manifest's images: short side 256, centre crop 256², JPEG q90 (cached). Rows keep their
+    columns; a ``parent`` is mapped to the parent's re-encoded file when the parent was re-encoded too."""
     from inference.images import load_image
     from inference.manifest import read_manifest, write_manifest
     from inference.preprocess import resize_for
 
-    man = read_manifest(DEV / "manifest.csv")
+    man = read_manifest(source)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for r in man.rows:
         dst = out / (Path(r["path"]).stem + ".jpg")
         if not dst.exists():
             resize_for(load_image(man.abspath(r)), 256, "crop").save(dst, "JPEG", quality=90)
-        rows.append({**r, "path": dst.name})
+        row = {**r, "path": dst.name}
+        if r.get("parent"):
+            row["parent"] = str(out / (Path(r["parent"]).stem + ".jpg"))
+        rows.append(row)
     return write_manifest(out / "manifest.csv", rows)
+
+
+def _key(path: str) -> str:
+    """Rows and parents are matched by file stem (protocol B renames files but keeps stems)."""
+    return Path(path).stem
 
 
 def with_folds(manifest: Path, work: Path, folds: int, k: int = 20) -> Path:
@@ -84,13 +102,24 @@ def run_train(name: str, manifest: Path, out: Path, experts: str, epochs: int) -
     return run
 
 
-def loso(manifest: Path, work: Path, out: Path, expert: dict, epochs: int) -> dict:
+def _simulated_rows(simulated: Path | None) -> list[dict]:
+    if simulated is None:
+        return []
+    from inference.manifest import read_manifest
+
+    sim = read_manifest(simulated)
+    return [{**r, "path": str(sim.abspath(r))} for r in sim.rows]
+
+
+def loso(manifest: Path, work: Path, out: Path, expert: dict, epochs: int, simulated: Path | None = None) -> dict:
     """Leave one fake family out; reals split by cluster halves (fold 0 train, fold 1 test)."""
     from inference.manifest import read_manifest, write_manifest
     from training.evaluate import evaluate
     from training.export import export_run
 
     halves = read_manifest(with_folds(manifest, work, folds=2))
+    train_reals = {_key(r["path"]) for r in halves.rows if r["label"] == "0" and r["fold"] == "0"}
+    sims = [r for r in _simulated_rows(simulated) if _key(r["parent"]) in train_reals]
     results = {}
     for fam, sources in FAMILIES.items():
         train_rows, test_rows = [], []
@@ -100,6 +129,7 @@ def loso(manifest: Path, work: Path, out: Path, expert: dict, epochs: int) -> di
                 (test_rows if r["source"] in sources else train_rows).append(row)
             else:
                 (train_rows if r["fold"] == "0" else test_rows).append(row)
+        train_rows += [dict(r) for r in sims]
         for i, r in enumerate(train_rows):  # a small validation split for training's own monitoring
             r["split"] = "val" if i % 7 == 0 else "train"
             r["fold"] = ""
@@ -116,8 +146,20 @@ def loso(manifest: Path, work: Path, out: Path, expert: dict, epochs: int) -> di
     return results
 
 
-def cv(manifest: Path, work: Path, out: Path, expert: dict, epochs: int, folds: int = 5) -> dict:
+def cv(manifest: Path, work: Path, out: Path, expert: dict, epochs: int, folds: int = 5,
+       simulated: Path | None = None) -> dict:
+    from inference.manifest import read_manifest, write_manifest
+
     fm = with_folds(manifest, work, folds=folds)
+    if simulated is not None:
+        # Simulated fakes take their parent's fold: they train only where the parent trains. They are left out
+        # of the out-of-fold score (which stays on the collection's own images) by a split the
+        # validation ignores: kept in training folds, never validated on.
+        man = read_manifest(fm)
+        fold_of = {_key(r["path"]): r["fold"] for r in man.rows}
+        rows = [{**r, "path": str(man.abspath(r))} for r in man.rows]
+        rows += [{**r, "fold": fold_of.get(_key(r["parent"]), ""), "split": "train"} for r in _simulated_rows(simulated)]
+        fm = write_manifest(out / "cv_with_simulated.csv", rows)
     experts = json.dumps([{**expert, "val_fold": f, "name": f"{expert['arch']}-f{f}"} for f in range(folds)])
     run = run_train("cv", fm, out, experts, epochs)
     metrics = json.loads((run / "metrics.json").read_text())
@@ -128,12 +170,44 @@ def cv(manifest: Path, work: Path, out: Path, expert: dict, epochs: int, folds: 
                            for s, v in metrics["per_source"].items()}}
 
 
+def ensemble(dirs: list[Path], protocols: list[str]) -> dict:
+    """Average the per-image scores of earlier runs (same images, same splits) and score the mean."""
+    from inference.manifest import read_manifest
+    from training.metrics import metrics_by_source
+
+    def scores(files: list[Path], col: str) -> tuple[list[int], list[float]]:
+        per = [{_key(r["path"]): r for r in read_manifest(f).rows} for f in files]
+        common = sorted(set.intersection(*(set(p) for p in per)))
+        return ([int(per[0][k]["label"]) for k in common],
+                [sum(float(p[k][col]) for p in per) / len(per) for k in common])
+
+    results: dict = {"ensemble_of": [str(d) for d in dirs]}
+    for proto in protocols:
+        results[proto] = {"loso": {}}
+        for fam in FAMILIES:
+            y, s = scores([d / proto / f"loso_{fam}_eval" / "predictions.csv" for d in dirs], "score")
+            m = metrics_by_source(y, s, [""] * len(y))["overall"]
+            results[proto]["loso"][fam] = {"auc": m["auc"], "tpr_at_fpr_5pct": m["tpr_at_fpr_5pct"], "n": len(y)}
+        oofs = [d / proto / "cv" / "oof.csv" for d in dirs]
+        if all(f.is_file() for f in oofs):
+            y, s = scores(oofs, "prob")
+            m = metrics_by_source(y, s, [""] * len(y))["overall"]
+            results[proto]["cv"] = {"overall": {"auc": m["auc"], "tpr_at_fpr_5pct": m["tpr_at_fpr_5pct"]}}
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs" / "dev_eval"))
     ap.add_argument("--arch", default="convnext_atto")
     ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--preprocess", default="squash")
+    ap.add_argument("--preprocess", default="squash", help="squash | crop | tiles")
+    ap.add_argument("--crops", type=int, default=9, help="tiles: crops scored per image")
+    ap.add_argument("--stem", default=None, help="npr | srm: a residual expert")
+    ap.add_argument("--simulated", default=None, metavar="MANIFEST",
+                    help="simulated fakes of the dev reals (`dfx prepare simulate`) to add to training")
+    ap.add_argument("--ensemble", nargs="+", default=None, metavar="RUN_OUT",
+                    help="no training: average the per-image scores of these earlier --out folders")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--protocols", nargs="+", default=["A", "B"])
     ap.add_argument("--skip-cv", action="store_true", help="LOSO only")
@@ -148,27 +222,46 @@ def main() -> int:
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     expert = {"arch": args.arch, "input_size": args.size, "preprocess": args.preprocess}
-    results: dict = {"expert": expert, "epochs": args.epochs, "overrides": args.set}
-    for proto in args.protocols:
-        manifest = DEV / "manifest.csv" if proto == "A" else protocol_b(out / "protocol_b_images")
-        if proto == "A":  # a copy next to the work files, so fold files can live beside it
+    if args.preprocess == "tiles":
+        expert["crops"] = args.crops
+    if args.stem:
+        expert.update(family="residual", stem=args.stem)
+    title = (f"Expert: {args.stem + ' residual + ' if args.stem else ''}{args.arch} at {args.size}px "
+             f"({args.preprocess}{f', {args.crops} crops' if args.preprocess == 'tiles' else ''}), {args.epochs} "
+             f"epochs, from scratch; simulated fakes: {'yes' if args.simulated else 'no'}; "
+             f"overrides: {' '.join(args.set) or 'none (CE+KL+NCE)'}.")
+    if args.ensemble:
+        results = ensemble([Path(d) for d in args.ensemble], args.protocols)
+        title = "Ensemble (mean of per-image scores) of: " + ", ".join(args.ensemble) + "."
+    else:
+        results = {"expert": expert, "epochs": args.epochs, "overrides": args.set, "simulated": args.simulated}
+        for proto in args.protocols:
             from inference.manifest import read_manifest, write_manifest
 
-            man = read_manifest(manifest)
-            manifest = write_manifest(work / "A" / "manifest.csv", [{**r, "path": str(man.abspath(r))} for r in man.rows])
-        print(f"protocol {proto}", flush=True)
-        pout = out / proto
-        pout.mkdir(exist_ok=True)
-        results[proto] = {"loso": loso(manifest, work, pout, expert, args.epochs)}
-        if not args.skip_cv:
-            results[proto]["cv"] = cv(manifest, work, pout, expert, args.epochs)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-    lines = [f"Expert: {args.arch} at {args.size}px ({args.preprocess}), {args.epochs} epochs, from scratch; "
-             f"overrides: {' '.join(args.set) or 'none (CE+KL+NCE)'}.", "",
-             "| protocol | LOSO " + " | LOSO ".join(FAMILIES) + " | cluster-CV OOF |", "|---" * (len(FAMILIES) + 2) + "|"]
+            sim = Path(args.simulated) if args.simulated else None
+            if proto == "A":  # a copy next to the work files, so fold files can live beside it
+                man = read_manifest(DEV / "manifest.csv")
+                manifest = write_manifest(work / "A" / "manifest.csv",
+                                          [{**r, "path": str(man.abspath(r))} for r in man.rows])
+            else:
+                manifest = protocol_b(work / "protocol_b_images")
+                if sim is not None:
+                    sim = protocol_b(work / "protocol_b_simulated", sim)
+            print(f"protocol {proto}", flush=True)
+            pout = out / proto
+            pout.mkdir(exist_ok=True)
+            results[proto] = {"loso": loso(manifest, work, pout, expert, args.epochs, sim)}
+            if not args.skip_cv:
+                results[proto]["cv"] = cv(manifest, work, pout, expert, args.epochs, simulated=sim)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = [title, "",
+             "| protocol | LOSO " + " | LOSO ".join(FAMILIES) + " | LOSO mean | cluster-CV OOF |",
+             "|---" * (len(FAMILIES) + 3) + "|"]
     for proto in args.protocols:
         r = results[proto]
         cells = [f"{r['loso'][f]['auc']:.3f} ({r['loso'][f]['tpr_at_fpr_5pct']:.2f})" for f in FAMILIES]
+        cells.append(f"{sum(r['loso'][f]['auc'] for f in FAMILIES) / len(FAMILIES):.3f}")
         cells.append(f"{r['cv']['overall']['auc']:.3f} ({r['cv']['overall']['tpr_at_fpr_5pct']:.2f})" if "cv" in r else "–")
         lines.append(f"| {proto} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: AUC (TPR at 5% FPR)."]

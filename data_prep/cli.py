@@ -66,6 +66,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("--max-side", type=int, default=1024, help="downscale larger reals first (default 1024)")
     ed.set_defaults(func=_edit)
 
+    sm = verbs.add_parser("simulate", help="fakes carrying a decoder's up-sampling fingerprint (auto-encoded reals)",
+                          description="Pass real images through small auto-encoders whose decoders up-sample (transposed "
+                                      "convolutions, nearest or bilinear + conv, pixel-shuffle), briefly trained to "
+                                      "reconstruct the reals (or left random with KIND:random). Each fake keeps its "
+                                      "parent's content, size and format; rows get kind=simulated, parent, seed and "
+                                      "parameters. Resumable: trained decoders and finished items are reused.")
+    sm.add_argument("--reals", required=True, metavar="MANIFEST")
+    sm.add_argument("--out", required=True, help="output folder (images/, items/, decoders/, manifest.csv, skipped.json)")
+    sm.add_argument("--decoders", default="transconv,nearest,bilinear,pixelshuffle",
+                    help="comma-separated decoder kinds, each KIND or KIND:random: transconv, nearest, bilinear, "
+                         "pixelshuffle (default: all four, trained); reals take them in turn")
+    sm.add_argument("--per-image", type=int, default=1, help="fakes per real image, each from the next decoder (default 1)")
+    sm.add_argument("--train-steps", type=int, default=300,
+                    help="reconstruction steps per decoder on 64 px crops of the reals (default 300; 0 = random)")
+    sm.add_argument("--train-minutes", type=float, default=None,
+                    help="stop each decoder's training after this many minutes even if steps remain")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--max-side", type=int, default=1024, help="downscale larger reals first (default 1024)")
+    sm.set_defaults(func=_simulate)
+
     ts = verbs.add_parser("tiny-sd", help="write a tiny Stable Diffusion pipeline built from configs (random weights)",
                           description="Write a ~6 MB diffusers pipeline with random weights, built from configs (no "
                                       "download), loadable offline by path: for smoke tests and the demo. Its images are "
@@ -145,6 +165,17 @@ def _edit(args: argparse.Namespace) -> int:
     s = edit(args.reals, args.out, ops=[o.strip() for o in args.ops.split(",") if o.strip()], per_image=args.per_image,
              seed=args.seed, image_format=args.format, max_side=args.max_side)
     _report("edit", s, args.out)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulate import simulate
+
+    s = simulate(args.reals, args.out, decoders=args.decoders, per_image=args.per_image, train_steps=args.train_steps,
+                 train_minutes=args.train_minutes, seed=args.seed, max_side=args.max_side)
+    _report("simulate", s, args.out)
+    for name, info in s["decoders"].items():
+        print(f"  decoder {name}: {info.get('steps', 0)} training steps, L1 {info.get('l1')}", file=sys.stderr)
     return 0
 
 

@@ -144,6 +144,9 @@ def build_backbone(spec: str, device: torch.device):
                 self.m = m
 
             def forward(self, x):
+                if x.dim() == 5:  # a tiled expert: the mean of its crops' pooled features
+                    n, k = x.shape[:2]
+                    return expert_forward(self.m, x.flatten(0, 1))[1].reshape(n, k, -1).mean(dim=1)
                 return expert_forward(self.m, x)[1]
 
         model = _Pooled(net).eval()

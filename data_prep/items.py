@@ -42,7 +42,17 @@ class ItemStore:
         self.jpeg_quality = jpeg_quality
 
     def done(self, ident: str) -> bool:
-        return (self.rows / f"{ident}.json").is_file() and (self.images / f"{ident}{self.ext}").is_file()
+        """The item's row and the image it names are both on disk (the row is written last)."""
+        row = self.rows / f"{ident}.json"
+        if not row.is_file():
+            return False
+        if (self.images / f"{ident}{self.ext}").is_file():
+            return True
+        try:  # an item saved in another format than the store's default records its own path
+            path = json.loads(row.read_text()).get("path", "")
+        except (OSError, ValueError):
+            return False
+        return bool(path) and (self.root / path).is_file()
 
     def _save_image(self, img: Image.Image, path: Path, lossless: bool = False) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
@@ -57,15 +67,18 @@ class ItemStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def save(self, ident: str, image: Image.Image, row: dict[str, Any], mask: np.ndarray | Image.Image | None = None) -> None:
-        """Mask first, then image, then the row: the row's presence marks the item finished."""
+    def save(self, ident: str, image: Image.Image, row: dict[str, Any], mask: np.ndarray | Image.Image | None = None,
+             image_format: str | None = None) -> None:
+        """Mask first, then image, then the row: the row's presence marks the item finished.
+        ``image_format`` (png/jpg) overrides the store's default for this item."""
         row = dict(row)
+        ext = self.ext if image_format is None else {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg"}[image_format.lower()]
         if mask is not None:
             m = mask if isinstance(mask, Image.Image) else Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
             self._save_image(m.convert("L"), self.images / f"{ident}_mask.png", lossless=True)
             row["mask"] = f"images/{ident}_mask.png"
-        self._save_image(image, self.images / f"{ident}{self.ext}")
-        row["path"] = f"images/{ident}{self.ext}"
+        self._save_image(image, self.images / f"{ident}{ext}")
+        row["path"] = f"images/{ident}{ext}"
         write_atomic(self.rows / f"{ident}.json", json.dumps(row))
 
     def assemble(self, manifest_name: str = "manifest.csv") -> Path:

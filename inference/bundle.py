@@ -8,12 +8,17 @@ Layout (``weights/<name>/``)::
 
 ``ensemble.json``::
 
-    {"format": "dfx-ensemble/1", "name": "...",
-     "experts": [{"name", "family": "timm", "arch", "model_kwargs": {}, "input_size",
-                  "preprocess": "squash" | "crop", "mean", "std", "file", "sha256",
-                  "weight", "calibration": {"temperature": 1.0}}, ...],
+    {"format": "dfx-ensemble/1.1", "name": "...",
+     "experts": [{"name", "family": "timm" | "residual", "arch", "model_kwargs": {}, "input_size",
+                  "preprocess": "squash" | "crop" | "tiles", "mean", "std", "file", "sha256",
+                  "weight", "calibration": {"temperature": 1.0},
+                  "crops": 9,          # tiles only: a g×g grid of native-resolution crops, probabilities averaged
+                  "stem": "npr"}, ...], # residual only: the fixed residual computed before the backbone
      "aggregate": "mean_prob", "threshold": 0.5, "uncertain_band": [lo, hi],
      "threshold_rule": "how the threshold was chosen", "provenance": {...}}
+
+Format 1.1 adds ``tiles`` preprocessing and the ``residual`` family (inference/residual.py) to 1.0; a
+1.0 bundle reads unchanged, and a 1.0 reader refuses a 1.1 bundle's new mode or family by name.
 
 Loading is strict: the format version, every field's type, every file's presence and SHA-256 are
 checked, and any problem raises :class:`BundleError` with the file and the problem in its message.
@@ -32,11 +37,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "dfx-ensemble/1"
+FORMAT = "dfx-ensemble/1.1"
 SUPPORTED_MAJOR = "dfx-ensemble/1"
 MANIFEST_NAME = "ensemble.json"
-FAMILIES = ("timm",)
-PREPROCESS_MODES = ("squash", "crop")
+FAMILIES = ("timm", "residual")
+PREPROCESS_MODES = ("squash", "crop", "tiles")
+STEMS = ("npr", "srm")  # inference.residual.STEMS (kept here so reading a bundle imports no torch)
+MAX_CROPS = 64
 AGGREGATES = ("mean_prob",)
 
 
@@ -60,6 +67,8 @@ class ExpertSpec:
     weight: float = 1.0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, float] = field(default_factory=lambda: {"temperature": 1.0})
+    crops: int = 1                       #: ``tiles`` only: crops per image (a g×g grid)
+    stem: str | None = None              #: ``residual`` family only: ``npr`` or ``srm``
 
     @property
     def temperature(self) -> float:
@@ -67,12 +76,18 @@ class ExpertSpec:
 
     @property
     def preprocess_key(self) -> tuple[int, str, tuple[float, ...], tuple[float, ...]]:
-        """Experts with equal keys share one preprocessed tensor per image."""
-        return (self.input_size, self.preprocess, tuple(self.mean), tuple(self.std))
+        """Experts with equal keys share one preprocessed tensor per image. The mode part is
+        ``tiles:<crops>`` for tiled experts (see inference.preprocess.parse_mode)."""
+        mode = f"tiles:{self.crops}" if self.preprocess == "tiles" else self.preprocess
+        return (self.input_size, mode, tuple(self.mean), tuple(self.std))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.preprocess != "tiles":
+            d.pop("crops")
+        if self.stem is None:
+            d.pop("stem")
         return d
 
 
@@ -170,11 +185,25 @@ def _parse_expert(raw: Any, index: int, manifest: Path) -> ExpertSpec:
     model_kwargs = raw.get("model_kwargs", {})
     if not isinstance(model_kwargs, dict):
         raise BundleError(f"{where}: model_kwargs must be an object")
+    crops = raw.get("crops", 1)
+    if preprocess == "tiles":
+        if not isinstance(crops, int) or isinstance(crops, bool) or not 1 <= crops <= MAX_CROPS \
+                or math.isqrt(crops) ** 2 != crops:
+            raise BundleError(f"{where}: crops must be a square number of crops (1, 4, 9, ...) up to {MAX_CROPS} "
+                              f"for preprocess 'tiles', got {crops!r}")
+    elif crops != 1:
+        raise BundleError(f"{where}: crops is only meaningful with preprocess 'tiles' (got {crops!r} with "
+                          f"'{preprocess}')")
+    stem = raw.get("stem")
+    if family == "residual" and stem not in STEMS:
+        raise BundleError(f"{where}: a residual expert needs stem {' or '.join(STEMS)}, got {stem!r}")
+    if family != "residual" and stem is not None:
+        raise BundleError(f"{where}: stem {stem!r} is only meaningful for family 'residual'")
     return ExpertSpec(
         name=name, family=family, arch=_req(raw, "arch", str, where), input_size=input_size,
         preprocess=preprocess, mean=_triple(raw, "mean", where), std=std, file=file, sha256=sha,
         weight=weight, model_kwargs=dict(model_kwargs),
-        calibration={"temperature": float(temperature)},
+        calibration={"temperature": float(temperature)}, crops=int(crops), stem=stem,
     )
 
 
@@ -253,7 +282,8 @@ def check_files(bundle_dir: str | os.PathLike[str], spec: BundleSpec) -> None:
 def bundle_digest(spec: BundleSpec) -> str:
     """A short, stable identity of an ensemble: its experts' checksums, weights and decision rule."""
     ident = json.dumps(
-        {"experts": [[e.name, e.sha256, e.weight, e.preprocess_key, e.calibration] for e in spec.experts],
+        {"experts": [[e.name, e.sha256, e.weight, e.preprocess_key, e.calibration] + ([e.stem] if e.stem else [])
+                     for e in spec.experts],
          "aggregate": spec.aggregate, "threshold": spec.threshold, "band": spec.uncertain_band},
         sort_keys=True, default=list,
     )

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .bundle import PREPROCESS_MODES, BundleError, bundle_digest, check_files, read_spec
+from .bundle import PREPROCESS_MODES, STEMS, BundleError, bundle_digest, check_files, read_spec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--input-size", type=int, default=None,
                       help="input side length for every expert (default: each architecture's own, e.g. 224)")
     init.add_argument("--preprocess", choices=PREPROCESS_MODES, default="squash",
-                      help="squash: whole image resized to S×S; crop: short side to S, then centre crop "
-                           "(default: squash)")
+                      help="squash: whole image resized to S×S; crop: short side to S, then centre crop; "
+                           "tiles: a grid of S×S crops at native resolution, scores averaged (default: squash)")
+    init.add_argument("--crops", type=int, default=9, help="tiles: crops per image, a square number (default 9)")
+    init.add_argument("--stem", choices=STEMS, default=None,
+                      help="make every expert a residual one: npr (x - up(down(x))) or srm (fixed high-pass "
+                           "filters) before the timm model (default: none, plain timm experts)")
     init.add_argument("--seed", type=int, default=0, help="seed of expert 0; expert i uses seed+i (default 0)")
     init.add_argument("--name", default=None, help="bundle name (default: the output folder's name)")
     init.add_argument("--out", required=True, help="bundle folder to create")
@@ -47,8 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _init(args: argparse.Namespace) -> int:
     from .bundle_init import init_bundle
 
-    spec = init_bundle(args.arch, args.out, input_size=args.input_size, preprocess=args.preprocess,
-                       seed=args.seed, name=args.name, overwrite=args.force)
+    try:
+        spec = init_bundle(args.arch, args.out, input_size=args.input_size, preprocess=args.preprocess,
+                           crops=args.crops, stem=args.stem, seed=args.seed, name=args.name, overwrite=args.force)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from exc
     print(f"wrote untrained bundle '{spec.name}' ({len(spec.experts)} experts) to {args.out}")
     return 0
 
@@ -72,7 +79,9 @@ def _info(args: argparse.Namespace) -> int:
     for e in spec.experts:
         path = root / e.file
         mb = f"{path.stat().st_size / 1e6:.1f}" if path.is_file() else "missing"
-        print(f"  {e.name:<24} {e.arch:<28} {e.input_size:>5} {e.preprocess:<7} {e.weight:>6.3g} "
+        arch = f"{e.stem}+{e.arch}" if e.stem else e.arch
+        mode = f"tiles{e.crops}" if e.preprocess == "tiles" else e.preprocess
+        print(f"  {e.name:<24} {arch:<28} {e.input_size:>5} {mode:<7} {e.weight:>6.3g} "
               f"{e.temperature:>5.3g} {mb:>7}")
     if spec.provenance:
         print("provenance")

@@ -32,12 +32,15 @@ def init_bundle(
     *,
     input_size: int | None = None,
     preprocess: str = "squash",
+    crops: int = 1,
+    stem: str | None = None,
     seed: int = 0,
     name: str | None = None,
     overwrite: bool = False,
     provenance: dict[str, Any] | None = None,
 ) -> BundleSpec:
-    """Write a bundle of randomly initialised experts (expert ``i`` seeded with ``seed + i``)."""
+    """Write a bundle of randomly initialised experts (expert ``i`` seeded with ``seed + i``).
+    ``stem`` makes every expert a residual one; ``crops`` is the crop count of ``tiles`` preprocessing."""
     if not archs:
         raise ValueError("give at least one architecture")
     experts, states = [], {}
@@ -45,7 +48,9 @@ def init_bundle(
         d = arch_defaults(arch, input_size)
         spec = ExpertSpec(name=ename, arch=arch, input_size=d["input_size"], mean=d["mean"],
                           std=d["std"], file=f"{ename}.safetensors", sha256="0" * 64,
-                          preprocess=preprocess, model_kwargs=d["model_kwargs"])
+                          preprocess=preprocess, model_kwargs=d["model_kwargs"],
+                          family="residual" if stem else "timm", stem=stem,
+                          crops=crops if preprocess == "tiles" else 1)
         torch.manual_seed(seed + i)
         states[ename] = create_expert(spec).state_dict()
         experts.append(spec)

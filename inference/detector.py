@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from .bundle import BundleSpec, bundle_digest, check_files, read_spec
-from .experts import FAKE_INDEX, load_expert
+from .experts import fake_probs, load_expert
 from .images import DEFAULT_MAX_PIXELS, ImageError, Source
 from .preprocess import PreprocessKey, Preprocessor
 
@@ -165,11 +165,9 @@ class Detector:
             for e in self.spec.experts:
                 key = e.preprocess_key
                 if key not in inputs:
-                    x = torch.stack([it[key] for it in items])
-                    inputs[key] = x.to(self.device, non_blocking=True).contiguous(
-                        memory_format=torch.channels_last)
-                logits = self.models[e.name](inputs[key]).float()
-                probs[e.name] = torch.softmax(logits / e.temperature, dim=1)[:, FAKE_INDEX].cpu().double()
+                    x = torch.stack([it[key] for it in items]).to(self.device, non_blocking=True)
+                    inputs[key] = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+                probs[e.name] = fake_probs(self.models[e.name], inputs[key], e.temperature).cpu().double()
         ensemble = sum(self._weights[name] * p for name, p in probs.items())
         experts_np = {name: p.numpy() for name, p in probs.items()}
         results = []

@@ -4,6 +4,10 @@ The weight file of a timm expert is exactly the state dict of
 ``timm.create_model(arch, num_classes=2, **model_kwargs)``, so anyone can load it with plain timm and
 ``strict=True``. ``model_kwargs`` is empty for most architectures; fixed-size models (ViTs) record
 ``img_size`` there when they run at another size than their default.
+
+A ``residual`` expert is the same timm model behind a fixed, parameter-free residual stem
+(inference/residual.py): its weight file is still exactly the timm state dict, and :func:`load_expert`
+returns the stem and the model together.
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ def arch_defaults(arch: str, input_size: int | None = None) -> dict[str, Any]:
 
 
 def create_expert(spec: ExpertSpec) -> nn.Module:
-    """A freshly initialised model for ``spec`` (random weights; seed torch before calling)."""
-    if spec.family != "timm":
+    """A freshly initialised timm model for ``spec`` (random weights; seed torch before calling): the
+    module whose state dict the expert's file holds. For a residual expert, wrap it with :func:`with_stem`."""
+    if spec.family not in ("timm", "residual"):
         raise BundleError(f"expert '{spec.name}': unknown family '{spec.family}'")
     if not timm.is_model(spec.arch):
         raise BundleError(f"expert '{spec.name}': unknown timm architecture '{spec.arch}'")
@@ -75,7 +80,28 @@ def load_expert(spec: ExpertSpec, bundle_dir: str | os.PathLike[str]) -> nn.Modu
         first = str(exc).strip().splitlines()
         raise BundleError(f"{path}: weights do not fit '{spec.arch}' "
                           f"({' '.join(first[:3])[:400]})") from exc
-    return model.eval()
+    return with_stem(spec, model).eval()
+
+
+def with_stem(spec: ExpertSpec, model: nn.Module) -> nn.Module:
+    """``model`` itself for a timm expert; the residual stem followed by ``model`` for a residual one."""
+    if spec.family != "residual":
+        return model
+    from .residual import ResidualNet, ResidualStem
+
+    return ResidualNet(ResidualStem(str(spec.stem)), model)
+
+
+def fake_probs(model: nn.Module, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Fake-probabilities ``(N,)`` of a batch: ``x`` is ``(N, 3, S, S)``, or ``(N, K, 3, S, S)`` for tiled
+    input, whose K crops are scored as one batch and averaged per image (the mean of probabilities, the
+    same rule the ensemble uses across experts)."""
+    if x.dim() == 5:
+        n, k = x.shape[:2]
+        flat = x.reshape(n * k, *x.shape[2:]).contiguous(memory_format=torch.channels_last)
+        return fake_probs(model, flat, temperature).reshape(n, k).mean(dim=1)
+    logits = model(x).float()
+    return torch.softmax(logits / temperature, dim=1)[:, FAKE_INDEX]
 
 
 def expert_forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

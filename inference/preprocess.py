@@ -3,9 +3,17 @@
 One :class:`Preprocessor` serves a whole ensemble: it decodes each image once (at reduced JPEG scale
 when the largest input size allows), resizes once per distinct (size, mode) and normalises once per
 distinct (size, mode, mean, std). Resizing happens on 8-bit pixels *before* normalising, which is
-both faster and what the training pipeline does. Preprocessors are plain picklable objects, so the
-same code runs in DataLoader workers and in the request thread of the API: a score never depends on
-where an image was decoded.
+both faster and what the training pipeline does.
+
+``tiles`` is the exception to resizing: it cuts a g×g grid of size×size crops from the image at its
+native resolution (decoded in full, never at reduced JPEG scale), because the pixel-level traces a
+generator leaves die when a 4 MP photo is squashed to 224 px. Crop corners sit on multiples of
+:data:`TILE_ALIGN` pixels, so every crop keeps the image's 8-pixel grid phase (JPEG blocks, the ×8
+up-sampling of latent diffusion decoders); only an image smaller than a crop is resized (its short side
+up to ``size``). The expert scores every crop and its probabilities are averaged.
+
+Preprocessors are plain picklable objects, so the same code runs in DataLoader workers and in the
+request thread of the API: a score never depends on where an image was decoded.
 """
 
 from __future__ import annotations
@@ -19,6 +27,49 @@ from PIL import Image
 from .images import DEFAULT_MAX_PIXELS, Source, load_image
 
 PreprocessKey = tuple[int, str, tuple[float, ...], tuple[float, ...]]
+TILE_ALIGN = 8
+
+
+def parse_mode(mode: str) -> tuple[str, int]:
+    """A preprocessing key's mode part → (mode, crops): ``squash`` → (squash, 1), ``tiles:9`` → (tiles, 9)."""
+    name, _, n = mode.partition(":")
+    return name, int(n) if n else 1
+
+
+def ensure_min_side(img: Image.Image, size: int) -> Image.Image:
+    """Up-scale (bicubic) an image whose short side is under ``size``; others are returned as they are."""
+    w, h = img.size
+    if min(w, h) >= size:
+        return img
+    scale = size / min(w, h)
+    return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+
+
+def _grid_offsets(length: int, size: int, g: int) -> list[int]:
+    """``g`` crop starts evenly spread over ``[0, length - size]``, floored to multiples of TILE_ALIGN."""
+    span = length - size
+    if g == 1:
+        starts = [span // 2]
+    else:
+        starts = [round(i * span / (g - 1)) for i in range(g)]
+    return [s - s % TILE_ALIGN for s in starts]
+
+
+def tile_boxes(width: int, height: int, size: int, crops: int) -> list[tuple[int, int, int, int]]:
+    """The (left, top, right, bottom) boxes of ``crops`` (a square number) native-resolution crops,
+    row by row; the image must be at least size×size (see :func:`ensure_min_side`)."""
+    g = int(round(crops ** 0.5))
+    if g * g != crops or g < 1:
+        raise ValueError(f"crops must be a square number (1, 4, 9, ...), got {crops}")
+    if min(width, height) < size:
+        raise ValueError(f"image {width}x{height} is smaller than a {size}px crop")
+    return [(x, y, x + size, y + size) for y in _grid_offsets(height, size, g) for x in _grid_offsets(width, size, g)]
+
+
+def tiles_for(img: Image.Image, size: int, crops: int) -> list[Image.Image]:
+    """The ``crops`` native-resolution crops of ``img`` that a tiled expert scores."""
+    img = ensure_min_side(img, size)
+    return [img.crop(box) for box in tile_boxes(img.width, img.height, size, crops)]
 
 
 def resize_for(img: Image.Image, size: int, mode: str) -> Image.Image:
@@ -54,21 +105,29 @@ class Preprocessor:
         if not self.keys:
             raise ValueError("a Preprocessor needs at least one key")
         self.max_pixels = int(max_pixels)
-        self.min_decode_size = max(k[0] for k in self.keys)
+        # Tiled experts read native pixels: no reduced-scale JPEG decoding when one is present.
+        tiled = any(parse_mode(k[1])[0] == "tiles" for k in self.keys)
+        self.min_decode_size: int | None = None if tiled else max(k[0] for k in self.keys)
 
     def load(self, src: Source, name: str | None = None) -> Image.Image:
         """Decode ``src`` to RGB, at reduced JPEG scale when the experts' sizes allow."""
         return load_image(src, max_pixels=self.max_pixels, min_size=self.min_decode_size, name=name)
 
     def transform(self, img: Image.Image) -> dict[PreprocessKey, torch.Tensor]:
-        """RGB image → one normalised tensor per key, sharing resizes between keys."""
-        resized: dict[tuple[int, str], Image.Image] = {}
+        """RGB image → one normalised tensor per key, sharing resizes between keys: ``(3, S, S)``, or
+        ``(crops, 3, S, S)`` for a ``tiles`` key."""
+        resized: dict[tuple[int, str], Image.Image | list[Image.Image]] = {}
         out: dict[PreprocessKey, torch.Tensor] = {}
         for key in self.keys:
             size, mode, mean, std = key
             if (size, mode) not in resized:
-                resized[(size, mode)] = resize_for(img, size, mode)
-            out[key] = normalise(resized[(size, mode)], mean, std)
+                name, crops = parse_mode(mode)
+                resized[(size, mode)] = tiles_for(img, size, crops) if name == "tiles" else resize_for(img, size, mode)
+            done = resized[(size, mode)]
+            if isinstance(done, list):
+                out[key] = torch.stack([normalise(t, mean, std) for t in done])
+            else:
+                out[key] = normalise(done, mean, std)
         return out
 
     def prepare(self, src: Source | Image.Image, name: str | None = None) -> dict[PreprocessKey, torch.Tensor]:

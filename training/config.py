@@ -8,6 +8,7 @@ exist, architectures are known to timm, loss weights make sense, pretrained file
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,11 @@ class DataConfig:
 class ExpertConfig:
     arch: str = "convnext_atto"
     name: str | None = None              #: default: arch, or arch-f<fold>
+    family: str = "timm"                 #: timm | residual (a fixed residual stem before the timm model)
+    stem: str | None = None              #: residual family: npr | srm (see inference.residual)
     input_size: int | None = None        #: default: the arch's own
-    preprocess: str = "squash"           #: squash | crop (see inference.preprocess)
+    preprocess: str = "squash"           #: squash | crop | tiles (native-resolution crops; see inference.preprocess)
+    crops: int = 9                       #: tiles: crops scored per image at validation and inference (square)
     val_fold: int | None = None          #: validate on this fold, train on the others; None: use `split`
     pretrained: str | None = None        #: local file/folder of weights, a hub name, or None (random init)
     weight: float = 1.0                  #: weight in the ensemble average
@@ -236,7 +240,7 @@ def check_config(cfg: TrainConfig) -> None:
     """Everything that can fail before training, failing now with the key in the message."""
     import timm
 
-    from inference.bundle import PREPROCESS_MODES
+    from inference.bundle import FAMILIES, MAX_CROPS, PREPROCESS_MODES, STEMS
 
     if not cfg.data.manifest:
         raise ConfigError("data.manifest: no manifest given (data.manifest=PATH)")
@@ -249,6 +253,14 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"experts.{i}.arch: unknown timm architecture '{e.arch}'")
         if e.preprocess not in PREPROCESS_MODES:
             raise ConfigError(f"experts.{i}.preprocess: must be one of {', '.join(PREPROCESS_MODES)}")
+        if e.preprocess == "tiles" and not (1 <= e.crops <= MAX_CROPS and math.isqrt(e.crops) ** 2 == e.crops):
+            raise ConfigError(f"experts.{i}.crops: a square number of crops (1, 4, 9, ...) up to {MAX_CROPS}, "
+                              f"got {e.crops}")
+        if e.family not in FAMILIES:
+            raise ConfigError(f"experts.{i}.family: must be one of {', '.join(FAMILIES)}")
+        if (e.family == "residual") != (e.stem is not None) or (e.stem is not None and e.stem not in STEMS):
+            raise ConfigError(f"experts.{i}.stem: a residual expert needs stem {' or '.join(STEMS)}, and only a "
+                              f"residual expert takes one (family {e.family}, stem {e.stem})")
         if e.input_size is not None and not 16 <= e.input_size <= 2048:
             raise ConfigError(f"experts.{i}.input_size: {e.input_size} is out of range 16..2048")
         if e.weight < 0:

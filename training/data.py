@@ -9,6 +9,11 @@ Both views end in the same resize and normalisation that inference uses (inferen
 model is trained on exactly the pixel pipeline it is served with. JPEG at random quality and random
 rescaling reach both views: reals in the wild are mostly JPEG and large, many public fakes PNG and
 small, and neither cue may be learnable.
+
+``tiles`` experts train on one random size×size crop at native resolution (corner on a multiple of
+inference.preprocess.TILE_ALIGN, the same crop for both views) and their views never rescale: resizing
+would wipe out, or forge, exactly the pixel relations they learn from. The crop itself takes away the
+image-size cue.
 """
 
 from __future__ import annotations
@@ -23,18 +28,18 @@ import torch
 from PIL import Image
 
 from inference.images import ImageError, load_image
-from inference.preprocess import Preprocessor, normalise, resize_for
+from inference.preprocess import TILE_ALIGN, Preprocessor, ensure_min_side, normalise, resize_for
 
 from .config import AugmentConfig
 
 log = logging.getLogger(__name__)
 
 
-def build_views(aug: AugmentConfig):
-    """(weak, strong) albumentations pipelines on 8-bit RGB arrays."""
+def build_views(aug: AugmentConfig, *, rescale: bool = True):
+    """(weak, strong) albumentations pipelines on 8-bit RGB arrays (``rescale=False``: no RandomScale)."""
     import albumentations as A
 
-    lo, hi = aug.rescale
+    lo, hi = aug.rescale if rescale else (1.0, 1.0)
     scale = (lo - 1.0, hi - 1.0)
     weak = A.Compose([
         A.HorizontalFlip(p=aug.hflip_p),
@@ -110,17 +115,27 @@ class TrainDataset(torch.utils.data.Dataset):
     def _view(self, pipeline, arr: np.ndarray, seed: int) -> torch.Tensor:
         pipeline.set_random_seed(seed)
         out = pipeline(image=arr)["image"]
-        return normalise(resize_for(Image.fromarray(out), self.size, self.mode), self.mean, self.std)
+        mode = "squash" if self.mode == "tiles" else self.mode  # a tile is already size×size: a no-op
+        return normalise(resize_for(Image.fromarray(out), self.size, mode), self.mean, self.std)
+
+    def _random_tile(self, img: Image.Image, seed: int) -> np.ndarray:
+        """One native-resolution crop, its corner on the TILE_ALIGN grid (seeded: same on every run)."""
+        img = ensure_min_side(img, self.size)
+        rng = np.random.default_rng(seed)
+        x = int(rng.integers(0, (img.width - self.size) // TILE_ALIGN + 1)) * TILE_ALIGN
+        y = int(rng.integers(0, (img.height - self.size) // TILE_ALIGN + 1)) * TILE_ALIGN
+        return np.asarray(img.crop((x, y, x + self.size, y + self.size)))
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         idx, epoch, pos = key
         row = self.rows[idx]
+        tiles = self.mode == "tiles"
         if self._views is None:  # built lazily: once per worker process
-            self._views = build_views(self.aug)
+            self._views = build_views(self.aug, rescale=not tiles)
         try:
-            img = load_image(row.path, max_pixels=self.max_pixels, min_size=self.size)
-            arr = np.asarray(img)
+            img = load_image(row.path, max_pixels=self.max_pixels, min_size=None if tiles else self.size)
             s = sample_seed(self.seed, epoch, pos)
+            arr = self._random_tile(img, s + 2) if tiles else np.asarray(img)
             return {"weak": self._view(self._views[0], arr, s), "strong": self._view(self._views[1], arr, s + 1),
                     "label": row.label, "index": idx}
         except ImageError as exc:

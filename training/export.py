@@ -28,7 +28,9 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
         experts.append(ExpertSpec(name=ename, arch=info["arch"], input_size=int(info["input_size"]),
                                   mean=tuple(info["mean"]), std=tuple(info["std"]), file=f"{ename}.safetensors",
                                   sha256="0" * 64, preprocess=info["preprocess"], weight=float(info["weight"]),
-                                  model_kwargs=info.get("model_kwargs", {})))
+                                  model_kwargs=info.get("model_kwargs", {}), family=info.get("family", "timm"),
+                                  stem=info.get("stem"),
+                                  crops=int(info.get("crops", 1)) if info["preprocess"] == "tiles" else 1))
         states[ename] = load_file(str(final / "ema.safetensors"))
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     decision = run["decision"]

@@ -29,7 +29,7 @@ import torch
 from accelerate.tracking import GeneralTracker, on_main_process
 from torch import nn
 
-from inference.experts import arch_defaults, expert_forward
+from inference.experts import arch_defaults, expert_forward, fake_probs
 from inference.manifest import manifest_sha256, read_manifest, write_manifest
 from inference.predict_cli import write_atomic
 from inference.preprocess import Preprocessor
@@ -44,15 +44,31 @@ RUN_FORMAT = "dfx-run/1"
 
 
 class TrainNet(nn.Module):
-    """The timm expert plus the projection head used by the NCE term (not exported)."""
+    """The timm expert plus the projection head used by the NCE term (not exported), behind the
+    expert's fixed residual stem when it has one (``nn.Identity`` otherwise)."""
 
-    def __init__(self, backbone: nn.Module, proj: ProjectionHead) -> None:
+    def __init__(self, backbone: nn.Module, proj: ProjectionHead, stem: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone, self.proj = backbone, proj
+        self.stem = stem if stem is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, pooled = expert_forward(self.backbone, x)
+        logits, pooled = expert_forward(self.backbone, self.stem(x))
         return logits, self.proj(pooled)
+
+
+def make_stem(e: ExpertConfig) -> nn.Module:
+    """The expert's fixed residual stem (no parameters), or ``nn.Identity`` for a plain timm expert."""
+    if e.family != "residual":
+        return nn.Identity()
+    from inference.residual import ResidualStem
+
+    return ResidualStem(str(e.stem))
+
+
+def mode_key(e: ExpertConfig) -> str:
+    """The preprocessing key's mode part for this expert (``tiles:<crops>`` for tiled experts)."""
+    return f"tiles:{e.crops}" if e.preprocess == "tiles" else e.preprocess
 
 
 class CSVTracker(GeneralTracker):
@@ -96,7 +112,9 @@ def _rows(cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 def split_rows(rows: list[dict[str, Any]], e: ExpertConfig, index: int) -> tuple[list[dict], list[dict]]:
-    """Train and validation rows of one expert: folds ≠ k / = k, or the ``split`` column."""
+    """Train and validation rows of one expert: folds ≠ k / = k, or the ``split`` column. With folds, a row
+    marked ``split=train`` is trained on in other folds but never validated on (e.g. simulated fakes that
+    follow their parent's fold but must not count in the out-of-fold score)."""
     usable = [r for r in rows if r.get("split", "") != "test"]
     if e.val_fold is not None:
         if not any(r.get("fold", "") != "" for r in usable):
@@ -104,7 +122,7 @@ def split_rows(rows: list[dict[str, Any]], e: ExpertConfig, index: int) -> tuple
                               "(run `dfx prepare cluster` first, or validate on split=val)")
         k = str(e.val_fold)
         train = [r for r in usable if r.get("fold", "") not in ("", k)]
-        val = [r for r in usable if r.get("fold", "") == k]
+        val = [r for r in usable if r.get("fold", "") == k and r.get("split", "") != "train"]
         if not val:
             folds = sorted({r.get("fold", "") for r in usable} - {""})
             raise ConfigError(f"experts.{index}.val_fold={e.val_fold}: no rows in that fold "
@@ -196,14 +214,13 @@ def predict_rows(model: nn.Module, loader, device, accelerator) -> tuple[dict[in
         if batch["x"] is None:
             continue
         with accelerator.autocast():
-            logits = model(batch["x"].to(device))
-        p = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+            p = fake_probs(model, batch["x"].to(device)).cpu().numpy()
         probs.update(zip(batch["index"].tolist(), p.tolist()))
     return probs, errors
 
 
 def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[str, Any]], accelerator,
-                 run_dir: Path, max_size: int, resume: bool) -> None:
+                 run_dir: Path, max_size: int | None, resume: bool) -> None:
     from accelerate import skip_first_batches
     from accelerate.utils import set_seed
     from safetensors.torch import load_file, save_file
@@ -224,7 +241,8 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     backbone = create_backbone(e, size, model_kwargs)
     with torch.no_grad():
         feat_dim = expert_forward(backbone.eval(), torch.zeros(1, 3, size, size))[1].shape[1]
-    net = TrainNet(backbone, ProjectionHead(feat_dim, cfg.loss.proj_dim)).train()
+    stem = make_stem(e)
+    net = TrainNet(backbone, ProjectionHead(feat_dim, cfg.loss.proj_dim), stem).train()
     # Warm-up: the decay ramps up over the first steps ((1+t)/(10+t)), so a short run's EMA is not stuck
     # near the random initialisation.
     ema = ModelEmaV3(backbone, decay=cfg.train.ema_decay, use_warmup=True)
@@ -243,13 +261,15 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
                             aug=cfg.augment, seed=expert_seed, max_pixels=cfg.data.max_pixels)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler, num_workers=workers,
                                          collate_fn=collate_views, generator=torch.Generator().manual_seed(expert_seed))
-    pre = Preprocessor([(size, e.preprocess, tuple(mean), tuple(std))], max_pixels=cfg.data.max_pixels)
-    pre.min_decode_size = max_size  # decode exactly as the exported ensemble's Detector will
+    pre = Preprocessor([(size, mode_key(e), tuple(mean), tuple(std))], max_pixels=cfg.data.max_pixels)
+    pre.min_decode_size = max_size  # decode exactly as the exported ensemble's Detector will (None: in full)
     val_loader = torch.utils.data.DataLoader(EvalDataset([to_row(r) for r in val_rows], pre),
                                              batch_size=tc.batch_size * 2, num_workers=workers, collate_fn=collate_eval)
 
     opt = create_optimizer_v2(net, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     net, opt, loader = accelerator.prepare(net, opt, loader)
+    stem.to(accelerator.device)
+    scorer = nn.Sequential(stem, ema.module)  # what validation scores: the stem, then the EMA weights
     steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
     total = steps_per_epoch * tc.epochs * accelerator.num_processes
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.optim.warmup_steps * accelerator.num_processes,
@@ -316,7 +336,7 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
                 if every and progress["global_step"] % every == 0 and progress["batches_done"] < len(loader):
                     _save_checkpoint(accelerator, ckpt, ema, progress)
         bar.close()
-        probs, errors = predict_rows(ema.module, val_loader, accelerator.device, accelerator)
+        probs, errors = predict_rows(scorer, val_loader, accelerator.device, accelerator)
         for idx, msg in errors:
             if f"val:{idx}" not in progress["skipped"]:
                 progress["skipped"][f"val:{idx}"] = msg
@@ -339,7 +359,7 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
         _save_checkpoint(accelerator, ckpt, ema, progress)
 
     # -- final: EMA weights and validation predictions, written as one folder -----------------------
-    probs, _ = predict_rows(ema.module, val_loader, accelerator.device, accelerator)
+    probs, _ = predict_rows(scorer, val_loader, accelerator.device, accelerator)
     if accelerator.is_main_process:
         final = edir / "final"
         tmp = edir / "final.tmp"
@@ -356,7 +376,8 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
         if vrows:
             save_roc_png(tmp / "roc.png", {name: ([r["label"] for r in vrows], [r["prob"] for r in vrows])},
                          title=f"{name}: validation ROC (EMA)")
-        info = {"name": name, "arch": e.arch, "input_size": size, "preprocess": e.preprocess, "mean": list(mean),
+        info = {"name": name, "arch": e.arch, "family": e.family, "stem": e.stem, "crops": e.crops,
+                "input_size": size, "preprocess": e.preprocess, "mean": list(mean),
                 "std": list(std), "model_kwargs": model_kwargs, "weight": e.weight, "val_fold": e.val_fold,
                 "pretrained": e.pretrained, "n_train": len(train_rows), "n_val": len(val_rows),
                 "steps": progress["global_step"], "history": progress["history"], "skipped": progress["skipped"],
@@ -437,6 +458,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
             write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         max_size = max(arch_defaults(e.arch, e.input_size)["input_size"] for e in cfg.experts)
+        if any(e.preprocess == "tiles" for e in cfg.experts):
+            max_size = None  # a tiled expert makes the Detector decode every image in full
         for i, e in enumerate(cfg.experts):
             if (run_dir / "experts" / expert_name(e) / "final" / "expert.json").is_file():
                 accelerator.print(f"[{expert_name(e)}] already trained; skipping")
