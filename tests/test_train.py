@@ -189,10 +189,13 @@ def test_killed_run_resumes_to_the_same_weights(tiny_dataset, tmp_path):
     ("loss.kl=-1", "loss.kl: must be a number >= 0"),
     ("train.epochz=3", "unknown key(s) epochz"),
     ("experts.0.val_fold=7", "val_fold=7: no rows in that fold (the manifest's folds: 0, 1)"),
+    ("experts.0.family=residual", "experts.0.stem: a residual expert needs stem npr or srm"),
+    ("experts.0.stem=npr", "only a residual expert takes one"),
+    ("experts.0.preprocess=tiles experts.0.crops=6", "experts.0.crops: a square number"),
 ])
 def test_config_errors_fail_before_training(tiny_dataset, tmp_path, override, message):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_dataset, tmp_path / "out")
-    r = dfx("train", str(cfg), override)
+    r = dfx("train", str(cfg), *override.split())
     assert r.returncode == 1
     assert message in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "out").exists(), "nothing may be written before the config is known to be good"
