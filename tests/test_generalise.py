@@ -128,8 +128,10 @@ def test_multicrop_scoring_is_deterministic_and_batch_independent(residual_bundl
         together = det.predict(paths)
         alone = [det.predict([p])[0] for p in paths]
         again = Detector(bundle, device="cpu", batch_size=2).predict(paths)
-        for a, b, c in zip(together, alone, again):
+        in_workers = [r.prediction for r in det.predict_paths(paths, workers=1)]
+        for a, b, c, d in zip(together, alone, again, in_workers):
             assert a.score == pytest.approx(b.score, abs=1e-5) and a.score == pytest.approx(c.score, abs=1e-5)
+            assert a.score == pytest.approx(d.score, abs=1e-5), "decoding in a worker changes nothing"
         # the score is the mean of the crops' probabilities, computed here by hand with the same weights
         e = det.spec.experts[0]
         x = det.prepare(paths[0])[e.preprocess_key]
