@@ -119,6 +119,25 @@ def test_exported_bundle_reproduces_validation_predictions(trained_run, tmp_path
     model.load_state_dict(load_file(str(bundle / e.file)), strict=True)
 
 
+def test_half_precision_export_is_half_the_size_and_scores_alike(trained_run, tmp_path):
+    import timm
+
+    out, _ = trained_run
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert dfx("export", str(out), "--out", str(full)).returncode == 0
+    r = dfx("export", str(out), "--out", str(half), "--half")
+    assert r.returncode == 0, r.stderr
+    spec = read_spec(half)
+    assert spec.provenance["weights_dtype"] == "float16"
+    for e in spec.experts:
+        assert (half / e.file).stat().st_size < 0.55 * (full / e.file).stat().st_size
+        model = timm.create_model(e.arch, num_classes=2, **e.model_kwargs)
+        model.load_state_dict(load_file(str(half / e.file)), strict=True)   # plain timm, strict, cast to fp32
+    images = sorted(Path(read_manifest(out / "oof.csv").rows[0]["path"]).parent.glob("*_00*.png"))
+    a, b = Detector(full, device="cpu").predict(images), Detector(half, device="cpu").predict(images)
+    assert max(abs(x.score - y.score) for x, y in zip(a, b)) < 5e-3
+
+
 def test_evaluate_writes_metrics_table_and_roc(trained_run, tiny_dataset, tmp_path):
     out, _ = trained_run
     bundle = tmp_path / "b"

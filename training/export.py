@@ -10,8 +10,9 @@ from inference.bundle import BundleError, BundleSpec, ExpertSpec, write_bundle
 
 
 def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, name: str | None = None,
-               overwrite: bool = False) -> BundleSpec:
-    """Write the bundle of a run made by ``dfx train``; refuses an unfinished run."""
+               overwrite: bool = False, half: bool = False) -> BundleSpec:
+    """Write the bundle of a run made by ``dfx train``; refuses an unfinished run. ``half`` stores floating
+    tensors as float16: half the download, and ``load_state_dict`` casts them back into the float32 model."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
@@ -31,7 +32,8 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
                                   model_kwargs=info.get("model_kwargs", {}), family=info.get("family", "timm"),
                                   stem=info.get("stem"),
                                   crops=int(info.get("crops", 1)) if info["preprocess"] == "tiles" else 1))
-        states[ename] = load_file(str(final / "ema.safetensors"))
+        state = load_file(str(final / "ema.safetensors"))
+        states[ename] = {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     decision = run["decision"]
     spec = BundleSpec(
@@ -41,6 +43,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
         provenance={"trained_with": "dfx train", "created": run["created"], "run_dir": str(run_dir),
                     "manifests": run["manifests"], "config": run["config"],
                     "oof_metrics": metrics.get("overall", {}), "experts": metrics.get("experts", {}),
-                    "ema": f"EMA weights (decay {run['config']['train']['ema_decay']}) baked in"},
+                    "ema": f"EMA weights (decay {run['config']['train']['ema_decay']}) baked in",
+                    "weights_dtype": "float16" if half else "float32"},
     )
     return write_bundle(out, spec, states, overwrite=overwrite)
