@@ -70,8 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                           description="Pass real images through small auto-encoders whose decoders up-sample (transposed "
                                       "convolutions, nearest or bilinear + conv, pixel-shuffle), briefly trained to "
                                       "reconstruct the reals (or left random with KIND:random). Each fake keeps its "
-                                      "parent's content, size and format; rows get kind=simulated, parent, seed and "
-                                      "parameters. Resumable: trained decoders and finished items are reused.")
+                                      "parent's content, size and format; rows get kind=simulated, parent, seed, "
+                                      "parameters and split=train (trained on, never validated on). Resumable: "
+                                      "trained decoders and finished items are reused.")
     sm.add_argument("--reals", required=True, metavar="MANIFEST")
     sm.add_argument("--out", required=True, help="output folder (images/, items/, decoders/, manifest.csv, skipped.json)")
     sm.add_argument("--decoders", default="transconv,nearest,bilinear,pixelshuffle",

@@ -13,6 +13,10 @@ their parents; ``KIND:random`` keeps the seeded random initialisation instead. T
 saved under ``<out>/decoders/`` (safetensors) and reused on a rerun, which, with per-item seeds and the
 item store, makes the job resumable: finished items are skipped. Each output keeps its parent's format
 (JPEG q95 for a JPEG parent, else PNG), so the file format says nothing about the label.
+
+Rows are marked ``split=train``: simulated fakes are training material. Training keeps them out of
+every validation and out-of-fold score (they follow their parent's fold, so they never train where the
+parent is validated), so thresholds and reported numbers stay about real generators.
 """
 
 from __future__ import annotations
@@ -220,7 +224,7 @@ def simulate(reals_manifest: str, out_dir: str | os.PathLike[str], *, decoders: 
         fake = simulate_image(model, arr)
         diff = np.asarray(fake, dtype=np.float32) - arr.astype(np.float32)
         psnr = float(10 * np.log10(255.0 ** 2 / max(1e-6, float((diff ** 2).mean()))))
-        row = {"label": 1, "source": f"simulated:{name}", "kind": "simulated", "parent": str(p),
+        row = {"label": 1, "source": f"simulated:{name}", "kind": "simulated", "parent": str(p), "split": "train",
                "seed": item_seed(seed, ident),
                "params": json.dumps({"decoder": kind, "trained_steps": info.get("steps", 0), "width": info["width"],
                                      "psnr_to_parent": round(psnr, 2)})}

@@ -165,7 +165,7 @@ def test_simulate_writes_fakes_with_parents_and_resumes(sim_reals, tmp_path):
     assert {r["source"] for r in rows} == {"simulated:transconv", "simulated:nearest", "simulated:bilinear",
                                            "simulated:pixelshuffle-random"}
     for row in rows:
-        assert row["kind"] == "simulated" and row["label"] == "1"
+        assert row["kind"] == "simulated" and row["label"] == "1" and row["split"] == "train"
         parent = load_image(row["parent"])                                       # EXIF orientation applied
         fake = Image.open(out / row["path"])
         assert fake.size == parent.size, "content and size are the parent's; only the fingerprint differs"
