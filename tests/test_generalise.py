@@ -218,3 +218,17 @@ def test_residual_tiles_expert_trains_exports_and_serves(tiny_dataset, tmp_path)
     preds = det.predict([Path(row["path"]) for row in vp.rows])
     for row, pred in zip(vp.rows, preds):
         assert pred.score == pytest.approx(float(row["prob"]), abs=1e-5), "training and serving agree"
+
+
+def test_fold_split_keeps_training_only_rows_out_of_validation_and_skips_kinds():
+    from training.config import ExpertConfig
+    from training.trainer import split_rows
+
+    rows = [{"path": f"r{i}", "label": 0, "kind": "real", "fold": str(i % 2), "split": ""} for i in range(6)]
+    rows += [{"path": f"g{i}", "label": 1, "kind": "generated", "fold": str(i % 2), "split": ""} for i in range(6)]
+    rows += [{"path": f"s{i}", "label": 1, "kind": "simulated", "fold": str(i % 2), "split": "train"} for i in range(6)]
+    train, val = split_rows(rows, ExpertConfig(val_fold=0), 0)
+    assert {r["path"] for r in val} == {"r0", "r2", "r4", "g0", "g2", "g4"}, "split=train rows are never validated"
+    assert {r["path"] for r in train} == {"r1", "r3", "r5", "g1", "g3", "g5", "s1", "s3", "s5"}
+    train, _ = split_rows(rows, ExpertConfig(val_fold=0, skip_kinds=["simulated"]), 0)
+    assert not any(r["kind"] == "simulated" for r in train)

@@ -38,6 +38,7 @@ class ExpertConfig:
     input_size: int | None = None        #: default: the arch's own
     preprocess: str = "squash"           #: squash | crop | tiles (native-resolution crops; see inference.preprocess)
     crops: int = 9                       #: tiles: crops scored per image at validation and inference (square)
+    skip_kinds: list[str] = field(default_factory=list)  #: manifest kinds this expert never trains on
     val_fold: int | None = None          #: validate on this fold, train on the others; None: use `split`
     pretrained: str | None = None        #: local file/folder of weights, a hub name, or None (random init)
     weight: float = 1.0                  #: weight in the ensemble average
@@ -186,6 +187,11 @@ def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
                 raise ConfigError(f"{key}: must be a pair [low, high], got {value!r}")
             cast = int if "int" in t else float
             return (cast(value[0]), cast(value[1]))
+        if t.startswith("list"):
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, str) for v in items):
+                raise ConfigError(f"{key}: must be a list of names, got {value!r}")
+            return list(items)
         if t.startswith("bool"):
             if isinstance(value, bool):
                 return value

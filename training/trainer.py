@@ -133,6 +133,8 @@ def split_rows(rows: list[dict[str, Any]], e: ExpertConfig, index: int) -> tuple
         if not val:
             raise ConfigError(f"experts.{index}: no validation rows: set experts.{index}.val_fold (folds from "
                               "`dfx prepare cluster`) or mark rows split=val in the manifest")
+    if e.skip_kinds:  # e.g. simulated fakes for an expert that squashes away their fingerprint
+        train = [r for r in train if r.get("kind", "") not in e.skip_kinds]
     if not train or len({r["label"] for r in train}) < 2:
         raise ConfigError(f"experts.{index}: the training rows need both real and fake images "
                           f"(got {len(train)} rows)")
