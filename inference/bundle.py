@@ -301,6 +301,7 @@ def write_bundle(out_dir: str | os.PathLike[str], spec: BundleSpec,
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    parse_spec(spec.to_json(), out / MANIFEST_NAME)  # never write a bundle that could not be read back
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: already exists (pass overwrite/--force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)

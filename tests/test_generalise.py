@@ -232,3 +232,10 @@ def test_fold_split_keeps_training_only_rows_out_of_validation_and_skips_kinds()
     assert {r["path"] for r in train} == {"r1", "r3", "r5", "g1", "g3", "g5", "s1", "s3", "s5"}
     train, _ = split_rows(rows, ExpertConfig(val_fold=0, skip_kinds=["simulated"]), 0)
     assert not any(r["kind"] == "simulated" for r in train)
+
+
+def test_a_bundle_that_could_not_be_read_back_is_never_written(tmp_path):
+    r = dfx("bundle", "init", "--arch", "convnext_atto", "--preprocess", "tiles", "--crops", "5", "--stem", "npr",
+            "--input-size", "32", "--out", str(tmp_path / "b"))
+    assert r.returncode == 1 and "crops must be a square number" in r.stderr
+    assert not (tmp_path / "b").exists()
