@@ -3,6 +3,9 @@
 A score is the weighted mean of the experts' softmax fake-probabilities (``aggregate: mean_prob``),
 each expert's logits divided by its calibration temperature first. The label is ``uncertain``
 strictly inside the bundle's uncertain band, else ``fake`` at or above the threshold, else ``real``.
+A ``tiles`` expert scores each image's grid of native-resolution crops as one batch and averages the
+crops' probabilities first (inference.experts.fake_probs); a ``residual`` expert applies its fixed stem
+inside its model (inference.residual).
 
 Performance follows ARCHITECTURE.md: weights are loaded once with EMA already baked in (nothing is
 swapped per call); images are decoded at reduced JPEG scale and resized before normalising, once
