@@ -183,7 +183,8 @@ def simulate(reals_manifest: str, out_dir: str | os.PathLike[str], *, decoders: 
     store = ItemStore(out, image_format="png", jpeg_quality=95)
     skipped: list[dict[str, str]] = []
 
-    def get(p: Path) -> np.ndarray | None:
+    def get(p: Path, report: bool = True) -> np.ndarray | None:
+        """The real as an RGB array, or None (recorded in ``skipped`` when ``report``)."""
         try:
             img = load_image(p)
             if max_side and max(img.size) > max_side:
@@ -192,8 +193,9 @@ def simulate(reals_manifest: str, out_dir: str | os.PathLike[str], *, decoders: 
                 raise ImageError("too_small", f"{p}: too small ({img.size[0]}x{img.size[1]}; needs >= {MIN_SIDE} px)")
             return np.asarray(img)
         except ImageError as exc:
-            skipped.append({"path": str(p), "reason": exc.message})
-            log.warning("skipped %s", exc.message)
+            if report:
+                skipped.append({"path": str(p), "reason": exc.message})
+                log.warning("skipped %s", exc.message)
             return None
 
     plan = []
@@ -209,8 +211,7 @@ def simulate(reals_manifest: str, out_dir: str | os.PathLike[str], *, decoders: 
     if todo:
         # Decoders train on crops of (at most) 32 reals spread over the manifest, the same ones on every run.
         pick = np.random.default_rng(seed).permutation(len(paths))[:32]
-        sample = [a for a in (get(paths[int(j)]) for j in sorted(pick)) if a is not None]
-        skipped.clear()  # reported again below when the item itself is made
+        sample = [a for a in (get(paths[int(j)], report=False) for j in sorted(pick)) if a is not None]
         for _, _, kind, trained, name, _, _ in todo:
             if name not in models:
                 log.info("decoder %s: %s", name, "training" if trained else "random weights")

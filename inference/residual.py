@@ -58,12 +58,12 @@ class ResidualStem(nn.Module):
     residual up to roughly unit variance for the backbone's first layer.
     """
 
-    def __init__(self, kind: str, gain: float | None = None) -> None:
+    def __init__(self, kind: str, gain: float = 4.0) -> None:
         super().__init__()
         if kind not in STEMS:
             raise ValueError(f"unknown residual stem '{kind}' (known: {', '.join(STEMS)})")
         self.kind = kind
-        self.gain = float(gain if gain is not None else {"npr": 4.0, "srm": 4.0}[kind])
+        self.gain = float(gain)
         if kind == "srm":
             self.register_buffer("kernels", _srm_kernels()[:, None], persistent=False)
 

@@ -269,8 +269,7 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
                                              batch_size=tc.batch_size * 2, num_workers=workers, collate_fn=collate_eval)
 
     opt = create_optimizer_v2(net, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    net, opt, loader = accelerator.prepare(net, opt, loader)
-    stem.to(accelerator.device)
+    net, opt, loader = accelerator.prepare(net, opt, loader)  # moves the stem too: it is part of net
     scorer = nn.Sequential(stem, ema.module)  # what validation scores: the stem, then the EMA weights
     steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
     total = steps_per_epoch * tc.epochs * accelerator.num_processes
