@@ -111,17 +111,17 @@ class _Model:
                                      batch_size=self.config.batch_size, max_pixels=self.config.max_pixels)
             self.state = "ready"
             log.info("model ready: %s on %s", self.detector.model_id, self.detector.device)
-        except Exception as exc:  # reported by /healthcheck and every scoring call
-            self.error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # the detail (paths, internals) goes to the log only, never to a client
+            self.error = type(exc).__name__
             self.state = "failed"
-            log.error("model failed to load: %s", self.error)
+            log.error("model failed to load: %s: %s", type(exc).__name__, exc)
 
     def require(self) -> Detector:
         if self.state == "ready" and self.detector is not None:
             return self.detector
         if self.state == "loading":
             raise ApiError(503, "model_loading", "the model is still loading; retry shortly")
-        raise ApiError(503, "model_unavailable", f"the model could not be loaded ({self.error})")
+        raise ApiError(503, "model_unavailable", "the model could not be loaded; the server's log says why")
 
     def wait(self, timeout: float = 300) -> bool:
         """Block until loaded or failed (for tools and tests); True when ready."""
@@ -143,6 +143,7 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
         config = ApiConfig(**config)
     app = Flask("dfx-api")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config["MAX_FORM_PARTS"] = 16  # one file field is all /predict reads; 5000 parts cost CPU for nothing
     app.json.sort_keys = False
     model = _Model(config)
     app.extensions["dfx_model"] = model
@@ -178,7 +179,10 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
                  415: "unsupported_media_type", 400: "bad_request"}
         message = exc.description or exc.name
         if exc.code == 413:
-            message = f"request body is over the limit of {config.max_body_bytes:,} bytes"
+            if (request.content_length or 0) > config.max_body_bytes:
+                message = f"request body is over the limit of {config.max_body_bytes:,} bytes"
+            else:  # werkzeug's form parser: too many parts, or one part over its memory limit
+                message = "the multipart form has too many parts or too large a field; send one file field 'image'"
         resp = _error(exc.code or 500, codes.get(exc.code or 500, "http_error"), message)
         if exc.code == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
             resp.headers["Allow"] = ", ".join(exc.valid_methods)
@@ -206,6 +210,14 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
             results = [r if r is not None else next(scored) for r in results]
         return results
 
+    def _json_body() -> Any:
+        """The body as JSON, or None when it is not JSON; nesting deep enough to exhaust the parser's
+        recursion is a client error (400), not a server failure with a traceback in the log."""
+        try:
+            return request.get_json(force=True, silent=True)
+        except RecursionError:
+            raise ApiError(400, "bad_json", "the JSON body is nested too deeply") from None
+
     def _single_payload() -> bytes:
         ctype = (request.mimetype or "").lower()
         if ctype.startswith("image/") or ctype == "application/octet-stream":
@@ -220,7 +232,7 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
             return upload.read()
         if ctype in ("application/json", "") or ctype.endswith("+json") or ctype == "text/plain":
             # Old clients sometimes send JSON without a content type; try it before refusing.
-            body = request.get_json(force=True, silent=True)
+            body = _json_body()
             if not isinstance(body, dict):
                 raise ApiError(400, "bad_json", "the body must be a JSON object like {\"image\": \"<base64>\"}")
             if "image" not in body:
@@ -247,7 +259,7 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
         ctype = (request.mimetype or "").lower()
         if ctype not in ("application/json", "", "text/plain") and not ctype.endswith("+json"):
             raise ApiError(415, "unsupported_media_type", "send application/json {\"images\": [\"<base64>\", ...]}")
-        body = request.get_json(force=True, silent=True)
+        body = _json_body()
         if not isinstance(body, dict):
             raise ApiError(400, "bad_json", "the body must be a JSON object like {\"images\": [\"<base64>\", ...]}")
         images = body.get("images")
@@ -281,7 +293,10 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
     def healthcheck() -> Response:
         if model.state == "ready" and model.detector is not None:
             return jsonify({"healthy": True, "model": model.detector.model_id})
-        resp = jsonify({"healthy": False, "status": model.state, "error": model.error})
+        code = "model_loading" if model.state == "loading" else "model_unavailable"
+        message = ("the model is still loading" if model.state == "loading"
+                   else "the model could not be loaded; the server's log says why")
+        resp = jsonify({"healthy": False, "status": model.state, "error": {"code": code, "message": message}})
         resp.status_code = 503
         return resp
 

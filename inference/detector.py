@@ -132,8 +132,9 @@ class Detector:
         return f"{self.spec.name}@{self.digest}"
 
     def describe(self) -> dict[str, Any]:
-        """The bundle's description for people and clients (no weights, no paths)."""
+        """The bundle's description for people and clients (no weights, no paths: see :func:`public_provenance`)."""
         d = self.spec.to_json()
+        d["provenance"] = public_provenance(d.get("provenance", {}))
         d["model"] = self.model_id
         d["digest"] = self.digest
         return d
@@ -224,6 +225,35 @@ class Detector:
                 for i, _, err, code in batch:
                     yield ItemResult(paths[i], scored.get(i), err, code)
                 bar.update(len(batch))
+
+
+def _file_name(value: Any) -> Any:
+    return Path(value).name if isinstance(value, str) and value else value
+
+
+def public_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
+    """A bundle's provenance as the API publishes it: where it was trained (``run_dir``, the run's output
+    folder) is dropped and every manifest or pretrained-weight path is cut to its file name, so the
+    exporter's file system is not shown to the world. Hashes and metrics stay."""
+    import copy
+
+    out = copy.deepcopy(provenance)
+    out.pop("run_dir", None)
+    for m in out.get("manifests", []) or []:
+        if isinstance(m, dict) and "path" in m:
+            m["path"] = _file_name(m["path"])
+    config = out.get("config")
+    if isinstance(config, dict):
+        config.pop("output", None)
+        data = config.get("data")
+        if isinstance(data, dict) and "manifest" in data:
+            manifests = data["manifest"]
+            data["manifest"] = [_file_name(m) for m in manifests] if isinstance(manifests, list) else _file_name(manifests)
+        for e in config.get("experts", []) or []:
+            if isinstance(e, dict) and e.get("pretrained"):
+                e["pretrained"] = _file_name(e["pretrained"]) if not str(e["pretrained"]).startswith("pkg:") \
+                    else e["pretrained"]
+    return out
 
 
 def default_workers() -> int:

@@ -38,6 +38,13 @@ IMAGE_SUFFIXES = frozenset(
 
 # Truncated files must fail, never decode into half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Our own pixel limit (``max_pixels``, checked from the header before any pixel is decoded) is the only one:
+# Pillow's would silently cap ``--max-pixels`` at 2 × 89.5 MP and quote its own number in the error.
+Image.MAX_IMAGE_PIXELS = None
+
+#: Modes with more than 8 bits per sample; converted to 8 bits in strips of about this many pixels.
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+STRIP_PIXELS = 1 << 20
 # Register Pillow's plugins: Image.open(formats=...) only finds registered ones (Pillow 13 no longer
 # registers on plugin import). ALLOWED_FORMATS still decides what may be opened.
 Image.init()
@@ -64,26 +71,30 @@ def _describe(src: Source, name: str | None) -> str:
     return "<image bytes>"
 
 
-def _open_stream(src: Source, what: str) -> BinaryIO:
+def _open_stream(src: Source, what: str) -> tuple[BinaryIO, int | None]:
+    """A binary stream for ``src`` and its length in bytes when known. Files are opened, not read: Pillow
+    reads the header first, so a 2 GB non-image costs a few bytes, not 2 GB."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
         if not data:
             raise ImageError("empty", f"{what}: empty input (0 bytes)")
-        return io.BytesIO(data)
+        return io.BytesIO(data), len(data)
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
+        if path.is_symlink() and not path.exists():
+            raise ImageError("unreadable", f"{what}: dangling symbolic link (its target does not exist)")
         try:
             size = path.stat().st_size
             if not path.is_file():
                 raise ImageError("unreadable", f"{what}: not a regular file")
             if size == 0:
                 raise ImageError("empty", f"{what}: empty file (0 bytes)")
-            return io.BytesIO(path.read_bytes())
+            return open(path, "rb"), size
         except ImageError:
             raise
         except OSError as exc:
             raise ImageError("unreadable", f"{what}: cannot read file ({exc.strerror or exc})") from exc
-    return src  # an already open binary stream
+    return src, None  # an already open binary stream (the caller keeps it)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -91,16 +102,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if mode == "F":
-            top = 1.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 255.0
-        elif mode == "I" and arr.size and float(arr.max()) <= 255:
-            top = 255.0
-        else:  # 16-bit data (Pillow opens 16-bit PNG/TIFF as I;16 or I)
-            top = 65535.0
-        arr = np.clip(np.nan_to_num(arr) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode in HIGH_DEPTH_MODES:
+        return _high_depth_to_l(img).convert("RGB")
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         mode = img.mode
@@ -109,6 +112,60 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float grey → 8-bit grey, a strip of rows at a time.
+
+    The scale is 65535 for 16-bit data, 255 for ``I`` data that fits in 8 bits, and 1 or 255 for float
+    data (by its maximum). Working in strips keeps the extra memory at a few MB: a whole-image float64
+    copy of a 7999×7999 16-bit PNG (124 KB on disk) cost 1.8 GB.
+    """
+    mode, (width, height) = img.mode, img.size
+    if mode == "F":
+        hi = img.getextrema()[1]
+        top = 1.0 if hi <= 1.0 else 255.0  # NaN compares False: 255
+    elif mode == "I":
+        top = 255.0 if img.getextrema()[1] <= 255 else 65535.0
+    else:  # 16-bit data (Pillow opens 16-bit PNG/TIFF as I;16 or I)
+        top = 65535.0
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    for y in range(0, height, rows):
+        strip = np.asarray(img.crop((0, y, width, min(height, y + rows))), dtype=np.float64)
+        out[y:y + rows] = np.clip(np.nan_to_num(strip) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
+def _check_jpeg_length(img: Image.Image, nbytes: int | None, what: str) -> None:
+    """Refuse a JPEG whose header promises far more pixels than its data can hold.
+
+    libjpeg fills the blocks after a premature end of scan with grey and only warns, so a 640×480 scan under
+    a header that claims 7999×7999 would decode to 99.5 % grey and be scored. Every coded 8×8 luma block
+    takes at least one bit in any JPEG (a Huffman code for its DC difference, even in a progressive DC scan),
+    so a file with fewer bits than luma blocks cannot be complete.
+    """
+    if nbytes is None or img.format not in ("JPEG", "MPO"):
+        return
+    width, height = img.size
+    blocks = -(-width // 8) * -(-height // 8)
+    if nbytes * 8 < blocks:
+        raise ImageError("corrupt", f"{what}: truncated JPEG: {nbytes:,} bytes cannot hold the {blocks:,} "
+                                    f"8x8 blocks of its {width}x{height} header")
+
+
+def _check_jpeg_fill(rgb: Image.Image, what: str) -> None:
+    """Refuse a JPEG whose scan ended early although its bytes could have held it (a dense scan under a
+    bigger header). libjpeg zero-fills every block after the end of the data, which decodes to exactly
+    (128, 128, 128); a photograph never ends in 16 rows of exactly that colour. (An image whose last 16 rows
+    are exactly mid-grey is refused too: the price of not scoring a 99 %-grey fill as if it were an image.)"""
+    width, height = rgb.size
+    if height < 16:
+        return
+    tail = rgb.crop((0, height - 16, width, height))
+    if tail.getextrema() == ((128, 128), (128, 128), (128, 128)):
+        raise ImageError("corrupt", f"{what}: truncated JPEG: its scan ends before its {width}x{height} header "
+                                    "does (the rest would be grey fill)")
 
 
 def load_image(
@@ -128,7 +185,16 @@ def load_image(
     truncated file, or an image over ``max_pixels``.
     """
     what = _describe(src, name)
-    stream = _open_stream(src, what)
+    stream, nbytes = _open_stream(src, what)
+    owned = isinstance(src, (str, os.PathLike))
+    try:
+        return _decode(stream, nbytes, what, max_pixels=max_pixels, min_size=min_size)
+    finally:
+        if owned:
+            stream.close()
+
+
+def _decode(stream: BinaryIO, nbytes: int | None, what: str, *, max_pixels: int, min_size: int | None) -> Image.Image:
     with warnings.catch_warnings():
         # Our own pixel limit applies below; Pillow's bomb warning would only add noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -151,6 +217,8 @@ def load_image(
                 f"{what}: {width}x{height} = {width * height:,} pixels is over the limit of "
                 f"{max_pixels:,} (a possible decompression bomb)",
             )
+        _check_jpeg_length(img, nbytes, what)
+        fmt = img.format
         try:
             if getattr(img, "is_animated", False):
                 img.seek(0)
@@ -160,8 +228,13 @@ def load_image(
                 img.draft("RGB", (int(width / scale + 0.5), int(height / scale + 0.5)))
             img.load()
             img = ImageOps.exif_transpose(img)
+            if img.mode in HIGH_DEPTH_MODES:
+                img = _high_depth_to_l(img)  # drops the wide image before the RGB copy is made
             rgb = _to_rgb(img)
+            del img
             rgb.load()
+            if fmt in ("JPEG", "MPO"):
+                _check_jpeg_fill(rgb, what)
         except Image.DecompressionBombError as exc:
             raise ImageError("too_large", f"{what}: image too large ({exc})") from exc
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
@@ -170,11 +243,13 @@ def load_image(
 
 
 def is_candidate_file(path: Path) -> bool:
-    """Whether a folder walk should pick ``path`` up: a visible file with an image suffix."""
+    """Whether a folder walk should pick ``path`` up: a visible entry with an image suffix that is not a
+    folder. Dangling symlinks, FIFOs and other non-files are kept, so that they get an error row (and
+    ``dfx submit`` its 0.5) instead of vanishing; :func:`load_image` refuses them without opening them."""
     return (
-        path.is_file()
-        and not path.name.startswith(".")
+        not path.name.startswith(".")
         and path.suffix.lower() in IMAGE_SUFFIXES
+        and not path.is_dir()
     )
 
 

@@ -81,23 +81,51 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
+#: First characters that make a spreadsheet read a cell as a formula (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def display_name(path: str | os.PathLike[str]) -> str:
+    """A file name as text that always encodes: bytes that are not UTF-8 (``bad\\xffname.jpg`` on Linux)
+    are written as ``\\xNN`` escapes, Python's ``backslashreplace``; everything else is kept as it is."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def csv_path(path: str | os.PathLike[str]) -> str:
+    """A path for a CSV cell: :func:`display_name`, and ``./`` in front of a relative path that a spreadsheet
+    would run as a formula (``=cmd.jpg`` → ``./=cmd.jpg``, the same file)."""
+    text = display_name(path)
+    return f"./{text}" if text.startswith(FORMULA_START) else text
+
+
+def write_csv(out: TextIO, rows: Iterable[list[str]]) -> None:
+    """CSV rows ending in ``\\n``. A row with a bare CR in a cell is written fully quoted: the csv module
+    quotes only the line terminator's own characters, and an unquoted CR splits the row in readers."""
+    plain = csv.writer(out, lineterminator="\n")
+    quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in rows:
+        (quoted if any("\r" in cell for cell in row) else plain).writerow(row)
+
+
 def _rows_csv(results: Iterable["ItemResult"], experts: list[str], out: TextIO) -> None:
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(["path", "score", "label", *[f"expert_{n}" for n in experts], "status", "error"])
-    for r in results:
-        if r.prediction:
-            p = r.prediction
-            w.writerow([str(r.path), repr(p.score), p.label, *[repr(p.experts[n]) for n in experts], "ok", ""])
-        else:
-            w.writerow([str(r.path), "", "", *["" for _ in experts], "error", r.error])
+    def rows() -> Iterable[list[str]]:
+        yield ["path", "score", "label", *[f"expert_{n}" for n in experts], "status", "error"]
+        for r in results:
+            if r.prediction:
+                p = r.prediction
+                yield [csv_path(r.path), repr(p.score), p.label, *[repr(p.experts[n]) for n in experts], "ok", ""]
+            else:
+                yield [csv_path(r.path), "", "", *["" for _ in experts], "error", display_name(r.error or "")]
+
+    write_csv(out, rows())
 
 
 def _rows_jsonl(results: Iterable["ItemResult"], out: TextIO) -> None:
     for r in results:
         p = r.prediction
-        row = {"path": str(r.path), "score": p.score if p else None, "label": p.label if p else None,
+        row = {"path": display_name(r.path), "score": p.score if p else None, "label": p.label if p else None,
                "experts": p.experts if p else None, "status": "ok" if p else "error",
-               "error": r.error, "error_code": r.error_code}
+               "error": display_name(r.error) if r.error else None, "error_code": r.error_code}
         out.write(json.dumps(row) + "\n")
 
 
@@ -144,7 +172,7 @@ def _submit(args: argparse.Namespace) -> int:
         score = r.prediction.score if r.prediction else 0.5
         if not r.prediction:
             failed.append(r)
-        rows.append((r.path.name, min(1.0, max(0.0, score))))
+        rows.append((display_name(r.path.name), min(1.0, max(0.0, score))))
     if len(failed) == len(rows):
         print(f"dfx submit: error: none of the {len(rows)} images could be scored; no submission written",
               file=sys.stderr)
@@ -152,14 +180,12 @@ def _submit(args: argparse.Namespace) -> int:
             print(f"  error: {r.error}", file=sys.stderr)
         return 1
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["img_name", "y_pred"])
-    for name, score in rows:
-        w.writerow([name, f"{score:.8f}"])
+    # Names are kept exactly (the grader matches them byte for byte), only escaped where not UTF-8.
+    write_csv(buf, [["img_name", "y_pred"], *([name, f"{score:.8f}"] for name, score in rows)])
     write_atomic(args.output, buf.getvalue())
     print(f"wrote {args.output}: {len(rows)} rows scored with {det.model_id}", file=sys.stderr)
     if failed:
         print(f"warning: {len(failed)} unreadable image(s) got y_pred=0.5:", file=sys.stderr)
         for r in failed:
-            print(f"  {r.path.name}: {r.error}", file=sys.stderr)
+            print(f"  {display_name(r.path.name)}: {r.error}", file=sys.stderr)
     return 0

@@ -9,8 +9,8 @@ both faster and what the training pipeline does.
 native resolution (decoded in full, never at reduced JPEG scale), because the pixel-level traces a
 generator leaves die when a 4 MP photo is squashed to 224 px. Crop corners sit on multiples of
 :data:`TILE_ALIGN` pixels, so every crop keeps the image's 8-pixel grid phase (JPEG blocks, the ×8
-up-sampling of latent diffusion decoders); only an image smaller than a crop is resized (its short side
-up to ``size``). The expert scores every crop and its probabilities are averaged.
+up-sampling of latent diffusion decoders); only an image smaller than a crop is up-scaled (its short side
+up to ``size``, virtually: each crop is resampled from its own source region). The expert scores every crop and its probabilities are averaged.
 
 Preprocessors are plain picklable objects, so the same code runs in DataLoader workers and in the
 request thread of the API: a score never depends on where an image was decoded.
@@ -36,13 +36,29 @@ def parse_mode(mode: str) -> tuple[str, int]:
     return name, int(n) if n else 1
 
 
-def ensure_min_side(img: Image.Image, size: int) -> Image.Image:
-    """Up-scale (bicubic) an image whose short side is under ``size``; others are returned as they are."""
-    w, h = img.size
-    if min(w, h) >= size:
-        return img
-    scale = size / min(w, h)
-    return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+def upscaled_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The size an image has once its short side is brought up to ``size`` (unchanged when it already is).
+    Only a virtual size: :func:`crop_upscaled` reads crops of that image without ever making it."""
+    if min(width, height) >= size:
+        return width, height
+    scale = size / min(width, height)
+    return max(size, round(width * scale)), max(size, round(height * scale))
+
+
+def crop_upscaled(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The ``box`` crop of ``img`` up-scaled (bicubic) to :func:`upscaled_size`, resampled from its own
+    source region only. The up-scaled image is never allocated: a 193-byte 1×58000 PNG would otherwise
+    become a 224×13-million-pixel image (2.3 GB) before its crops were cut. Memory is the crop's."""
+    left, top, right, bottom = box
+    width, height = img.size
+    crop_w, crop_h = right - left, bottom - top
+    short = min(width, height)
+    if short >= max(crop_w, crop_h) or (crop_w, crop_h) == (0, 0):
+        return img.crop(box)
+    vw, vh = upscaled_size(width, height, max(crop_w, crop_h))
+    sx, sy = width / vw, height / vh
+    return img.resize((crop_w, crop_h), Image.Resampling.BICUBIC,
+                      box=(left * sx, top * sy, right * sx, bottom * sy))
 
 
 def _grid_offsets(length: int, size: int, g: int) -> list[int]:
@@ -57,7 +73,7 @@ def _grid_offsets(length: int, size: int, g: int) -> list[int]:
 
 def tile_boxes(width: int, height: int, size: int, crops: int) -> list[tuple[int, int, int, int]]:
     """The (left, top, right, bottom) boxes of ``crops`` (a square number) native-resolution crops,
-    row by row; the image must be at least size×size (see :func:`ensure_min_side`)."""
+    row by row; the image must be at least size×size (see :func:`upscaled_size`)."""
     g = int(round(crops ** 0.5))
     if g * g != crops or g < 1:
         raise ValueError(f"crops must be a square number (1, 4, 9, ...), got {crops}")
@@ -67,9 +83,12 @@ def tile_boxes(width: int, height: int, size: int, crops: int) -> list[tuple[int
 
 
 def tiles_for(img: Image.Image, size: int, crops: int) -> list[Image.Image]:
-    """The ``crops`` native-resolution crops of ``img`` that a tiled expert scores."""
-    img = ensure_min_side(img, size)
-    return [img.crop(box) for box in tile_boxes(img.width, img.height, size, crops)]
+    """The ``crops`` native-resolution crops of ``img`` that a tiled expert scores. An image smaller than a
+    crop is up-scaled (short side to ``size``) virtually: each crop is resampled from its own region, so the
+    memory used is the crops', whatever the image's aspect ratio."""
+    vw, vh = upscaled_size(img.width, img.height, size)
+    return [crop_upscaled(img, box) if (vw, vh) != img.size else img.crop(box)
+            for box in tile_boxes(vw, vh, size, crops)]
 
 
 def resize_for(img: Image.Image, size: int, mode: str) -> Image.Image:
@@ -80,13 +99,17 @@ def resize_for(img: Image.Image, size: int, mode: str) -> Image.Image:
             return img
         return img.resize((size, size), Image.Resampling.BICUBIC)
     if mode == "crop":
+        # The centred crop of the image scaled to short side ``size``, resampled from its source region
+        # only: a 1×58000 image never becomes a 224×13-million one on the way.
         w, h = img.size
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.Resampling.BICUBIC)
         left, top = (nw - size) // 2, (nh - size) // 2
-        return img.crop((left, top, left + size, top + size))
+        if (nw, nh) == (w, h):
+            return img.crop((left, top, left + size, top + size))
+        sx, sy = w / nw, h / nh
+        return img.resize((size, size), Image.Resampling.BICUBIC,
+                          box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
     raise ValueError(f"unknown preprocess mode '{mode}'")
 
 

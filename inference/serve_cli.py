@@ -1,8 +1,9 @@
-"""``dfx serve``: the JSON API under gunicorn (a production WSGI server, never Flask's dev server).
+"""``dfx serve``: the JSON API under gunicorn (a production server, never Flask's dev server).
 
 Each gunicorn worker is a process with its own Detector (workers share nothing but the weights on
-disk); each worker runs ``--threads`` request threads (gthread). A burst beyond the threads waits in
-the listen backlog instead of failing. Workers are recycled after ``--max-requests`` (with jitter) so
+disk). Connections are read by the worker's asyncio event loop and a request reaches one of its
+``--threads`` request threads only when it is complete (serving.bridge), so slow or stalled clients
+cannot starve the service. Workers are recycled after ``--max-requests`` (with jitter) so
 memory stays bounded over weeks. SIGTERM stops gracefully: requests in flight finish first.
 """
 
@@ -48,14 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds before a stuck worker is restarted [DFX_TIMEOUT] (default 120)")
     p.add_argument("--max-requests", type=int, default=int(_env("MAX_REQUESTS", 10000)),
                    help="recycle a worker after this many requests, 0 = never [DFX_MAX_REQUESTS] (default 10000)")
+    p.add_argument("--read-timeout", type=float, default=float(_env("READ_TIMEOUT", 60)),
+                   help="seconds a client has to send a request body; then 408 [DFX_READ_TIMEOUT] (default 60)")
+    p.add_argument("--connections", type=int, default=int(_env("CONNECTIONS", 1000)),
+                   help="open connections per worker, read by its event loop (slow clients cost no thread) "
+                        "[DFX_CONNECTIONS] (default 1000)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning [DFX_LOG_LEVEL]")
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
-
-    from gunicorn.app.base import BaseApplication
 
     from .api import ApiConfig, create_app
     from .bundle import check_files, read_spec
@@ -73,26 +77,16 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("dfx").setLevel(level)
     logging.getLogger("inference").setLevel(level)
 
-    class _App(BaseApplication):
-        def load_config(self) -> None:
-            for key, value in {
-                "bind": f"{args.host}:{args.port}", "workers": args.workers, "threads": args.threads,
-                "worker_class": "gthread", "timeout": args.timeout, "graceful_timeout": 30,
-                "max_requests": args.max_requests, "max_requests_jitter": max(0, args.max_requests // 10),
-                "loglevel": args.log_level, "accesslog": None, "errorlog": "-", "backlog": 2048,
-                "proc_name": "dfx-serve",
-                # gunicorn >= 25 opens a control socket at one fixed path per user; two servers would clash.
-                "control_socket_disable": True,
-            }.items():
-                if key in self.cfg.settings:
-                    self.cfg.set(key, value)
-
-        def load(self):  # called in each worker: one Detector per process
-            logging.basicConfig(level=level, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
-            return create_app(config)
-
     print(f"serving {spec.name} from {weights} on http://{args.host}:{args.port} "
           f"({args.workers} worker(s) x {args.threads} threads; auth {'on' if config.api_key else 'off'})",
           file=sys.stderr, flush=True)
-    _App().run()
+    from serving.server import run
+
+    def worker_logging() -> None:
+        logging.basicConfig(level=level, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+
+    run(lambda: create_app(config), bind=f"{args.host}:{args.port}", workers=args.workers, threads=args.threads,
+        max_body_bytes=config.max_body_bytes, timeout=args.timeout, name="dfx-serve", log_level=args.log_level,
+        max_requests=args.max_requests, body_timeout=args.read_timeout, connections=args.connections,
+        on_worker_start=worker_logging)
     return 0

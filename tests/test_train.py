@@ -225,3 +225,42 @@ def test_existing_output_needs_resume(trained_run, tiny_dataset, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_dataset, out)
     r = dfx("train", str(cfg))
     assert r.returncode == 1 and "--resume" in r.stderr
+
+
+def _torchrun(cfg: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``dfx train`` in two real processes (gloo on the CPU), as `accelerate launch` runs it on two GPUs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "-m", "inference.cli", "train", str(cfg), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"})
+
+
+@pytest.mark.slow
+def test_two_processes_train_once_and_match_one_process(tiny_dataset, tmp_path):
+    """Two processes share each epoch's batches (each sees half), so with the same batch size per process the
+    run takes half the optimiser steps on twice the images per step. Validation sees the same rows; on this
+    separable task both runs must learn it (AUC well above chance), within 0.15 AUC of each other."""
+    changes = dict(train__epochs=4, train__checkpoint_every_steps=0)
+    one = _train_proc(write_config(tmp_path / "one.yaml", tiny_dataset, tmp_path / "one", **changes))
+    out1, err1 = one.communicate(timeout=600)
+    assert one.returncode == 0, err1[-3000:]
+    cfg2 = write_config(tmp_path / "two.yaml", tiny_dataset, tmp_path / "two", **changes)
+    r = _torchrun(cfg2)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    run1 = json.loads((tmp_path / "one" / "run.json").read_text())
+    run2 = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run1["processes"] == 1 and run2["processes"] == 2
+    assert r.stdout.count("training on 2 process(es)") == 1  # printed by the main process only
+    info1 = json.loads((tmp_path / "one" / "experts" / "convnext_atto-f0" / "final" / "expert.json").read_text())
+    info2 = json.loads((tmp_path / "two" / "experts" / "convnext_atto-f0" / "final" / "expert.json").read_text())
+    assert info1["n_val"] == info2["n_val"]
+    assert info2["steps"] * 2 in range(info1["steps"] - 4, info1["steps"] + 5)
+    assert info2["val_auc"] > 0.7 and abs(info1["val_auc"] - info2["val_auc"]) <= 0.15, (info1["val_auc"], info2["val_auc"])
+    assert (tmp_path / "two" / "train.log").is_file()
+    assert len((tmp_path / "two" / "logs" / "metrics.csv").read_text().splitlines()) > 1
+    # A second launch into the finished run's folder is refused by every rank, with the message, no hang.
+    again = _torchrun(cfg2, timeout=300)
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+    # ... and --resume skips the finished expert in both processes.
+    resumed = _torchrun(cfg2, "--resume", timeout=300)
+    assert resumed.returncode == 0 and "already trained; skipping" in resumed.stdout

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from inference.images import ImageError, load_image
-from inference.preprocess import TILE_ALIGN, Preprocessor, ensure_min_side, normalise, resize_for
+from inference.preprocess import TILE_ALIGN, Preprocessor, crop_upscaled, normalise, resize_for, upscaled_size
 
 from .config import AugmentConfig
 
@@ -120,11 +120,11 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def _random_tile(self, img: Image.Image, seed: int) -> np.ndarray:
         """One native-resolution crop, its corner on the TILE_ALIGN grid (seeded: same on every run)."""
-        img = ensure_min_side(img, self.size)
+        width, height = upscaled_size(img.width, img.height, self.size)  # small images: up-scaled virtually
         rng = np.random.default_rng(seed)
-        x = int(rng.integers(0, (img.width - self.size) // TILE_ALIGN + 1)) * TILE_ALIGN
-        y = int(rng.integers(0, (img.height - self.size) // TILE_ALIGN + 1)) * TILE_ALIGN
-        return np.asarray(img.crop((x, y, x + self.size, y + self.size)))
+        x = int(rng.integers(0, (width - self.size) // TILE_ALIGN + 1)) * TILE_ALIGN
+        y = int(rng.integers(0, (height - self.size) // TILE_ALIGN + 1)) * TILE_ALIGN
+        return np.asarray(crop_upscaled(img, (x, y, x + self.size, y + self.size)))
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         idx, epoch, pos = key

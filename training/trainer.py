@@ -79,8 +79,12 @@ class CSVTracker(GeneralTracker):
     main_process_only = True
 
     def __init__(self, run_dir: str) -> None:
+        # Nothing is written here: every process builds the tracker, and only the main one may touch the run
+        # folder (it decides first whether the folder is free; see train()).
         super().__init__()
         self.path = Path(run_dir) / "logs" / "metrics.csv"
+
+    def _ensure(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             self.path.write_text("time,step,key,value\n")
@@ -91,10 +95,12 @@ class CSVTracker(GeneralTracker):
 
     @on_main_process
     def store_init_configuration(self, values: dict) -> None:
+        self._ensure()
         (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str))
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        self._ensure()
         with open(self.path, "a", newline="") as f:
             w = csv.writer(f)
             now = f"{time.time():.3f}"
@@ -158,19 +164,16 @@ def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any]) ->
         kwargs["drop_path_rate"] = e.drop_path_rate
     if not e.pretrained:
         return timm.create_model(e.arch, pretrained=False, num_classes=2, **kwargs)
-    p = Path(e.pretrained)
-    if p.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-            if (p / name).is_file():
-                p = p / name
-                break
-        else:
-            raise ConfigError(f"{e.pretrained}: no model.safetensors in this folder")
-    if p.is_file():
-        # The ImageNet head is replaced by a fresh 2-class head (num_classes=2 re-initialises it).
-        return timm.create_model(e.arch, pretrained=True, num_classes=2,
-                                 pretrained_cfg_overlay={"file": str(p)}, **kwargs)
-    return timm.create_model(e.pretrained, pretrained=True, num_classes=2, **kwargs)  # a hub name
+    from inference.pretrained import PretrainedError, load_pretrained, pretrained_state
+
+    try:
+        if pretrained_state(e.pretrained, e.arch) is None:  # a hub name: timm fetches it (needs a hub)
+            return timm.create_model(e.pretrained, pretrained=True, num_classes=2, **kwargs)
+        # ImageNet backbone from a package, file or folder; the 2-class head stays freshly initialised.
+        return load_pretrained(timm.create_model(e.arch, pretrained=False, num_classes=2, **kwargs), e.pretrained,
+                               e.arch)
+    except PretrainedError as exc:
+        raise ConfigError(f"experts: pretrained '{e.pretrained}': {exc}") from exc
 
 
 def _lr_lambda(warmup: int, total: int, schedule: str):
@@ -390,7 +393,7 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     accelerator.wait_for_everyone()
 
 
-def finalize_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+def finalize_run(cfg: TrainConfig, run_dir: Path, processes: int = 1) -> dict[str, Any]:
     """Ensemble out-of-fold predictions, metrics, ROC, and the decision rule, into ``run.json``."""
     experts = [expert_name(e) for e in cfg.experts]
     weights = {expert_name(e): e.weight for e in cfg.experts}
@@ -425,7 +428,7 @@ def finalize_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     run = {"format": RUN_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "config": cfg.to_dict(),
            "manifests": [{"path": m, "sha256": manifest_sha256(m)} for m in cfg.data.manifest],
-           "experts": experts, "decision": decision,
+           "experts": experts, "decision": decision, "processes": processes,
            "oof": {"n": len(oof), "auc": metrics["overall"]["auc"],
                    "tpr_at_fpr_5pct": metrics["overall"]["tpr_at_fpr_5pct"]}}
     write_atomic(run_dir / "run.json", json.dumps(run, indent=2) + "\n")
@@ -438,22 +441,39 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     check_config(cfg)
     run_dir = Path(cfg.output)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise ConfigError(f"output {run_dir} already holds a run: pass --resume to continue it, or choose another "
-                          "output=DIR")
     rows = _rows(cfg)
     for i, e in enumerate(cfg.experts):  # fail on data problems before any expert trains
         split_rows(rows, e, i)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("dfx").addHandler(handler)
-    logging.getLogger("dfx").setLevel(logging.INFO)
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision),
                               gradient_accumulation_steps=cfg.train.grad_accum, log_with=[CSVTracker(str(run_dir))],
                               project_dir=str(run_dir))
+    # One process decides whether the output folder is free and creates it; the others learn its answer.
+    # (Every rank checking on its own raced: the first to create the folder made the others refuse it.)
+    verdict: list[str | None] = [None]
+    if accelerator.is_main_process:
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            verdict[0] = (f"output {run_dir} already holds a run: pass --resume to continue it, or choose another "
+                          "output=DIR")
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(verdict)
+    accelerator.wait_for_everyone()
+    if verdict[0]:
+        accelerator.end_training()
+        raise ConfigError(verdict[0])
+    handler: logging.Handler = logging.NullHandler()
+    if accelerator.is_main_process:  # one train.log, written by one process
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("dfx").addHandler(handler)
+    logging.getLogger("dfx").setLevel(logging.INFO)
     try:
         accelerator.init_trackers("dfx-train", config={"output": cfg.output, "seed": cfg.seed})
+        accelerator.print(f"training on {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
+                          f"device {accelerator.device}")
         if accelerator.is_main_process:
             import yaml
 
@@ -468,7 +488,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             train_expert(cfg, e, i, rows, accelerator, run_dir, max_size, resume)
             accelerator.free_memory()
         if accelerator.is_main_process:
-            run = finalize_run(cfg, run_dir)
+            run = finalize_run(cfg, run_dir, processes=accelerator.num_processes)
             auc = run["oof"]["auc"]
             accelerator.print(f"run finished: ensemble out-of-fold AUC {'n/a' if auc is None else f'{auc:.4f}'} "
                               f"on {run['oof']['n']} images; threshold {run['decision']['threshold']:.4f}, "

@@ -58,6 +58,13 @@ API_ERROR_TEXT = {
 }
 
 
+#: The most the site reads of one API answer; a hostile or broken API cannot make it buffer more.
+MAX_API_ANSWER_BYTES = 8 * 1024 * 1024
+#: The most experts a verdict may list (the page and the report show each one).
+MAX_EXPERTS = 64
+LABELS = ("fake", "real", "uncertain")
+
+
 def _mb(n: float) -> str:
     """A size people read: KB below one MB."""
     return f"{n / 1024 / 1024:.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KB"
@@ -78,14 +85,23 @@ class ApiClient:
             req.add_header("Authorization", f"Bearer {self.cfg.api_key}")
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.cfg.timeout) as resp:
-                return json.loads(resp.read().decode())
+                raw = resp.read(MAX_API_ANSWER_BYTES + 1)
+                if len(raw) > MAX_API_ANSWER_BYTES:
+                    raise UserError(502, "api_bad_answer", "The detection service gave an answer the site cannot read.")
+                answer = json.loads(raw.decode())
+                if not isinstance(answer, dict):
+                    raise ValueError("the answer is not a JSON object")
+                return answer
         except urllib.error.HTTPError as exc:
             try:
-                err = json.loads(exc.read().decode()).get("error", {})
-            except (ValueError, AttributeError):
+                err = json.loads(exc.read(64 * 1024).decode()).get("error", {})
+            except (ValueError, AttributeError, OSError):
                 err = {}
-            code = err.get("code", "api_error")
-            text = API_ERROR_TEXT.get(code) or err.get("message") or f"The detection service answered {exc.code}."
+            if not isinstance(err, dict):  # e.g. a string: read nothing from it
+                err = {}
+            code = err.get("code") if isinstance(err.get("code"), str) else "api_error"
+            message = err.get("message") if isinstance(err.get("message"), str) else None
+            text = API_ERROR_TEXT.get(code) or (message or "")[:300] or f"The detection service answered {exc.code}."
             status = exc.code if exc.code in (400, 413, 415, 422) else 502
             raise UserError(status, code, text) from exc
         except (TimeoutError, socket.timeout) as exc:
@@ -101,10 +117,54 @@ class ApiClient:
             raise UserError(502, "api_bad_answer", "The detection service gave an answer the site cannot read.") from exc
 
     def predict(self, image: bytes) -> dict[str, Any]:
-        return self._call("POST", "/predict", {"image": base64.b64encode(image).decode()})
+        return clean_result(self._call("POST", "/predict", {"image": base64.b64encode(image).decode()}))
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/healthcheck", timeout=min(5.0, self.cfg.timeout))
+
+
+def clean_result(answer: dict[str, Any]) -> dict[str, Any]:
+    """Only the fields the page shows, with their types and sizes checked: the site never trusts the
+    API's answer to be small or well-formed (200 000 experts would size the report at gigabytes)."""
+    bad = UserError(502, "api_bad_answer", "The detection service gave an answer the site cannot read.")
+    try:
+        score = float(answer["result"])
+    except (KeyError, TypeError, ValueError):
+        raise bad from None
+    if not 0.0 <= score <= 1.0:
+        raise bad
+    experts = answer.get("experts") or {}
+    if not isinstance(experts, dict) or len(experts) > MAX_EXPERTS:
+        raise bad
+    try:
+        experts = {str(k)[:80]: float(v) for k, v in experts.items()}
+        threshold = float(answer.get("threshold", 0.5))
+    except (TypeError, ValueError):
+        raise bad from None
+    label = answer.get("label") if answer.get("label") in LABELS else "uncertain"
+    heatmap = answer.get("heatmap")
+    if not (isinstance(heatmap, str) and heatmap.startswith("data:image/png;base64,")):
+        heatmap = None
+    return {"result": score, "label": label, "experts": experts, "threshold": threshold,
+            "model": str(answer.get("model", "?"))[:200], "heatmap": heatmap}
+
+
+def _thumbnail(data: bytes) -> Any:
+    """A 360-px RGB thumbnail, or None when Pillow cannot read the image. High-bit-depth images (16-bit,
+    float) are scaled to 8 bits first; a plain ``convert("RGB")`` clips them to white."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as src:
+        src.seek(0)
+        img = ImageOps.exif_transpose(src)
+        img.thumbnail((360, 360))
+        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            hi = img.getextrema()[1] if img.mode == "I" else 65535
+            img = img.convert("I").point(lambda v: v * (255 / 65535) if hi > 255 else v).convert("L")
+        elif img.mode == "F":
+            hi = img.getextrema()[1]
+            img = img.point(lambda v: v * 255 if hi <= 1.0 else v).convert("L")
+        return img.convert("RGB")
 
 
 def check_upload(data: bytes, cfg: WebConfig) -> tuple[int, int] | None:
@@ -130,21 +190,17 @@ def check_upload(data: bytes, cfg: WebConfig) -> tuple[int, int] | None:
 
 def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: str) -> bytes:
     """A one-page PNG report: thumbnail, verdict, score bar, experts, model, date and SHA-256."""
-    from PIL import Image, ImageDraw, ImageFont, ImageOps
+    from PIL import Image, ImageDraw, ImageFont
 
     W, pad = 900, 32
     font = ImageFont.load_default(size=18)
     big = ImageFont.load_default(size=34)
     small = ImageFont.load_default(size=15)
-    thumb = None
     try:
-        with Image.open(io.BytesIO(data)) as src:
-            src.seek(0)
-            thumb = ImageOps.exif_transpose(src).convert("RGB")
-            thumb.thumbnail((360, 360))
+        thumb = _thumbnail(data)
     except Exception:  # the API read it; if Pillow cannot, the report goes without a thumbnail
         thumb = None
-    experts = result.get("experts", {})
+    experts = dict(list(result.get("experts", {}).items())[:MAX_EXPERTS])
     H = 700 + 28 * len(experts)  # generous; cropped to the content at the end
     page = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(page)
@@ -215,8 +271,21 @@ def create_app(config: WebConfig | dict[str, Any] | None = None) -> Flask:
     def index() -> str:
         return render_template("index.html", error=None, limits=_limits(cfg))
 
+    def same_site() -> bool:
+        """Whether a POST comes from this site's own page (or from no browser page at all, like curl).
+        Another origin must not spend the API, and its key, through a visitor's browser."""
+        fetch_site = request.headers.get("Sec-Fetch-Site")
+        if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+            return False
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.rstrip("/") != request.host_url.rstrip("/"):
+            return False
+        return True
+
     @app.post("/check")
     def check() -> Response:
+        if not same_site():
+            raise UserError(403, "cross_site", "Uploads are accepted from this site's own page only.")
         upload = request.files.get("image")
         if upload is None or not upload.filename:
             raise UserError(400, "no_file", "Choose an image file first.")
@@ -251,7 +320,8 @@ def create_app(config: WebConfig | dict[str, Any] | None = None) -> Flask:
     def _headers(resp: Response) -> Response:
         # Everything is local: no third-party origin may load anything into the page.
         resp.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data: blob:; "
-                                                           "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
+                                                           "style-src 'self'; script-src 'self'; frame-ancestors 'none'; "
+                                                           "form-action 'self'; base-uri 'none'")
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("Referrer-Policy", "no-referrer")
         return resp

@@ -1,4 +1,5 @@
-"""``dfx webui``: the upload site under gunicorn. It imports nothing of ours: it calls the API over HTTP."""
+"""``dfx webui``: the upload site under gunicorn (serving.server). It imports nothing of the model: it calls the
+API over HTTP."""
 
 from __future__ import annotations
 
@@ -35,26 +36,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _webui(args: argparse.Namespace) -> int:
     import logging
 
-    from gunicorn.app.base import BaseApplication
 
     from .app import WebConfig, create_app
 
     cfg = WebConfig(api_url=args.api_url, api_key=args.api_key or None, timeout=args.timeout,
                     max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=int(args.max_megapixels * 1e6))
 
-    class _App(BaseApplication):
-        def load_config(self) -> None:
-            opts = {"bind": f"{args.host}:{args.port}", "workers": args.workers, "threads": args.threads,
-                    "worker_class": "gthread", "timeout": int(args.timeout) + 30, "graceful_timeout": 30,
-                    "accesslog": None, "errorlog": "-", "proc_name": "dfx-webui", "control_socket_disable": True}
-            for key, value in opts.items():
-                if key in self.cfg.settings:
-                    self.cfg.set(key, value)
-
-        def load(self):
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
-            return create_app(cfg)
-
     print(f"web UI on http://{args.host}:{args.port} using the API at {args.api_url}", file=sys.stderr, flush=True)
-    _App().run()
+    from serving.server import run
+
+    def worker_logging() -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+
+    # The body limit leaves room for the multipart envelope; the exact per-file limit is the app's.
+    run(lambda: create_app(cfg), bind=f"{args.host}:{args.port}", workers=args.workers, threads=args.threads,
+        max_body_bytes=cfg.max_upload_bytes + 64 * 1024, timeout=int(args.timeout) + 30, name="dfx-webui",
+        on_worker_start=worker_logging)
     return 0

@@ -1,0 +1,408 @@
+"""Hostile input (issue 18): each test reproduces a hole an adversarial probe found, through the real CLI,
+a real ``dfx serve`` on 127.0.0.1, or the real web app. Memory bounds are measured in subprocesses."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import http.client
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from inference.api import ApiConfig, create_app
+from inference.bundle import BundleError, read_spec
+from inference.images import ImageError, load_image
+
+from .conftest import TINY_SIZE, dfx, png_bomb_header
+from .test_api import API_KEY, Server, assert_json_error, b64
+
+MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def tiles_bundle(tmp_path_factory) -> Path:
+    """A tiled NPR expert (native-resolution crops) and a ``crop`` expert: both paths that up-scale small images."""
+    from inference.bundle import BundleSpec, ExpertSpec, write_bundle
+    from inference.bundle_init import init_bundle
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("hostile") / "tiles"
+    init_bundle(["convnext_atto"], out, input_size=TINY_SIZE, preprocess="tiles", crops=9, stem="npr", seed=3)
+    crop = tmp_path_factory.mktemp("hostile") / "crop"
+    init_bundle(["convnext_atto"], crop, input_size=96, preprocess="crop", seed=4)
+    a, b = read_spec(out).experts[0], read_spec(crop).experts[0]
+    b = ExpertSpec(**{**b.__dict__, "name": "crop-expert", "file": "crop-expert.safetensors"})
+    states = {a.name: load_file(str(out / a.file)), b.name: load_file(str(crop / "convnext_atto.safetensors"))}
+    write_bundle(out, BundleSpec(**{**read_spec(out).__dict__, "experts": (a, b)}), states, overwrite=True)
+    return out
+
+
+def _peak_delta_mb(bundle: Path, image: Path) -> float:
+    """Peak RSS growth (MB) of scoring ``image`` in a fresh process that has already scored a small one."""
+    code = f"""
+import json, resource, sys
+from inference import Detector
+det = Detector({str(bundle)!r}, device="cpu")
+from PIL import Image
+import io
+buf = io.BytesIO(); Image.new("RGB", (300, 200), (90, 120, 150)).save(buf, "PNG")
+det.predict([buf.getvalue()])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    det.predict([{str(image)!r}])
+except Exception as exc:
+    print("error", exc, file=sys.stderr)
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_thin_png_and_16bit_png_cost_bounded_memory(tiles_bundle, tmp_path):
+    """A 193-byte 1×58000 PNG was up-scaled to 224×13M pixels (2.3 GB) before its crops were cut; a 7999²
+    16-bit PNG went through a float64 copy (+1.8 GB). Now the thin one costs next to nothing and the 16-bit
+    one no more than its 8-bit twin (whose 256 MB RGB decode is the unavoidable part)."""
+    thin = tmp_path / "thin.png"
+    Image.new("L", (1, 58000), 128).save(thin)
+    assert thin.stat().st_size < 400
+    g16, g8 = tmp_path / "g16.png", tmp_path / "g8.png"
+    Image.fromarray(np.zeros((7999, 7999), np.uint16)).save(g16)
+    Image.fromarray(np.zeros((7999, 7999), np.uint8)).save(g8)
+    assert _peak_delta_mb(tiles_bundle, thin) < 100
+    d16, d8 = _peak_delta_mb(tiles_bundle, g16), _peak_delta_mb(tiles_bundle, g8)
+    assert d16 < d8 + 64, (d16, d8)
+    assert d16 < 500, d16
+
+
+def test_small_image_crops_equal_resizing_the_whole_image_first():
+    """The virtual up-scaling gives the crops that up-scaling the whole image would have given."""
+    from inference.preprocess import resize_for, tile_boxes, tiles_for, upscaled_size
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (60, 150, 3), np.uint8))
+    w, h = upscaled_size(150, 60, 96)
+    big = img.resize((w, h), Image.Resampling.BICUBIC)
+    for want, got in zip([big.crop(b) for b in tile_boxes(w, h, 96, 9)], tiles_for(img, 96, 9)):
+        assert np.array_equal(np.asarray(want), np.asarray(got))
+    left = (w - 96) // 2
+    assert np.array_equal(np.asarray(big.crop((left, 0, left + 96, 96))), np.asarray(resize_for(img, 96, "crop")))
+
+
+def test_thin_png_through_the_api_keeps_the_worker_small(tiles_bundle, tmp_path):
+    thin = tmp_path / "thin.png"
+    Image.new("L", (1, 58000), 128).save(thin)
+    s = Server(tiles_bundle, tmp_path / "serve.log")
+    try:
+        worker = int(Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split()[0])
+
+        def hwm() -> int:
+            for line in Path(f"/proc/{worker}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) // 1024
+            raise AssertionError("no VmHWM")
+
+        requests.post(f"{s.url}/predict", json={"image": base64.b64encode(
+            _png((300, 200))).decode()}, timeout=60).raise_for_status()
+        before = hwm()
+        r = requests.post(f"{s.url}/predict", data=thin.read_bytes(), headers={"Content-Type": "image/png"}, timeout=60)
+        assert r.status_code == 200 and 0 <= r.json()["result"] <= 1
+        assert hwm() - before < 300
+    finally:
+        s.stop()
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 150)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def odd_names(tmp_path, odd_images) -> Path:
+    d = tmp_path / "odd"
+    d.mkdir()
+    for name in ("photo.jpg", "bad\udcffname.jpg", "cr\rret.jpg", "=cmd.jpg"):
+        shutil.copy(odd_images["rgb.jpg"], d / name)
+    (d / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(d / "pipe.png")
+    return d
+
+
+def test_odd_file_names_each_give_one_row_and_nothing_is_lost(tiny_bundle, odd_names, tmp_path):
+    for out in (tmp_path / "out.csv", tmp_path / "out.jsonl"):
+        r = dfx("predict", str(odd_names), "--weights", str(tiny_bundle), "-o", str(out), "--no-progress")
+        assert r.returncode == 0, r.stderr
+        if out.suffix == ".csv":
+            with open(out, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        names = sorted(Path(r["path"]).name for r in rows)
+        assert names == sorted(["=cmd.jpg", "bad\\xffname.jpg", "cr\rret.jpg", "dangling.jpg", "photo.jpg", "pipe.png"])
+        status = {Path(r["path"]).name: r["status"] for r in rows}
+        assert status["dangling.jpg"] == status["pipe.png"] == "error"
+        assert status["bad\\xffname.jpg"] == status["cr\rret.jpg"] == "ok"
+        if out.suffix == ".csv":  # a spreadsheet must not read the name as a formula
+            assert not any(r["path"].startswith(("=", "+", "-", "@")) for r in rows)
+
+    sub = tmp_path / "sub.csv"
+    r = dfx("submit", str(odd_names), "--weights", str(tiny_bundle), "-o", str(sub), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    with open(sub, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["img_name", "y_pred"] and len(rows) == 7
+    by_name = dict(rows[1:])
+    assert by_name["dangling.jpg"] == by_name["pipe.png"] == "0.50000000"
+    assert "cr\rret.jpg" in by_name and "bad\\xffname.jpg" in by_name and "=cmd.jpg" in by_name
+    assert "dangling.jpg" in r.stderr and "pipe.png" in r.stderr
+
+
+@pytest.mark.parametrize("kwargs, named", [({"checkpoint_path": "/etc/passwd"}, "checkpoint_path"),
+                                            ({"dims": [1024, 2048, 4096, 8192]}, "dims"),
+                                            ({"img_size": 10**6}, "img_size")])
+def test_bundle_model_kwargs_are_an_allow_list(tiny_bundle, tmp_path, kwargs, named):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    data = json.loads((bad / "ensemble.json").read_text())
+    data["experts"][0]["model_kwargs"] = kwargs
+    (bad / "ensemble.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=named):
+        read_spec(bad)
+    r = dfx("bundle", "verify", str(bad))
+    assert r.returncode == 1 and named in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+def test_failed_load_and_model_info_publish_no_paths(tiny_bundle, tmp_path):
+    broken = tmp_path / "secret-location" / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    (broken / read_spec(broken).experts[0].file).write_bytes(b"not safetensors")
+    client = create_app(ApiConfig(weights=str(broken), device="cpu")).test_client()
+    deadline = time.monotonic() + 60
+    while (r := client.get("/healthcheck")).json.get("status") == "loading" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert r.status_code == 503 and r.json["status"] == "failed"
+    for resp in (r, client.post("/predict", json={"image": "aGVsbG8="})):
+        assert "secret-location" not in resp.get_data(as_text=True) and "/" not in json.dumps(resp.json["error"])
+
+    good = tmp_path / "secret-location" / "good"
+    shutil.copytree(tiny_bundle, good)
+    data = json.loads((good / "ensemble.json").read_text())
+    data["provenance"] = {"run_dir": str(tmp_path / "secret-location" / "run"),
+                          "manifests": [{"path": str(tmp_path / "secret-location" / "m.csv"), "sha256": "ab" * 32}],
+                          "config": {"output": "secret-location/run", "data": {"manifest": ["/secret-location/m.csv"]}}}
+    (good / "ensemble.json").write_text(json.dumps(data))
+    app = create_app(ApiConfig(weights=str(good), device="cpu"))
+    assert app.extensions["dfx_model"].wait(120)
+    info = app.test_client().get("/model")
+    assert info.status_code == 200 and "secret-location" not in info.get_data(as_text=True)
+    assert info.json["provenance"]["manifests"][0] == {"path": "m.csv", "sha256": "ab" * 32}
+
+
+def test_jpeg_header_bigger_than_its_scan_is_corrupt(tmp_path, tiny_bundle):
+    import struct
+
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (480, 640, 3), np.uint8)).save(buf, "JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, 7999, 7999)
+    path = tmp_path / "scan.jpg"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageError) as err:
+        load_image(path)
+    assert err.value.code == "corrupt"
+    out = tmp_path / "o.csv"
+    dfx("predict", str(path), str(tmp_path), "--weights", str(tiny_bundle), "-o", str(out), "--no-progress")
+    rows = list(csv.DictReader(open(out, newline="")))
+    assert rows[0]["status"] == "error" and "truncated" in rows[0]["error"]
+    # flat images at the best compression JPEG allows (2 bits a block) still pass
+    for kw in ({}, {"optimize": True}, {"progressive": True, "optimize": True}):
+        flat = io.BytesIO()
+        Image.new("L", (4000, 3000), 200).save(flat, "JPEG", quality=50, **kw)
+        assert load_image(flat.getvalue()).size == (4000, 3000)
+
+
+def test_pixel_limit_is_ours_above_pillows_and_files_are_read_header_first(tmp_path):
+    with pytest.raises(ImageError) as err:
+        load_image(png_bomb_header(14000, 14000), max_pixels=150_000_000)
+    assert err.value.code == "too_large" and "150,000,000" in err.value.message
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as f:
+        f.truncate(2 * 1024 * MB)  # sparse: 2 GB of zeros that take no disk
+    code = f"""
+import resource
+from inference.images import ImageError, load_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_image({str(huge)!r})
+except ImageError as exc:
+    print(exc.code, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code_, grown = out.stdout.split()
+    assert code_ == "not_image" and int(grown) < 100, out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_bundle, tmp_path_factory):
+    s = Server(tiny_bundle, tmp_path_factory.mktemp("hostile-srv") / "serve.log", "--threads", "2",
+               "--max-body-mb", "1", "--read-timeout", "20", env={"DFX_API_KEY": API_KEY})
+    yield s
+    s.stop()
+
+
+def _slow_clients(port: int, n: int, stop: threading.Event, body: bool = False) -> list[socket.socket]:
+    """``n`` connections that send a request a line every second and never finish it."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if body:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
+        else:
+            s.sendall(b"POST /predict HTTP/1.1\r\n")
+        socks.append(s)
+
+    def trickle() -> None:
+        i = 0
+        while not stop.wait(1.0):
+            for s in socks:
+                try:
+                    s.sendall(b"x" if body else f"X-Slow-{i}: y\r\n".encode())
+                except OSError:
+                    pass
+            i += 1
+
+    threading.Thread(target=trickle, daemon=True).start()
+    return socks
+
+
+@pytest.mark.parametrize("body", [False, True], ids=["headers", "body"])
+def test_slow_clients_do_not_starve_the_service(keyed_server, odd_images, body):
+    stop = threading.Event()
+    socks = _slow_clients(keyed_server.port, 10, stop, body=body)
+    try:
+        time.sleep(1.5)
+        r = requests.get(f"{keyed_server.url}/healthcheck", timeout=5)
+        assert r.status_code == 200
+        r = requests.post(f"{keyed_server.url}/predict", json={"image": b64(odd_images["rgb.jpg"])},
+                          headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+        assert r.status_code == 200
+    finally:
+        stop.set()
+        for s in socks:
+            s.close()
+
+
+def test_protocol_and_body_errors_are_json_with_the_right_status(keyed_server):
+    auth = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    nested = "[" * 100_000 + "]" * 100_000
+    assert_json_error(requests.post(f"{keyed_server.url}/predict", data=nested, headers=auth, timeout=30), 400, "bad_json")
+
+    def chunks():
+        for _ in range(40):
+            yield b"A" * 64 * 1024  # 2.5 MB, chunked, over the 1 MB limit
+    r = requests.post(f"{keyed_server.url}/predict", data=chunks(), headers={**auth, "Content-Type": "image/png"},
+                      timeout=30)
+    assert_json_error(r, 413, "payload_too_large")
+
+    fields = {f"f{i}": (None, "x") for i in range(5000)}
+    r = requests.post(f"{keyed_server.url}/predict", files=fields, headers={"Authorization": auth["Authorization"]},
+                      timeout=30)
+    assert_json_error(r, 413, "payload_too_large")
+    assert "parts" in r.json()["error"]["message"]
+
+    conn = http.client.HTTPConnection("127.0.0.1", keyed_server.port, timeout=10)
+    conn.putrequest("GET", "/healthcheck", skip_host=True, skip_accept_encoding=True)
+    conn.putheader("X" * 70000, "y")  # one header over gunicorn's field-size limit
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status in (400, 431) and resp.getheader("Content-Type") == "application/json"
+    assert "error" in json.loads(resp.read())
+
+
+class _HostileApi(BaseHTTPRequestHandler):
+    """A stand-in for a broken or hostile API (not our code): answers whatever ``answers`` says."""
+
+    answers: dict[str, tuple[int, bytes]] = {}
+
+    def _answer(self) -> None:
+        status, body = self.answers[self.path]
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._answer()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def hostile_api():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _HostileApi)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+
+
+def test_web_page_survives_a_loading_broken_or_hostile_api(hostile_api, tiny_bundle, odd_images):
+    from webui.app import create_app as web_app
+
+    url = f"http://127.0.0.1:{hostile_api.server_port}"
+    client = web_app({"api_url": url}).test_client()
+    _HostileApi.answers = {"/healthcheck": (503, json.dumps({"healthy": False, "status": "loading",
+                                                              "error": {"code": "model_loading"}}).encode()),
+                           "/predict": (503, json.dumps({"error": "a string, not an object"}).encode())}
+    assert client.get("/healthz").status_code == 503
+    upload = {"image": (io.BytesIO(odd_images["rgb.jpg"].read_bytes()), "a.jpg")}
+    r = client.post("/check", data=upload, headers={"Accept": "application/json"})
+    assert r.status_code == 502 and "error" in r.json
+
+    many = {"result": 0.5, "label": "fake", "experts": {f"e{i}": 0.5 for i in range(200_000)}}
+    _HostileApi.answers["/predict"] = (200, json.dumps(many).encode())
+    upload = {"image": (io.BytesIO(odd_images["rgb.jpg"].read_bytes()), "a.jpg")}
+    r = client.post("/check", data=upload, headers={"Accept": "application/json"})
+    assert r.status_code == 502 and r.json["error"]["code"] == "api_bad_answer"
+
+
+def test_web_page_refuses_cross_site_posts_and_reports_16bit_images(tiny_bundle, tmp_path, odd_images):
+    from webui.app import create_app as web_app
+    from webui.app import render_report
+
+    client = web_app({"api_url": "http://127.0.0.1:9"}).test_client()
+    upload = {"image": (io.BytesIO(odd_images["rgb.jpg"].read_bytes()), "a.jpg")}
+    r = client.post("/check", data=upload, headers={"Accept": "application/json", "Origin": "https://evil.example",
+                                                     "Sec-Fetch-Site": "cross-site"})
+    assert r.status_code == 403 and r.json["error"]["code"] == "cross_site"
+    csp = client.get("/").headers["Content-Security-Policy"]
+    assert "form-action 'self'" in csp and "base-uri 'none'" in csp
+
+    ramp = (np.tile(np.linspace(0, 65535, 256), (128, 1))).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")
+    png = render_report(buf.getvalue(), {"result": 0.2, "label": "real", "experts": {}}, "0" * 64, "g16.png")
+    thumb = np.asarray(Image.open(io.BytesIO(png)).convert("L"))[72:72 + 100, 32:32 + 300]
+    assert thumb.min() < 30 and thumb.max() > 220  # a ramp, not a blank white square
