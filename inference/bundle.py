@@ -9,16 +9,19 @@ Layout (``weights/<name>/``)::
 ``ensemble.json``::
 
     {"format": "dfx-ensemble/1.1", "name": "...",
-     "experts": [{"name", "family": "timm" | "residual", "arch", "model_kwargs": {}, "input_size",
+     "experts": [{"name", "family": "timm" | "residual" | "probe", "arch", "model_kwargs": {}, "input_size",
                   "preprocess": "squash" | "crop" | "tiles", "mean", "std", "file", "sha256",
                   "weight", "calibration": {"temperature": 1.0},
                   "crops": 9,          # tiles only: a g×g grid of native-resolution crops, probabilities averaged
-                  "stem": "npr"}, ...], # residual only: the fixed residual computed before the backbone
+                  "stem": "npr",       # residual only: the fixed residual computed before the backbone
+                  "stages": [1, 2, 3]}, ...], # probe only: the frozen backbone's feature indices it pools
      "aggregate": "mean_prob", "threshold": 0.5, "uncertain_band": [lo, hi],
      "threshold_rule": "how the threshold was chosen", "provenance": {...}}
 
-Format 1.1 adds ``tiles`` preprocessing and the ``residual`` family (inference/residual.py) to 1.0; a
-1.0 bundle reads unchanged, and a 1.0 reader refuses a 1.1 bundle's new mode or family by name.
+Format 1.1 adds ``tiles`` preprocessing and the ``residual`` family (inference/residual.py) to 1.0; 1.2 adds
+the ``probe`` family (``stages``; inference/families/probe.py). Older bundles read unchanged, and an older
+reader refuses a newer bundle's new mode or family by name. Each family's own fields are checked by its
+module in ``inference/families/``.
 
 Loading is strict: the format version, every field's type, every file's presence and SHA-256 are
 checked, and any problem raises :class:`BundleError` with the file and the problem in its message.
@@ -37,14 +40,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "dfx-ensemble/1.1"
+FORMAT = "dfx-ensemble/1.2"
 SUPPORTED_MAJOR = "dfx-ensemble/1"
 MANIFEST_NAME = "ensemble.json"
-FAMILIES = ("timm", "residual")
+from .families import REGISTRY as _FAMILY_REGISTRY  # noqa: E402  (torch-free: parsing only)
+from .families import get as family_of  # noqa: E402
+from .families.residual import STEMS  # noqa: E402
+
+FAMILIES = tuple(_FAMILY_REGISTRY)
 PREPROCESS_MODES = ("squash", "crop", "tiles")
-STEMS = ("npr", "srm")  # inference.residual.STEMS (kept here so reading a bundle imports no torch)
 MAX_CROPS = 64
 AGGREGATES = ("mean_prob",)
+#: The model_kwargs a bundle may pass to ``timm.create_model``: name → (type, lowest, highest). Anything
+#: else is refused: ``checkpoint_path`` would make timm load a file outside the bundle with no checksum,
+#: and sizes such as ``dims`` would allocate gigabytes before any weight is checked.
+MODEL_KWARGS = {"img_size": (int, 8, 4096)}
 
 
 class BundleError(Exception):
@@ -69,6 +79,7 @@ class ExpertSpec:
     calibration: dict[str, float] = field(default_factory=lambda: {"temperature": 1.0})
     crops: int = 1                       #: ``tiles`` only: crops per image (a g×g grid)
     stem: str | None = None              #: ``residual`` family only: ``npr`` or ``srm``
+    stages: tuple[int, ...] | None = None  #: ``probe`` family only: the backbone's feature indices it reads
 
     @property
     def temperature(self) -> float:
@@ -88,6 +99,10 @@ class ExpertSpec:
             d.pop("crops")
         if self.stem is None:
             d.pop("stem")
+        if self.stages is None:
+            d.pop("stages")
+        else:
+            d["stages"] = list(self.stages)
         return d
 
 
@@ -157,6 +172,7 @@ def _parse_expert(raw: Any, index: int, manifest: Path) -> ExpertSpec:
     family = _req(raw, "family", str, where)
     if family not in FAMILIES:
         raise BundleError(f"{where}: unknown family '{family}' (this version knows {', '.join(FAMILIES)})")
+    family_fields = family_of(family).parse(raw, where)
     preprocess = _req(raw, "preprocess", str, where)
     if preprocess not in PREPROCESS_MODES:
         raise BundleError(f"{where}: unknown preprocess mode '{preprocess}' "
@@ -185,6 +201,12 @@ def _parse_expert(raw: Any, index: int, manifest: Path) -> ExpertSpec:
     model_kwargs = raw.get("model_kwargs", {})
     if not isinstance(model_kwargs, dict):
         raise BundleError(f"{where}: model_kwargs must be an object")
+    for key, value in model_kwargs.items():
+        if key not in MODEL_KWARGS:
+            raise BundleError(f"{where}: model_kwargs '{key}' is not allowed (allowed: {', '.join(MODEL_KWARGS)})")
+        kind, lo, hi = MODEL_KWARGS[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or not lo <= value <= hi:
+            raise BundleError(f"{where}: model_kwargs '{key}' must be {kind.__name__} in {lo}..{hi}, got {value!r}")
     crops = raw.get("crops", 1)
     if preprocess == "tiles":
         if not isinstance(crops, int) or isinstance(crops, bool) or not 1 <= crops <= MAX_CROPS \
@@ -194,16 +216,11 @@ def _parse_expert(raw: Any, index: int, manifest: Path) -> ExpertSpec:
     elif crops != 1:
         raise BundleError(f"{where}: crops is only meaningful with preprocess 'tiles' (got {crops!r} with "
                           f"'{preprocess}')")
-    stem = raw.get("stem")
-    if family == "residual" and stem not in STEMS:
-        raise BundleError(f"{where}: a residual expert needs stem {' or '.join(STEMS)}, got {stem!r}")
-    if family != "residual" and stem is not None:
-        raise BundleError(f"{where}: stem {stem!r} is only meaningful for family 'residual'")
     return ExpertSpec(
         name=name, family=family, arch=_req(raw, "arch", str, where), input_size=input_size,
         preprocess=preprocess, mean=_triple(raw, "mean", where), std=std, file=file, sha256=sha,
         weight=weight, model_kwargs=dict(model_kwargs),
-        calibration={"temperature": float(temperature)}, crops=int(crops), stem=stem,
+        calibration={"temperature": float(temperature)}, crops=int(crops), **family_fields,
     )
 
 
@@ -283,6 +300,7 @@ def bundle_digest(spec: BundleSpec) -> str:
     """A short, stable identity of an ensemble: its experts' checksums, weights and decision rule."""
     ident = json.dumps(
         {"experts": [[e.name, e.sha256, e.weight, e.preprocess_key, e.calibration] + ([e.stem] if e.stem else [])
+                     + ([list(e.stages)] if e.stages else [])
                      for e in spec.experts],
          "aggregate": spec.aggregate, "threshold": spec.threshold, "band": spec.uncertain_band},
         sort_keys=True, default=list,

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--stem", choices=STEMS, default=None,
                       help="make every expert a residual one: npr (x - up(down(x))) or srm (fixed high-pass "
                            "filters) before the timm model (default: none, plain timm experts)")
+    init.add_argument("--pretrained", default=None,
+                      help="ImageNet backbone for every expert: pkg:NAME (see `dfx backbones`), a .safetensors/.pth "
+                           "file or a folder; the 2-class head stays random")
     init.add_argument("--seed", type=int, default=0, help="seed of expert 0; expert i uses seed+i (default 0)")
     init.add_argument("--name", default=None, help="bundle name (default: the output folder's name)")
     init.add_argument("--out", required=True, help="bundle folder to create")
@@ -53,6 +56,7 @@ def _init(args: argparse.Namespace) -> int:
 
     try:
         spec = init_bundle(args.arch, args.out, input_size=args.input_size, preprocess=args.preprocess,
+                           pretrained=args.pretrained,
                            crops=args.crops, stem=args.stem, seed=args.seed, name=args.name, overwrite=args.force)
     except ValueError as exc:
         raise BundleError(str(exc)) from exc

@@ -38,9 +38,12 @@ def init_bundle(
     name: str | None = None,
     overwrite: bool = False,
     provenance: dict[str, Any] | None = None,
+    pretrained: str | None = None,
 ) -> BundleSpec:
     """Write a bundle of randomly initialised experts (expert ``i`` seeded with ``seed + i``).
-    ``stem`` makes every expert a residual one; ``crops`` is the crop count of ``tiles`` preprocessing."""
+    ``stem`` makes every expert a residual one; ``crops`` is the crop count of ``tiles`` preprocessing;
+    ``pretrained`` (inference.pretrained: ``pkg:NAME``, a file or a folder) gives every expert its ImageNet
+    backbone, the 2-class head staying random."""
     if not archs:
         raise ValueError("give at least one architecture")
     experts, states = [], {}
@@ -52,7 +55,12 @@ def init_bundle(
                           family="residual" if stem else "timm", stem=stem,
                           crops=crops if preprocess == "tiles" else 1)
         torch.manual_seed(seed + i)
-        states[ename] = create_expert(spec).state_dict()
+        model = create_expert(spec)
+        if pretrained:
+            from .pretrained import load_pretrained
+
+            load_pretrained(model, pretrained, arch)
+        states[ename] = model.state_dict()
         experts.append(spec)
     bundle = BundleSpec(
         name=name or Path(out).name,
@@ -60,7 +68,7 @@ def init_bundle(
         threshold=0.5,
         uncertain_band=(0.4, 0.6),
         threshold_rule="untrained bundle: fixed 0.5 with a ±0.1 uncertain band, not chosen on data",
-        provenance=provenance or {"kind": "untrained", "seed": seed,
+        provenance=provenance or {"kind": "untrained", "seed": seed, "pretrained": pretrained,
                                   "note": "random weights from `dfx bundle init`; scores mean nothing"},
     )
     return write_bundle(out, bundle, states, overwrite=overwrite)

@@ -50,17 +50,12 @@ def arch_defaults(arch: str, input_size: int | None = None) -> dict[str, Any]:
 
 
 def create_expert(spec: ExpertSpec) -> nn.Module:
-    """A freshly initialised timm model for ``spec`` (random weights; seed torch before calling): the
-    module whose state dict the expert's file holds. For a residual expert, wrap it with :func:`with_stem`."""
-    if spec.family not in ("timm", "residual"):
-        raise BundleError(f"expert '{spec.name}': unknown family '{spec.family}'")
-    if not timm.is_model(spec.arch):
-        raise BundleError(f"expert '{spec.name}': unknown timm architecture '{spec.arch}'")
-    try:
-        return timm.create_model(spec.arch, pretrained=False, num_classes=NUM_CLASSES, **spec.model_kwargs)
-    except TypeError as exc:
-        raise BundleError(f"expert '{spec.name}': bad model_kwargs {spec.model_kwargs} for "
-                          f"'{spec.arch}' ({exc})") from exc
+    """A freshly initialised module for ``spec`` (random weights; seed torch before calling): the module whose
+    state dict the expert's file holds, as its family (inference/families/) defines it. Wrap it with
+    :func:`with_stem` to score images."""
+    from .families import get
+
+    return get(spec.family).create(spec)
 
 
 def load_expert(spec: ExpertSpec, bundle_dir: str | os.PathLike[str]) -> nn.Module:
@@ -84,12 +79,10 @@ def load_expert(spec: ExpertSpec, bundle_dir: str | os.PathLike[str]) -> nn.Modu
 
 
 def with_stem(spec: ExpertSpec, model: nn.Module) -> nn.Module:
-    """``model`` itself for a timm expert; the residual stem followed by ``model`` for a residual one."""
-    if spec.family != "residual":
-        return model
-    from .residual import ResidualNet, ResidualStem
+    """What scores images for ``spec``: ``model`` itself, or behind its family's fixed stem (residual)."""
+    from .families import get
 
-    return ResidualNet(ResidualStem(str(spec.stem)), model)
+    return get(spec.family).scorer(spec, model)
 
 
 def fake_probs(model: nn.Module, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

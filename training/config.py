@@ -40,7 +40,7 @@ class ExpertConfig:
     crops: int = 9                       #: tiles: crops scored per image at validation and inference (square)
     skip_kinds: list[str] = field(default_factory=list)  #: manifest kinds this expert never trains on
     val_fold: int | None = None          #: validate on this fold, train on the others; None: use `split`
-    pretrained: str | None = None        #: local file/folder of weights, a hub name, or None (random init)
+    pretrained: str | None = None        #: pkg:NAME (`dfx backbones`), a local file/folder, a hub name, or None
     weight: float = 1.0                  #: weight in the ensemble average
     drop_path_rate: float = 0.0
 
@@ -272,7 +272,18 @@ def check_config(cfg: TrainConfig) -> None:
         if e.weight < 0:
             raise ConfigError(f"experts.{i}.weight: must be >= 0")
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-        if e.pretrained and not Path(e.pretrained).exists() and offline:
+        if e.pretrained and e.pretrained.startswith("pkg:"):
+            from inference.pretrained import SOURCES, package_file
+
+            source = SOURCES.get(e.pretrained[4:])
+            if source is None:
+                raise ConfigError(f"experts.{i}.pretrained: unknown weight package {e.pretrained} (see `dfx backbones`)")
+            if source.arch != e.arch:
+                raise ConfigError(f"experts.{i}.pretrained: {e.pretrained} holds weights for {source.arch}, "
+                                  f"not {e.arch}")
+            if package_file(source) is None:
+                raise ConfigError(f"experts.{i}.pretrained: {e.pretrained} is not installed: {source.pip}")
+        elif e.pretrained and not Path(e.pretrained).exists() and offline:
             raise ConfigError(f"experts.{i}.pretrained: {e.pretrained} is not a local file or folder, and the "
                               "model hub is offline (HF_HUB_OFFLINE)")
         name = expert_name(e)

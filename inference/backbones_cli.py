@@ -1,0 +1,31 @@
+"""``dfx backbones``: the pretrained weights usable offline on this machine (as ``timm.list_pretrained()``
+lists hub weights)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("backbones", help="list pretrained backbones usable offline",
+                       description="List the ImageNet weights that installable packages carry (pkg:NAME), with "
+                                   "their timm architecture and whether they are installed here. Use one as "
+                                   "experts.N.pretrained in a training config or `dfx bundle init --pretrained`.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_list)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .pretrained import list_backbones
+
+    rows = list_backbones()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<24} {'timm arch':<24} {'size':>8}  {'licence':<11} where")
+    for r in rows:
+        size = f"{r['size_mb']} MB" if r["installed"] else "-"
+        where = r["file"] if r["installed"] else f"not installed: {r['install']}"
+        print(f"{r['name']:<24} {r['arch']:<24} {size:>8}  {r['licence']:<11} {where}")
+    return 0

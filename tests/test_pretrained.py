@@ -1,0 +1,132 @@
+"""Pretrained weights offline (issue 12): packages, files, conversion checks, and their use in training."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from inference.pretrained import (SOURCES, PretrainedError, convert_in_order, list_backbones, load_pretrained,
+                                  package_file, pretrained_state)
+
+from .conftest import ROOT, dfx
+
+
+def _need(name: str) -> None:
+    if package_file(SOURCES[name]) is None:
+        pytest.skip(f"weight package for pkg:{name} is not installed ({SOURCES[name].pip})")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DFX_CACHE", str(tmp_path / "cache"))
+
+
+def _imagenet_class(model: torch.nn.Module, photo: np.ndarray, mean, std) -> tuple[int, float]:
+    img = Image.fromarray(photo).resize((224, 224), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    with torch.no_grad():
+        p = model.eval()(x[None]).softmax(1)[0]
+    return int(p.argmax()), float(p.max())
+
+
+@pytest.mark.parametrize("name, mean, std", [("efficientnet_lite0", (0.5,) * 3, (0.5,) * 3),
+                                             ("mobilenetv2_100", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_package_weights_recognise_real_photos(name, mean, std, tmp_path):
+    """Converted weights are ImageNet weights: scikit-image's cat and coffee photos get their classes."""
+    from skimage import data
+
+    _need(name)
+    arch = SOURCES[name].arch
+    model = timm.create_model(arch, pretrained=False)
+    model.load_state_dict(pretrained_state(f"pkg:{name}", arch), strict=True)
+    assert _imagenet_class(model, data.chelsea(), mean, std)[0] == 285   # Egyptian cat
+    assert _imagenet_class(model, data.coffee(), mean, std)[0] == 967    # espresso
+    cached = list((tmp_path / "cache" / "pretrained").glob(f"{name}-*.safetensors"))
+    assert len(cached) == 1  # converted once; the second read comes from the cache
+    again = pretrained_state(f"pkg:{name}", arch)
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_wrong_shape_is_refused_naming_the_tensor(tmp_path):
+    _need("efficientnet_lite0")
+    foreign = torch.load(package_file(SOURCES["efficientnet_lite0"]), weights_only=True)
+    key = list(foreign)[5]
+    foreign[key] = torch.zeros(3, 3)
+    with pytest.raises(PretrainedError, match=f"tensor '{key.replace('.', '[.]')}' has shape"):
+        convert_in_order(foreign, timm.create_model("tf_efficientnet_lite0").state_dict(), "test")
+    bad = tmp_path / "bad.pth"
+    torch.save(foreign, bad)
+    with pytest.raises(PretrainedError, match=key.replace(".", "[.]")):
+        pretrained_state(str(bad), "tf_efficientnet_lite0")
+    with pytest.raises(PretrainedError, match="holds weights for 'tf_efficientnet_lite0', not 'convnext_atto'"):
+        pretrained_state("pkg:efficientnet_lite0", "convnext_atto")
+
+
+def test_pickled_code_is_refused_and_local_files_work(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"w": Evil()}, evil)
+    with pytest.raises(PretrainedError, match="weights_only"):
+        pretrained_state(str(evil), "convnext_atto")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = timm.create_model("convnext_atto")
+    folder = tmp_path / "local"
+    folder.mkdir()
+    save_file(ref.state_dict(), str(folder / "model.safetensors"))
+    model = load_pretrained(timm.create_model("convnext_atto", num_classes=2), str(folder), "convnext_atto")
+    assert torch.equal(model.stem[0].weight, ref.stem[0].weight) and model.head.fc.out_features == 2
+
+
+def test_every_torch_load_in_the_project_is_weights_only():
+    """No pickle can be loaded by our code: every torch.load call passes weights_only=True."""
+    for path in ROOT.glob("*/**/*.py"):
+        if ".venv" in path.parts or "tests" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load" \
+                    and getattr(node.func.value, "id", None) == "torch":
+                kw = {k.arg: k.value for k in node.keywords}
+                assert "weights_only" in kw and getattr(kw["weights_only"], "value", None) is True, \
+                    f"{path}:{node.lineno}: torch.load without weights_only=True"
+
+
+def test_dfx_backbones_lists_the_installed_packages():
+    r = dfx("backbones", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert set(rows) == {f"pkg:{n}" for n in SOURCES}
+    for row in list_backbones():
+        assert rows[row["name"]]["installed"] == row["installed"]
+        if row["installed"]:
+            assert Path(row["file"]).is_file() and row["size_mb"] > 1
+
+
+def test_bundle_init_with_a_package_backbone(tmp_path):
+    _need("efficientnet_lite0")
+    out = tmp_path / "b"
+    r = dfx("bundle", "init", "--arch", "tf_efficientnet_lite0", "--pretrained", "pkg:efficientnet_lite0",
+            "--input-size", "64", "--out", str(out), env={"DFX_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "tf_efficientnet_lite0.safetensors"))
+    ref = pretrained_state("pkg:efficientnet_lite0", "tf_efficientnet_lite0")
+    assert torch.equal(state["conv_stem.weight"], ref["conv_stem.weight"])
+    assert state["classifier.weight"].shape[0] == 2
+    assert dfx("bundle", "verify", str(out)).returncode == 0
+    bad = dfx("bundle", "init", "--arch", "convnext_atto", "--pretrained", "pkg:efficientnet_lite0", "--out",
+              str(tmp_path / "c"))
+    assert bad.returncode != 0 and "not 'convnext_atto'" in bad.stderr and not (tmp_path / "c").exists()
