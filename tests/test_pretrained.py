@@ -130,3 +130,59 @@ def test_bundle_init_with_a_package_backbone(tmp_path):
     bad = dfx("bundle", "init", "--arch", "convnext_atto", "--pretrained", "pkg:efficientnet_lite0", "--out",
               str(tmp_path / "c"))
     assert bad.returncode != 0 and "not 'convnext_atto'" in bad.stderr and not (tmp_path / "c").exists()
+
+
+def test_probe_bundle_round_trip_through_dfx_train(tiny_dataset, tmp_path):
+    """init → train a few steps (frozen lite0 stages, trained head) → export → verify → predict: the bundle
+    scores each validation image as training's validation did; the backbone never moved."""
+    _need("efficientnet_lite0")
+    import yaml
+
+    from inference import Detector
+    from inference.bundle import read_spec
+    from inference.manifest import read_manifest
+
+    cfg = {"seed": 1, "output": str(tmp_path / "run"), "data": {"manifest": [str(tiny_dataset)], "workers": 0},
+           "experts": [{"arch": "tf_efficientnet_lite0", "family": "probe", "stages": [1, 2, 3],
+                        "pretrained": "pkg:efficientnet_lite0", "input_size": 64, "preprocess": "tiles", "crops": 1,
+                        "val_fold": 0}],
+           "optim": {"lr": 0.01, "warmup_steps": 1}, "train": {"epochs": 2, "batch_size": 8, "ema_decay": 0.5,
+                                                              "checkpoint_every_steps": 0}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {"DFX_CACHE": str(tmp_path / "cache")}
+    r = dfx("train", str(tmp_path / "cfg.yaml"), env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bundle = tmp_path / "bundle"
+    assert dfx("export", str(tmp_path / "run"), "--out", str(bundle)).returncode == 0
+    assert dfx("bundle", "verify", str(bundle)).returncode == 0
+    spec = read_spec(bundle)
+    e = spec.experts[0]
+    assert e.family == "probe" and e.stages == (1, 2, 3)
+    det = Detector(bundle, device="cpu")
+    vp = read_manifest(tmp_path / "run" / "experts" / e.name / "final" / "val_predictions.csv")
+    preds = det.predict([Path(row["path"]) for row in vp.rows])
+    for row, pred in zip(vp.rows, preds):
+        assert pred.experts[e.name] == pytest.approx(float(row["prob"]), abs=1e-5)
+    from safetensors.torch import load_file
+
+    state = load_file(str(bundle / e.file))
+    ref = pretrained_state("pkg:efficientnet_lite0", "tf_efficientnet_lite0")
+    assert torch.equal(state["backbone.conv_stem.weight"], ref["conv_stem.weight"])   # frozen
+    assert float(state["feat_std"].min()) > 0 and not torch.equal(state["feat_mean"], torch.zeros_like(state["feat_mean"]))
+    # plain timm loads the backbone part strictly
+    features = timm.create_model(e.arch, features_only=True, out_indices=e.stages)
+    features.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")},
+                             strict=True)
+
+
+def test_probe_backbone_batch_norm_never_moves():
+    """A frozen backbone stays frozen in training mode: its batch-norm statistics do not follow the batches."""
+    from inference.probe_net import ProbeNet
+
+    net = ProbeNet("tf_efficientnet_lite0", (1, 2))
+    before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(4, 3, 64, 64) * 3 + 1)
+    assert all(torch.equal(before[k], v) for k, v in net.backbone.state_dict().items())
+    assert not any(p.requires_grad for p in net.backbone.parameters())

@@ -229,7 +229,7 @@ def test_existing_output_needs_resume(trained_run, tiny_dataset, tmp_path):
 
 def _torchrun(cfg: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """``dfx train`` in two real processes (gloo on the CPU), as `accelerate launch` runs it on two GPUs."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "inference.cli", "train", str(cfg), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"})

@@ -33,7 +33,7 @@ class DataConfig:
 class ExpertConfig:
     arch: str = "convnext_atto"
     name: str | None = None              #: default: arch, or arch-f<fold>
-    family: str = "timm"                 #: timm | residual (a fixed residual stem before the timm model)
+    family: str = "timm"                 #: timm | residual (fixed residual stem) | probe (frozen stages + head)
     stem: str | None = None              #: residual family: npr | srm (see inference.residual)
     input_size: int | None = None        #: default: the arch's own
     preprocess: str = "squash"           #: squash | crop | tiles (native-resolution crops; see inference.preprocess)
@@ -43,6 +43,8 @@ class ExpertConfig:
     pretrained: str | None = None        #: pkg:NAME (`dfx backbones`), a local file/folder, a hub name, or None
     weight: float = 1.0                  #: weight in the ensemble average
     drop_path_rate: float = 0.0
+    stages: list[int] | None = None      #: probe family: the frozen backbone's feature indices it pools
+    lr: float | None = None              #: this expert's learning rate (default optim.lr); a probe's head wants more
 
 
 @dataclass
@@ -187,6 +189,11 @@ def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
                 raise ConfigError(f"{key}: must be a pair [low, high], got {value!r}")
             cast = int if "int" in t else float
             return (cast(value[0]), cast(value[1]))
+        if t.startswith("list[int]"):
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+                raise ConfigError(f"{key}: must be a list of integers, got {value!r}")
+            return list(items)
         if t.startswith("list"):
             items = value if isinstance(value, list) else [value]
             if not all(isinstance(v, str) for v in items):
@@ -264,6 +271,16 @@ def check_config(cfg: TrainConfig) -> None:
                               f"got {e.crops}")
         if e.family not in FAMILIES:
             raise ConfigError(f"experts.{i}.family: must be one of {', '.join(FAMILIES)}")
+        if (e.family == "probe") != (e.stages is not None):
+            raise ConfigError(f"experts.{i}.stages: a probe expert needs stages (feature indices, e.g. [1, 2, 3, 4]), "
+                              f"and only a probe expert takes them (family {e.family}, stages {e.stages})")
+        if e.stages is not None:
+            from inference.bundle import BundleError, family_of
+
+            try:
+                family_of("probe").parse({"stages": e.stages}, f"experts.{i}")
+            except BundleError as exc:
+                raise ConfigError(str(exc)) from None
         if (e.family == "residual") != (e.stem is not None) or (e.stem is not None and e.stem not in STEMS):
             raise ConfigError(f"experts.{i}.stem: a residual expert needs stem {' or '.join(STEMS)}, and only a "
                               f"residual expert takes one (family {e.family}, stem {e.stem})")
@@ -271,6 +288,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"experts.{i}.input_size: {e.input_size} is out of range 16..2048")
         if e.weight < 0:
             raise ConfigError(f"experts.{i}.weight: must be >= 0")
+        if e.lr is not None and not e.lr > 0:
+            raise ConfigError(f"experts.{i}.lr: must be a number > 0, got {e.lr}")
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
         if e.pretrained and e.pretrained.startswith("pkg:"):
             from inference.pretrained import SOURCES, package_file

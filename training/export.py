@@ -31,6 +31,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
                                   sha256="0" * 64, preprocess=info["preprocess"], weight=float(info["weight"]),
                                   model_kwargs=info.get("model_kwargs", {}), family=info.get("family", "timm"),
                                   stem=info.get("stem"),
+                                  stages=tuple(info["stages"]) if info.get("stages") is not None else None,
                                   crops=int(info.get("crops", 1)) if info["preprocess"] == "tiles" else 1))
         state = load_file(str(final / "ema.safetensors"))
         states[ename] = {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}

@@ -160,6 +160,21 @@ def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any]) ->
     import timm
 
     kwargs = dict(model_kwargs)
+    if e.family == "probe":  # frozen pretrained stages and a trainable head (inference/families/probe.py)
+        from inference.families.probe import probe_net
+        from inference.pretrained import PretrainedError, pretrained_state
+
+        net = probe_net(e.arch, tuple(e.stages or ()), kwargs)
+        if e.pretrained:
+            try:
+                state = pretrained_state(e.pretrained, e.arch)
+            except PretrainedError as exc:
+                raise ConfigError(f"experts: pretrained '{e.pretrained}': {exc}") from exc
+            if state is None:
+                raise ConfigError(f"experts: a probe's pretrained weights must be pkg:NAME, a file or a folder")
+            own = net.backbone.state_dict()
+            net.backbone.load_state_dict({k: state[k] for k in own}, strict=True)
+        return net
     if e.drop_path_rate:
         kwargs["drop_path_rate"] = e.drop_path_rate
     if not e.pretrained:
@@ -174,6 +189,30 @@ def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any]) ->
                                e.arch)
     except PretrainedError as exc:
         raise ConfigError(f"experts: pretrained '{e.pretrained}': {exc}") from exc
+
+
+@torch.no_grad()
+def _calibrate_probe(net: nn.Module, rows: list[dict[str, Any]], size: int, e: ExpertConfig, mean, std,
+                     max_pixels: int, limit: int = 256) -> None:
+    """Set a probe's ``feat_mean``/``feat_std`` from up to ``limit`` training images (evenly spaced, each read as
+    inference reads it), so its linear head starts on standardised features."""
+    from inference.images import ImageError
+
+    net.eval()
+    pre = Preprocessor([(size, mode_key(e), tuple(mean), tuple(std))], max_pixels=max_pixels)
+    step = max(1, len(rows) // limit)
+    feats = []
+    for r in rows[::step][:limit]:
+        try:
+            x = next(iter(pre.prepare(r["abspath"]).values()))
+        except ImageError:
+            continue
+        feats.append(net.pooled(x if x.dim() == 4 else x[None]))
+    if feats:
+        f = torch.cat(feats)
+        net.feat_mean.copy_(f.mean(dim=0))
+        std = f.std(dim=0, unbiased=False)
+        net.feat_std.copy_(torch.clamp_min(std, 0.05 * float(std.median()) + 1e-6))  # see training.probe.robust_std
 
 
 def _lr_lambda(warmup: int, total: int, schedule: str):
@@ -244,6 +283,8 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     set_seed(expert_seed)
 
     backbone = create_backbone(e, size, model_kwargs)
+    if hasattr(backbone, "feat_mean"):  # a probe: standardise its frozen features with the training images'
+        _calibrate_probe(backbone, train_rows, size, e, mean, std, cfg.data.max_pixels)
     with torch.no_grad():
         feat_dim = expert_forward(backbone.eval(), torch.zeros(1, 3, size, size))[1].shape[1]
     stem = make_stem(e)
@@ -271,7 +312,7 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     val_loader = torch.utils.data.DataLoader(EvalDataset([to_row(r) for r in val_rows], pre),
                                              batch_size=tc.batch_size * 2, num_workers=workers, collate_fn=collate_eval)
 
-    opt = create_optimizer_v2(net, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt = create_optimizer_v2(net, opt=cfg.optim.name, lr=e.lr or cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     net, opt, loader = accelerator.prepare(net, opt, loader)  # moves the stem too: it is part of net
     scorer = nn.Sequential(stem, ema.module)  # what validation scores: the stem, then the EMA weights
     steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
@@ -380,7 +421,7 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
         if vrows:
             save_roc_png(tmp / "roc.png", {name: ([r["label"] for r in vrows], [r["prob"] for r in vrows])},
                          title=f"{name}: validation ROC (EMA)")
-        info = {"name": name, "arch": e.arch, "family": e.family, "stem": e.stem, "crops": e.crops,
+        info = {"name": name, "arch": e.arch, "family": e.family, "stem": e.stem, "stages": e.stages, "crops": e.crops,
                 "input_size": size, "preprocess": e.preprocess, "mean": list(mean),
                 "std": list(std), "model_kwargs": model_kwargs, "weight": e.weight, "val_fold": e.val_fold,
                 "pretrained": e.pretrained, "n_train": len(train_rows), "n_val": len(val_rows),

@@ -24,51 +24,11 @@ MAX_STAGE = 5
 
 
 def probe_net(arch: str, stages: tuple[int, ...], model_kwargs: dict[str, Any] | None = None) -> Any:
-    """A :class:`ProbeNet` with random weights (import-time torch is avoided for bundle reading)."""
-    import timm
-    import torch
-    from torch import nn
+    """A :class:`inference.probe_net.ProbeNet` with random weights (torch is imported only here, so reading a
+    bundle stays torch-free)."""
+    from ..probe_net import ProbeNet
 
-    class ProbeNet(nn.Module):
-        """Frozen ``features_only`` backbone → mean+std pooled stages → standardise → linear head (index 1 = fake)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.backbone = timm.create_model(arch, pretrained=False, features_only=True, out_indices=stages,
-                                              **(model_kwargs or {}))
-            self.num_features = 2 * sum(self.backbone.feature_info.channels())
-            self.register_buffer("feat_mean", torch.zeros(self.num_features))
-            self.register_buffer("feat_std", torch.ones(self.num_features))
-            self.head = nn.Linear(self.num_features, 2)
-            self.backbone.requires_grad_(False)
-
-        def train(self, mode: bool = True) -> "ProbeNet":
-            super().train(mode)
-            self.backbone.eval()  # frozen: its batch-norm statistics never move
-            return self
-
-        def pooled(self, x: torch.Tensor) -> torch.Tensor:
-            """The raw (unstandardised) feature vector: per stage, per channel mean and std over the map."""
-            parts = []
-            for f in self.backbone(x):
-                f = f.float().flatten(2)
-                parts += [f.mean(dim=2), f.std(dim=2, unbiased=False)]
-            return torch.cat(parts, dim=1)
-
-        # The names timm models use, so the trainer and the embedding stage treat a probe like any expert.
-        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-            return (self.pooled(x) - self.feat_mean) / self.feat_std
-
-        def forward_head(self, z: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-            return z if pre_logits else self.head(z)
-
-        def get_classifier(self) -> nn.Module:
-            return self.head
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.forward_features(x))
-
-    return ProbeNet()
+    return ProbeNet(arch, stages, model_kwargs)
 
 
 class ProbeFamily:
