@@ -319,6 +319,9 @@ def write_bundle(out_dir: str | os.PathLike[str], spec: BundleSpec,
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    # The oldest format that holds the bundle, so older readers keep reading what they can: 1.2 only for probes.
+    spec = BundleSpec(**{**spec.__dict__, "format": FORMAT if any(e.family == "probe" for e in spec.experts)
+                         else "dfx-ensemble/1.1"})
     parse_spec(spec.to_json(), out / MANIFEST_NAME)  # never write a bundle that could not be read back
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: already exists (pass overwrite/--force to replace it)")

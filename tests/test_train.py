@@ -237,25 +237,32 @@ def _torchrun(cfg: Path, *extra: str, timeout: float = 600) -> subprocess.Comple
 
 @pytest.mark.slow
 def test_two_processes_train_once_and_match_one_process(tiny_dataset, tmp_path):
-    """Two processes share each epoch's batches (each sees half), so with the same batch size per process the
-    run takes half the optimiser steps on twice the images per step. Validation sees the same rows; on this
-    separable task both runs must learn it (AUC well above chance), within 0.15 AUC of each other."""
-    changes = dict(train__epochs=4, train__checkpoint_every_steps=0)
-    one = _train_proc(write_config(tmp_path / "one.yaml", tiny_dataset, tmp_path / "one", **changes))
-    out1, err1 = one.communicate(timeout=600)
+    """Two processes with 4 images each per step against one process with 8: the same global batches (the
+    sampler's order is shared, each item's augmentation is seeded by its position), DDP averages two
+    equal-size mean gradients (= the mean over 8), the schedule counts optimiser steps, so the validation
+    predictions must agree up to float summation order (1e-4). NCE is off here: its contrastive term is
+    computed within each process's batch, a real (documented) difference; the default objective runs below."""
+    from inference.manifest import read_manifest
+
+    same = dict(train__epochs=3, train__checkpoint_every_steps=0, loss={"ce": 1.0, "kl": 0.5, "nce": 0.0},
+                optim={"lr": 0.0005, "warmup_steps": 2})
+    one = _train_proc(write_config(tmp_path / "one.yaml", tiny_dataset, tmp_path / "one", train__batch_size=8, **same))
+    _, err1 = one.communicate(timeout=600)
     assert one.returncode == 0, err1[-3000:]
-    cfg2 = write_config(tmp_path / "two.yaml", tiny_dataset, tmp_path / "two", **changes)
+    cfg2 = write_config(tmp_path / "two.yaml", tiny_dataset, tmp_path / "two", train__batch_size=4, **same)
     r = _torchrun(cfg2)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     run1 = json.loads((tmp_path / "one" / "run.json").read_text())
     run2 = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run1["processes"] == 1 and run2["processes"] == 2
     assert r.stdout.count("training on 2 process(es)") == 1  # printed by the main process only
-    info1 = json.loads((tmp_path / "one" / "experts" / "convnext_atto-f0" / "final" / "expert.json").read_text())
-    info2 = json.loads((tmp_path / "two" / "experts" / "convnext_atto-f0" / "final" / "expert.json").read_text())
-    assert info1["n_val"] == info2["n_val"]
-    assert info2["steps"] * 2 in range(info1["steps"] - 4, info1["steps"] + 5)
-    assert info2["val_auc"] > 0.7 and abs(info1["val_auc"] - info2["val_auc"]) <= 0.15, (info1["val_auc"], info2["val_auc"])
+    final = Path("experts") / "convnext_atto-f0" / "final"
+    assert json.loads((tmp_path / "one" / final / "expert.json").read_text())["steps"] == \
+        json.loads((tmp_path / "two" / final / "expert.json").read_text())["steps"]
+    p1 = {row["path"]: float(row["prob"]) for row in read_manifest(tmp_path / "one" / final / "val_predictions.csv").rows}
+    p2 = {row["path"]: float(row["prob"]) for row in read_manifest(tmp_path / "two" / final / "val_predictions.csv").rows}
+    assert p1.keys() == p2.keys() and len(p1) > 10
+    assert max(abs(p1[k] - p2[k]) for k in p1) < 1e-4
     assert (tmp_path / "two" / "train.log").is_file()
     assert len((tmp_path / "two" / "logs" / "metrics.csv").read_text().splitlines()) > 1
     # A second launch into the finished run's folder is refused by every rank, with the message, no hang.
@@ -264,3 +271,7 @@ def test_two_processes_train_once_and_match_one_process(tiny_dataset, tmp_path):
     # ... and --resume skips the finished expert in both processes.
     resumed = _torchrun(cfg2, "--resume", timeout=300)
     assert resumed.returncode == 0 and "already trained; skipping" in resumed.stdout
+    # The default objective (NCE on, projection head in the graph) trains in two processes too.
+    nce = _torchrun(write_config(tmp_path / "nce.yaml", tiny_dataset, tmp_path / "nce", train__epochs=1,
+                                 train__checkpoint_every_steps=0))
+    assert nce.returncode == 0, (nce.stdout + nce.stderr)[-3000:]

@@ -47,14 +47,16 @@ class TrainNet(nn.Module):
     """The timm expert plus the projection head used by the NCE term (not exported), behind the
     expert's fixed residual stem when it has one (``nn.Identity`` otherwise)."""
 
-    def __init__(self, backbone: nn.Module, proj: ProjectionHead, stem: nn.Module | None = None) -> None:
+    def __init__(self, backbone: nn.Module, proj: ProjectionHead | None, stem: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone, self.proj = backbone, proj
         self.stem = stem if stem is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, pooled = expert_forward(self.backbone, self.stem(x))
-        return logits, self.proj(pooled)
+        # No projection head when the NCE weight is 0: a parameter outside the loss's graph makes DDP fail
+        # ("parameters that were not used in producing loss") on every multi-GPU run.
+        return logits, self.proj(pooled) if self.proj is not None else pooled
 
 
 def make_stem(e: ExpertConfig) -> nn.Module:
@@ -215,8 +217,12 @@ def _calibrate_probe(net: nn.Module, rows: list[dict[str, Any]], size: int, e: E
         net.feat_std.copy_(torch.clamp_min(std, 0.05 * float(std.median()) + 1e-6))  # see training.probe.robust_std
 
 
-def _lr_lambda(warmup: int, total: int, schedule: str):
-    def f(step: int) -> float:
+def _lr_lambda(warmup: int, total: int, schedule: str, per_step: int = 1):
+    """The learning-rate factor in optimiser steps. Accelerate's scheduler wrapper steps the scheduler once per
+    process per optimiser step (``per_step`` = the number of processes), so its count is divided back: the
+    schedule is then the same, step for step, on one process or many."""
+    def f(scheduler_step: int) -> float:
+        step = scheduler_step // per_step
         if warmup and step < warmup:
             return (step + 1) / warmup
         if schedule == "constant":
@@ -288,7 +294,7 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     with torch.no_grad():
         feat_dim = expert_forward(backbone.eval(), torch.zeros(1, 3, size, size))[1].shape[1]
     stem = make_stem(e)
-    net = TrainNet(backbone, ProjectionHead(feat_dim, cfg.loss.proj_dim), stem).train()
+    net = TrainNet(backbone, ProjectionHead(feat_dim, cfg.loss.proj_dim) if cfg.loss.nce else None, stem).train()
     # Warm-up: the decay ramps up over the first steps ((1+t)/(10+t)), so a short run's EMA is not stuck
     # near the random initialisation.
     ema = ModelEmaV3(backbone, decay=cfg.train.ema_decay, use_warmup=True)
@@ -316,9 +322,9 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     net, opt, loader = accelerator.prepare(net, opt, loader)  # moves the stem too: it is part of net
     scorer = nn.Sequential(stem, ema.module)  # what validation scores: the stem, then the EMA weights
     steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
-    total = steps_per_epoch * tc.epochs * accelerator.num_processes
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.optim.warmup_steps * accelerator.num_processes,
-                                                              total, cfg.optim.schedule))
+    total = steps_per_epoch * tc.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.optim.warmup_steps, total, cfg.optim.schedule,
+                                                              per_step=accelerator.num_processes))
     sched = accelerator.prepare(sched)
     ema.module.to(accelerator.device)
 

@@ -23,9 +23,11 @@ def create_timm(spec: Any) -> Any:
 def no_extra_fields(raw: dict[str, Any], where: str, family: str, allowed: tuple[str, ...] = ()) -> None:
     from ..bundle import BundleError
 
-    for key in ("stem", "stages"):
+    owners = {"stem": "residual", "stages": "probe"}
+    for key, owner in owners.items():
         if key not in allowed and raw.get(key) is not None:
-            raise BundleError(f"{where}: {key} {raw[key]!r} is not meaningful for family '{family}'")
+            raise BundleError(f"{where}: {key} {raw[key]!r} is only meaningful for family '{owner}' "
+                              f"(this expert is '{family}')")
 
 
 class TimmFamily:
