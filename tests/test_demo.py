@@ -15,6 +15,7 @@ from .conftest import ROOT, SHARED_DEV, dfx
 DEFAULT = ROOT / "weights" / "default"
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = dfx("demo", "--quick", "--out", str(out), timeout=900)
