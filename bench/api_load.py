@@ -5,7 +5,8 @@ Run by hand (not a test):  .venv/bin/python bench/api_load.py [--requests 48] [-
 Reference: one Flask development-server process scoring one image per request with the
 competition code's per-image recipe (full decode, ToTensor → Normalize → Resize, EMA swapped in per
 call; see bench/infer_speed.py). Ours: ``dfx serve`` (gunicorn, 1 worker × 4 threads, and 2 workers).
-Load: threads each POSTing ``{"image": base64}`` at concurrency 1, 4 and 16. Also prints the server's
+Load: threads each POSTing ``{"image": base64}`` at concurrency 1, 4 and 16. With ``--microbatch``: the
+same ``dfx serve`` with and without micro-batching (``--batch-wait-ms 5`` against ``0``), side by side. Also prints the server's
 resident memory before and after the load (a leak shows as growth that does not level off).
 """
 
@@ -114,9 +115,14 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level (default 48)")
     ap.add_argument("--side", type=int, default=1600, help="photo width in pixels (default 1600, a typical upload)")
     ap.add_argument("--weights", default=None, help="bundle (default: untrained convnext_atto + vit_tiny at 224)")
+    ap.add_argument("--device", default="auto", help="device for dfx serve (default auto: CUDA when there is one)")
+    ap.add_argument("--microbatch", action="store_true",
+                    help="compare micro-batching (--batch-wait-ms 5) with one forward per request (0), "
+                         "1 worker x 16 threads, instead of the reference comparison")
     args = ap.parse_args()
     bench_dir = str(Path(__file__).resolve().parent)
-    dfx = str(Path(sys.executable).with_name("dfx"))
+    exe = Path(sys.executable).with_name("dfx")  # the console script, or the module where it is not installed
+    dfx_cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "inference.cli"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         weights = args.weights
@@ -135,6 +141,11 @@ def main() -> int:
             "dfx serve 1 worker x 4 threads": ["--workers", "1", "--threads", "4"],
             "dfx serve 2 workers x 2 threads": ["--workers", "2", "--threads", "2"],
         }
+        if args.microbatch:
+            setups = {
+                "per-request forward (wait 0 ms)": ["--workers", "1", "--threads", "16", "--batch-wait-ms", "0"],
+                "micro-batching (wait 5 ms)": ["--workers", "1", "--threads", "16", "--batch-wait-ms", "5"],
+            }
         table: dict[str, dict[int, tuple[float, float, float, int]]] = {}
         memory: dict[str, tuple[float, float]] = {}
         for name, extra in setups.items():
@@ -146,8 +157,8 @@ def main() -> int:
                 proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
             else:
-                proc = subprocess.Popen([dfx, "serve", "--weights", weights, "--port", str(port),
-                                         "--log-level", "warning", *extra],
+                proc = subprocess.Popen([*dfx_cmd, "serve", "--weights", weights, "--port", str(port),
+                                         "--log-level", "warning", "--device", args.device, *extra],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 wait_healthy(url, proc)
@@ -159,8 +170,8 @@ def main() -> int:
                 proc.terminate()
                 proc.wait(timeout=60)
 
-        ref = table["reference (flask dev server)"]
-        print(f"\n{'setup':<34} {'conc':>4} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6} {'req/s vs ref':>12}")
+        ref = table[next(iter(setups))]
+        print(f"\n{'setup':<34} {'conc':>4} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6} {'req/s vs 1st':>12}")
         for name, rows in table.items():
             for c, (rps, p50, p95, err) in rows.items():
                 print(f"{name:<34} {c:>4} {rps:>7.2f} {p50:>8.0f} {p95:>8.0f} {err:>6} {rps / ref[c][0]:>11.2f}x")

@@ -48,6 +48,7 @@ class ApiConfig:
     max_batch: int = 32
     api_key: str | None = None
     torch_threads: int | None = None
+    batch_wait_ms: float = 0.0       #: micro-batching: how long concurrent requests are gathered (0 = off)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -109,12 +110,24 @@ class _Model:
                 torch.set_num_threads(self.config.torch_threads)
             self.detector = Detector(resolve_weights(self.config.weights), device=self.config.device,
                                      batch_size=self.config.batch_size, max_pixels=self.config.max_pixels)
+            from .microbatch import MicroBatcher
+
+            if self.detector.device.type == "cuda":
+                self.detector.warm_up(max(self.config.batch_size, self.config.max_batch))
+
+            self.batcher = MicroBatcher(self._forward, max_batch=self.config.batch_size,
+                                        wait_ms=self.config.batch_wait_ms)
             self.state = "ready"
             log.info("model ready: %s on %s", self.detector.model_id, self.detector.device)
         except Exception as exc:  # the detail (paths, internals) goes to the log only, never to a client
             self.error = type(exc).__name__
             self.state = "failed"
             log.error("model failed to load: %s: %s", type(exc).__name__, exc)
+
+    def _forward(self, items: list) -> list[Prediction]:
+        with self.forward_lock:
+            assert self.detector is not None
+            return self.detector.score_prepared(items)
 
     def require(self) -> Detector:
         if self.state == "ready" and self.detector is not None:
@@ -195,18 +208,22 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
                                              "the error is logged and the service keeps running")
 
     def _score(det: Detector, payloads: list[tuple[bytes, str]]) -> list[Prediction | ApiError]:
-        """Decode each payload (errors kept per item), then score the good ones in one locked batch."""
+        """Decode each payload in this thread (errors kept per item), then score the good ones through the
+        micro-batcher, together with whatever other requests are ready (inference/microbatch.py)."""
         prepared, results = [], []
-        for data, what in payloads:
-            try:
-                prepared.append(det.prepare(data, name=what))
-                results.append(None)
-            except ImageError as exc:
-                status, code = IMAGE_ERROR_STATUS.get(exc.code, (422, "invalid_image"))
-                results.append(ApiError(status, code, exc.message))
+        model.batcher.decoding(+1)
+        try:
+            for data, what in payloads:
+                try:
+                    prepared.append(det.prepare(data, name=what))
+                    results.append(None)
+                except ImageError as exc:
+                    status, code = IMAGE_ERROR_STATUS.get(exc.code, (422, "invalid_image"))
+                    results.append(ApiError(status, code, exc.message))
+        finally:
+            model.batcher.decoding(-1)
         if prepared:
-            with model.forward_lock:
-                scored = iter(det.score_prepared(prepared))
+            scored = iter(model.batcher.submit(prepared))
             results = [r if r is not None else next(scored) for r in results]
         return results
 
@@ -303,9 +320,13 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
     @app.get("/model")
     def model_info() -> Response:
         det = model.require()
+        recent = list(model.batcher.batches)
         return jsonify({**det.describe(), "device": str(det.device),
                         "limits": {"max_body_bytes": config.max_body_bytes, "max_pixels": config.max_pixels,
-                                   "max_batch": config.max_batch}})
+                                   "max_batch": config.max_batch},
+                        "microbatch": {"wait_ms": config.batch_wait_ms, "max_batch": config.batch_size,
+                                       "recent_batches": len(recent), "largest_recent_batch": max(recent, default=0),
+                                       "mean_recent_batch": round(sum(recent) / len(recent), 3) if recent else 0}})
 
     @app.get("/openapi.json")
     def openapi() -> Response:
@@ -327,5 +348,6 @@ def config_from_env(**overrides: Any) -> ApiConfig:
         max_pixels=int(env.get("DFX_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
         max_batch=int(env.get("DFX_MAX_BATCH", 32)),
         api_key=env.get("DFX_API_KEY") or None,
+        batch_wait_ms=float(env.get("DFX_BATCH_WAIT_MS", 0)),
     )
     return ApiConfig(**{**asdict(cfg), **{k: v for k, v in overrides.items() if v is not None}})

@@ -159,19 +159,39 @@ class Detector:
             out.extend(self._score_batch(items[start:start + self.batch_size]))
         return out
 
+    def _padded_size(self, n: int) -> int:
+        """On CUDA a batch is padded to the next power of two: every new batch shape costs cuDNN a kernel
+        choice (and, for some convolutions, a compilation) the first time, so micro-batches of every size from
+        1 to 32 would each pay it; six shapes are paid once, at :meth:`warm_up`. CPUs score exactly ``n``."""
+        return 1 << (n - 1).bit_length() if self.device.type == "cuda" else n
+
+    def warm_up(self, max_batch: int | None = None) -> None:
+        """Run every batch shape a server will see once (on CUDA: powers of two up to ``max_batch``), so the
+        first requests do not pay for kernel selection."""
+        sizes = {self._padded_size(b) for b in range(1, (max_batch or self.batch_size) + 1)}
+        for size in sorted(sizes):
+            item = {}
+            for e in self.spec.experts:
+                k = e.preprocess_key
+                crops = e.crops if e.preprocess == "tiles" else 0
+                item[k] = torch.zeros((crops, 3, e.input_size, e.input_size) if crops else (3, e.input_size, e.input_size))
+            self._score_batch([item] * size)
+
     @torch.inference_mode()
     def _score_batch(self, items: Sequence[Prepared]) -> list[Prediction]:
         if not items:
             return []
+        n = len(items)
+        pad = self._padded_size(n) - n
         probs: dict[str, torch.Tensor] = {}
         inputs: dict[PreprocessKey, torch.Tensor] = {}
         with self._autocast():
             for e in self.spec.experts:
                 key = e.preprocess_key
                 if key not in inputs:
-                    x = torch.stack([it[key] for it in items]).to(self.device, non_blocking=True)
+                    x = torch.stack([it[key] for it in items] + [items[-1][key]] * pad).to(self.device, non_blocking=True)
                     inputs[key] = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-                probs[e.name] = fake_probs(self.models[e.name], inputs[key], e.temperature).cpu().double()
+                probs[e.name] = fake_probs(self.models[e.name], inputs[key], e.temperature)[:n].cpu().double()
         ensemble = sum(self._weights[name] * p for name, p in probs.items())
         experts_np = {name: p.numpy() for name, p in probs.items()}
         results = []

@@ -38,7 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "[DFX_THREADS] (default 4)")
     p.add_argument("--device", default=_env("DEVICE", "auto"), help="auto, cpu, cuda, cuda:N [DFX_DEVICE]")
     p.add_argument("--batch-size", type=int, default=int(_env("BATCH_SIZE", 32)),
-                   help="forward batch size for /predict/batch [DFX_BATCH_SIZE] (default 32)")
+                   help="largest forward batch: a /predict/batch request, or concurrent requests gathered by "
+                        "micro-batching [DFX_BATCH_SIZE] (default 32)")
+    p.add_argument("--batch-wait-ms", type=float, default=float(_env("BATCH_WAIT_MS", 0)),
+                   help="micro-batching: gather concurrent requests for at most this long (only while others "
+                        "are still decoding, so a lone request never waits) and score them in one forward; "
+                        "0 = one forward per request. On a 2-core CPU 5 ms gave 1.23x req/s at 16 clients; on an "
+                        "H200 it lengthened the tail (README) [DFX_BATCH_WAIT_MS] (default 0)")
     p.add_argument("--max-body-mb", type=float, default=float(_env("MAX_BODY_MB", 20)),
                    help="largest request body in MiB; larger gets 413 [DFX_MAX_BODY_MB] (default 20)")
     p.add_argument("--max-pixels", type=int, default=int(_env("MAX_PIXELS", DEFAULT_MAX_PIXELS)),
@@ -72,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ApiConfig(weights=str(weights), device=args.device, batch_size=args.batch_size,
                        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_pixels,
                        max_batch=args.max_batch, api_key=os.environ.get("DFX_API_KEY") or None,
-                       torch_threads=max(1, cores // max(1, args.workers)))
+                       torch_threads=max(1, cores // max(1, args.workers)), batch_wait_ms=args.batch_wait_ms)
     level = getattr(logging, str(args.log_level).upper(), logging.INFO)
     logging.getLogger("dfx").setLevel(level)
     logging.getLogger("inference").setLevel(level)

@@ -330,3 +330,31 @@ def test_fuzz_openapi_no_server_errors(server):
         seen.append(f"{operation.method.upper()} {operation.path}")
     # schemathesis leaves out the schema document's own path; every endpoint that does work is fuzzed
     assert {"POST /predict", "POST /predict/batch", "GET /healthcheck", "GET /model"} <= set(seen), seen
+
+
+def test_micro_batched_answers_equal_single_answers(tiny_bundle, tmp_path, odd_images, bad_images, local):
+    """16 concurrent clients, good and corrupt images mixed: each good image gets exactly the score it gets
+    alone, each bad one its own error, and concurrent requests really shared forwards."""
+    s = Server(tiny_bundle, tmp_path / "serve.log", "--threads", "16", "--batch-wait-ms", "50")
+    try:
+        good = [p for name, p in odd_images.items() if name != "animated.gif"]
+        bad = [p for p, _ in bad_images.values() if p.stat().st_size]
+        jobs = [(p, True) for p in good] * 2 + [(p, False) for p in bad] * 2
+        expected = {p: local.predict([p])[0].score for p in good}
+
+        def post(job):
+            path, ok = job
+            r = requests.post(f"{s.url}/predict", json={"image": b64(path)}, timeout=120)
+            return path, ok, r.status_code, r.json()
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(post, jobs * 2))
+        for path, ok, status, body in answers:
+            if ok:
+                assert status == 200 and body["result"] == pytest.approx(expected[path], abs=1e-5), path
+            else:
+                assert status in (413, 422, 400) and "error" in body, (path, status, body)
+        info = requests.get(f"{s.url}/model", timeout=10).json()["microbatch"]
+        assert info["wait_ms"] == 50 and info["largest_recent_batch"] > 1, info
+    finally:
+        s.stop()
