@@ -92,3 +92,17 @@ def test_a_killed_run_resumes_without_lost_or_duplicate_rows(tiny_bundle, folder
         assert x[-2:] == y[-2:] and x[2] == y[2]
         assert all(float(u) == pytest.approx(float(v), abs=1e-5) for u, v in zip(x[1:-2], y[1:-2]) if u != x[2])
     assert not (tmp_path / "out.csv.parts").exists()
+
+
+def test_two_process_evaluation_equals_one_process(tiny_bundle, tiny_dataset, tmp_path):
+    import json
+
+    one = dfx("evaluate", str(tiny_dataset), "--weights", str(tiny_bundle), "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    r = _two_processes("evaluate", str(tiny_dataset), "--weights", str(tiny_bundle), "--out", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('"auc"') == 1  # one report, from the main process
+    a, b = json.loads(one.stdout), json.loads(r.stdout)
+    assert a["n"] == b["n"] and a["errors"] == b["errors"] == 1
+    assert a["auc"] == pytest.approx(b["auc"], abs=1e-6)
+    assert not (tmp_path / "two" / "predictions.csv.parts").exists()

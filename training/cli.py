@@ -48,13 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="score a labelled manifest with a bundle; metrics, per-source table, ROC",
                        description="Score every row of MANIFEST with the bundle through the inference core and write "
                                    "predictions.csv, metrics.json (AUC, AP, accuracy, EER, TPR at 5/1/0.1%% FPR, ECE, "
-                                   "overall, per source and per expert), per_source.md and roc.png.")
+                                   "overall, per source and per expert), per_source.md and roc.png. Under torchrun or accelerate launch "
+                                   "the rows are split across the processes and the main one writes.")
     e.add_argument("manifest", metavar="MANIFEST", help="manifest CSV with labels")
     e.add_argument("--weights", default=None, help="bundle folder (default: $DFX_WEIGHTS, else weights/default)")
     e.add_argument("--out", default="eval", help="output folder (default ./eval)")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--workers", type=int, default=None)
+    e.add_argument("--resume", action="store_true",
+                   help="continue a killed evaluation: skip the rows OUT/predictions.csv.parts/ already holds")
     e.set_defaults(func=_evaluate)
 
 
@@ -90,7 +93,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     m = evaluate(resolve_weights(args.weights), args.manifest, args.out, device=args.device,
-                 batch_size=args.batch_size, workers=args.workers)
+                 batch_size=args.batch_size, workers=args.workers, resume=args.resume)
+    if m is None:  # one of several processes; the main one reports
+        return 0
     o = m["overall"]
     print(json.dumps({"model": m["model"], "n": o["n"], "auc": o["auc"], "ap": o["ap"],
                       "tpr_at_fpr_5pct": o["tpr_at_fpr_5pct"], "accuracy": o["accuracy"], "errors": len(m["errors"])}))

@@ -14,15 +14,29 @@ from .metrics import metrics_by_source, per_source_markdown, save_metrics, save_
 
 def evaluate(weights: str | os.PathLike[str], manifest: str | os.PathLike[str], out_dir: str | os.PathLike[str],
              *, device: str = "auto", batch_size: int = 32, workers: int | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Write ``predictions.csv``, ``metrics.json``, ``per_source.md`` and ``roc.png`` to ``out_dir``."""
+             progress: bool = True, resume: bool = False) -> dict[str, Any] | None:
+    """Write ``predictions.csv``, ``metrics.json``, ``per_source.md`` and ``roc.png`` to ``out_dir``.
+
+    Scores go through resumable shards (``predictions.csv.parts/``, inference.sharded): ``resume`` skips the
+    images a killed run already scored, and under ``torchrun`` / ``accelerate launch`` the images are split
+    across the processes. Returns the metrics on the main process, None on the others."""
+    from inference.sharded import finish, remove_parts, score_to_parts, start, world_from_env
+
     man = read_manifest(manifest)
-    det = Detector(weights, device=device, batch_size=batch_size)
+    world = world_from_env()
+    det = Detector(weights, device=start(world, device), batch_size=batch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [man.abspath(r) for r in man.rows]
+    if workers is None and world.size > 1:
+        workers = max(0, min(4, (os.cpu_count() or 1) // world.size - 1))
+    results = score_to_parts(det, paths, out / "predictions.csv", world=world, resume=resume, workers=workers,
+                             progress=progress, desc="evaluating")
+    if results is None:  # the main process writes
+        finish(world)
+        return None
     rows, errors = [], []
-    for r, res in zip(man.rows, det.predict_paths(paths, workers=workers, progress=progress, desc="evaluating")):
+    for r, res in zip(man.rows, results):
         if res.prediction is None:
             errors.append(res.error)
             continue
@@ -43,4 +57,6 @@ def evaluate(weights: str | os.PathLike[str], manifest: str | os.PathLike[str], 
     save_roc_png(out / "roc.png", {"ensemble": (y, [r["score"] for r in rows]),
                                    **{e.name: (y, [r[f"expert_{e.name}"] for r in rows]) for e in det.spec.experts}},
                  title=f"ROC: {det.model_id}")
+    remove_parts(out / "predictions.csv")
+    finish(world)
     return metrics
