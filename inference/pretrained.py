@@ -172,10 +172,25 @@ def pretrained_state(pretrained: str, arch: str) -> dict[str, torch.Tensor] | No
     return None
 
 
-def load_pretrained(model: nn.Module, pretrained: str, arch: str) -> nn.Module:
-    """Load ``pretrained`` into a timm ``model`` of ``arch`` built with any head: every tensor but the
-    classifier's must be there and fit; the classifier is kept as built (a fresh 2-class head)."""
+def load_probe_backbone(net: nn.Module, pretrained: str, arch: str) -> nn.Module:
+    """Load ``pretrained`` into a ProbeNet's ``features_only`` backbone (every tensor it has must be there)."""
     state = pretrained_state(pretrained, arch)
+    if state is None:
+        raise PretrainedError(f"'{pretrained}': a probe needs weights from a package, a file or a folder")
+    own = net.backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise PretrainedError(f"{pretrained}: no weights for backbone tensor '{missing[0]}'")
+    net.backbone.load_state_dict({k: state[k] for k in own}, strict=True)
+    return net
+
+
+def load_pretrained(model: nn.Module, pretrained: str, arch: str,
+                    state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Load ``pretrained`` into a timm ``model`` of ``arch`` built with any head: every tensor but the
+    classifier's must be there and fit; the classifier is kept as built (a fresh 2-class head). ``state``:
+    the weights when the caller already read them."""
+    state = state if state is not None else pretrained_state(pretrained, arch)
     if state is None:
         raise PretrainedError(f"'{pretrained}' is neither a weight package, a file nor a folder")
     own = model.state_dict()

@@ -25,7 +25,7 @@ from inference.experts import arch_defaults
 from inference.families.probe import probe_net
 from inference.images import ImageError, load_image
 from inference.preprocess import Preprocessor, parse_mode
-from inference.pretrained import pretrained_state
+from inference.pretrained import load_probe_backbone
 
 log = logging.getLogger("dfx.probe")
 
@@ -54,15 +54,7 @@ class ProbeSpec:
 def build_probe(spec: ProbeSpec) -> torch.nn.Module:
     """A ProbeNet whose backbone holds the pretrained weights (the head is fitted later)."""
     net = probe_net(spec.arch, tuple(spec.stages), spec.model_kwargs)
-    state = pretrained_state(spec.pretrained, spec.arch)
-    if state is None:
-        raise ValueError(f"{spec.pretrained}: a probe needs local or packaged weights")
-    own = net.backbone.state_dict()
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise ValueError(f"{spec.pretrained}: no weights for backbone tensor '{missing[0]}'")
-    net.backbone.load_state_dict({k: state[k] for k in own}, strict=True)
-    return net.eval()
+    return load_probe_backbone(net, spec.pretrained, spec.arch).eval()
 
 
 class _Images(torch.utils.data.Dataset):
@@ -138,9 +130,11 @@ class FittedHead:
         return out
 
 
-def robust_std(std: np.ndarray) -> np.ndarray:
+def robust_std(std: Any) -> Any:
     """Per-feature scales with a floor (5 % of the median scale): a channel that is nearly constant on the
-    training images must not be blown up a millionfold on an image where it moves."""
+    training images must not be blown up a millionfold on an image where it moves. NumPy arrays or tensors."""
+    if isinstance(std, torch.Tensor):
+        return torch.clamp_min(std, 0.05 * float(std.median()) + 1e-6)
     return np.maximum(std, 0.05 * float(np.median(std)) + 1e-6)
 
 

@@ -164,18 +164,14 @@ def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any]) ->
     kwargs = dict(model_kwargs)
     if e.family == "probe":  # frozen pretrained stages and a trainable head (inference/families/probe.py)
         from inference.families.probe import probe_net
-        from inference.pretrained import PretrainedError, pretrained_state
+        from inference.pretrained import PretrainedError, load_probe_backbone
 
         net = probe_net(e.arch, tuple(e.stages or ()), kwargs)
         if e.pretrained:
             try:
-                state = pretrained_state(e.pretrained, e.arch)
+                load_probe_backbone(net, e.pretrained, e.arch)
             except PretrainedError as exc:
                 raise ConfigError(f"experts: pretrained '{e.pretrained}': {exc}") from exc
-            if state is None:
-                raise ConfigError(f"experts: a probe's pretrained weights must be pkg:NAME, a file or a folder")
-            own = net.backbone.state_dict()
-            net.backbone.load_state_dict({k: state[k] for k in own}, strict=True)
         return net
     if e.drop_path_rate:
         kwargs["drop_path_rate"] = e.drop_path_rate
@@ -184,11 +180,12 @@ def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any]) ->
     from inference.pretrained import PretrainedError, load_pretrained, pretrained_state
 
     try:
-        if pretrained_state(e.pretrained, e.arch) is None:  # a hub name: timm fetches it (needs a hub)
+        state = pretrained_state(e.pretrained, e.arch)
+        if state is None:  # a hub name: timm fetches it (needs a hub)
             return timm.create_model(e.pretrained, pretrained=True, num_classes=2, **kwargs)
         # ImageNet backbone from a package, file or folder; the 2-class head stays freshly initialised.
         return load_pretrained(timm.create_model(e.arch, pretrained=False, num_classes=2, **kwargs), e.pretrained,
-                               e.arch)
+                               e.arch, state=state)
     except PretrainedError as exc:
         raise ConfigError(f"experts: pretrained '{e.pretrained}': {exc}") from exc
 
@@ -213,8 +210,9 @@ def _calibrate_probe(net: nn.Module, rows: list[dict[str, Any]], size: int, e: E
     if feats:
         f = torch.cat(feats)
         net.feat_mean.copy_(f.mean(dim=0))
-        std = f.std(dim=0, unbiased=False)
-        net.feat_std.copy_(torch.clamp_min(std, 0.05 * float(std.median()) + 1e-6))  # see training.probe.robust_std
+        from .probe import robust_std
+
+        net.feat_std.copy_(robust_std(f.std(dim=0, unbiased=False)))
 
 
 def _lr_lambda(warmup: int, total: int, schedule: str, per_step: int = 1):
