@@ -16,11 +16,14 @@ Layout (``weights/<name>/``)::
                   "stem": "npr",       # residual only: the fixed residual computed before the backbone
                   "stages": [1, 2, 3]}, ...], # probe only: the frozen backbone's feature indices it pools
      "aggregate": "mean_prob", "threshold": 0.5, "uncertain_band": [lo, hi],
+     "tta": ["hflip"],     # optional: test-time views added to the image as it is (inference/tta.py)
      "threshold_rule": "how the threshold was chosen", "provenance": {...}}
 
 Format 1.1 adds ``tiles`` preprocessing and the ``residual`` family (inference/residual.py) to 1.0; 1.2 adds
-the ``probe`` family (``stages``; inference/families/probe.py). Older bundles read unchanged, and an older
-reader refuses a newer bundle's new mode or family by name. Each family's own fields are checked by its
+the ``probe`` family (``stages``; inference/families/probe.py); 1.3 adds ``tta``. Older bundles read unchanged,
+and an older reader refuses a newer bundle's new mode or family by name (a 1.2 reader would ignore ``tta``
+and score without it: scores move by a little, verdicts rarely). Bundles are written in the oldest format
+that holds them. Each family's own fields are checked by its
 module in ``inference/families/``.
 
 Loading is strict: the format version, every field's type, every file's presence and SHA-256 are
@@ -40,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "dfx-ensemble/1.2"
+FORMAT = "dfx-ensemble/1.3"
 SUPPORTED_MAJOR = "dfx-ensemble/1"
 MANIFEST_NAME = "ensemble.json"
 from .families import REGISTRY as _FAMILY_REGISTRY  # noqa: E402  (torch-free: parsing only)
@@ -118,18 +121,31 @@ class BundleSpec:
     threshold_rule: str = "default 0.5 (not chosen on data)"
     provenance: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
+    tta: tuple[str, ...] = ()  #: test-time views added to the image itself (inference/tta.py); () = none
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "format": self.format,
             "name": self.name,
             "experts": [e.to_json() for e in self.experts],
             "aggregate": self.aggregate,
             "threshold": self.threshold,
             "uncertain_band": list(self.uncertain_band),
-            "threshold_rule": self.threshold_rule,
-            "provenance": self.provenance,
         }
+        if self.tta:
+            d["tta"] = list(self.tta)
+        d["threshold_rule"] = self.threshold_rule
+        d["provenance"] = self.provenance
+        return d
+
+
+def oldest_format(spec: BundleSpec) -> str:
+    """The oldest format version that holds ``spec``, so older readers keep reading what they can."""
+    if spec.tta:
+        return "dfx-ensemble/1.3"
+    if any(e.family == "probe" for e in spec.experts):
+        return "dfx-ensemble/1.2"
+    return "dfx-ensemble/1.1"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -259,10 +275,20 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
     provenance = data.get("provenance", {})
     if not isinstance(provenance, dict):
         raise BundleError(f"{where}: provenance must be an object")
+    tta = data.get("tta", [])
+    if not isinstance(tta, list) or not all(isinstance(v, str) for v in tta):
+        raise BundleError(f"{where}: tta must be a list of view names, got {tta!r}")
+    from .tta import VIEWS
+
+    bad = [v for v in tta if v not in VIEWS]
+    if bad:
+        raise BundleError(f"{where}: unknown TTA view '{bad[0]}' (this version knows {', '.join(VIEWS)})")
+    if len(set(tta)) != len(tta):
+        raise BundleError(f"{where}: tta lists a view twice: {tta}")
     return BundleSpec(
         name=_req(data, "name", str, where), experts=experts, threshold=threshold,
         uncertain_band=(lo, hi), aggregate=aggregate,
-        threshold_rule=str(data.get("threshold_rule", "")), provenance=provenance, format=fmt,
+        threshold_rule=str(data.get("threshold_rule", "")), provenance=provenance, format=fmt, tta=tuple(tta),
     )
 
 
@@ -302,7 +328,8 @@ def bundle_digest(spec: BundleSpec) -> str:
         {"experts": [[e.name, e.sha256, e.weight, e.preprocess_key, e.calibration] + ([e.stem] if e.stem else [])
                      + ([list(e.stages)] if e.stages else [])
                      for e in spec.experts],
-         "aggregate": spec.aggregate, "threshold": spec.threshold, "band": spec.uncertain_band},
+         "aggregate": spec.aggregate, "threshold": spec.threshold, "band": spec.uncertain_band,
+         **({"tta": list(spec.tta)} if spec.tta else {})},  # TTA changes the scores, so it is part of the identity
         sort_keys=True, default=list,
     )
     return hashlib.sha256(ident.encode()).hexdigest()[:12]
@@ -319,9 +346,7 @@ def write_bundle(out_dir: str | os.PathLike[str], spec: BundleSpec,
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    # The oldest format that holds the bundle, so older readers keep reading what they can: 1.2 only for probes.
-    spec = BundleSpec(**{**spec.__dict__, "format": FORMAT if any(e.family == "probe" for e in spec.experts)
-                         else "dfx-ensemble/1.1"})
+    spec = BundleSpec(**{**spec.__dict__, "format": oldest_format(spec)})
     parse_spec(spec.to_json(), out / MANIFEST_NAME)  # never write a bundle that could not be read back
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: already exists (pass overwrite/--force to replace it)")
@@ -354,3 +379,27 @@ def write_bundle(out_dir: str | os.PathLike[str], spec: BundleSpec,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def set_tta(bundle_dir: str | os.PathLike[str], views: tuple[str, ...]) -> BundleSpec:
+    """Set (or, with ``()``, remove) a bundle's test-time views, rewriting ``ensemble.json`` atomically.
+
+    The weights are not touched, so their checksums stay valid; the bundle's digest changes, because its
+    scores do. The threshold stays the one chosen without these views: check it with ``dfx evaluate``."""
+    root = Path(bundle_dir)
+    spec = read_spec(root)
+    check_files(root, spec)
+    new = BundleSpec(**{**spec.__dict__, "tta": tuple(views)})
+    new = BundleSpec(**{**new.__dict__, "format": oldest_format(new)})
+    manifest = root / MANIFEST_NAME
+    parse_spec(new.to_json(), manifest)  # never write what could not be read back
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=root)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(new.to_json(), indent=2) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, manifest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return new

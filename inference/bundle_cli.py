@@ -1,4 +1,4 @@
-"""``dfx bundle init|info|verify``: create, describe and check ensemble bundles."""
+"""``dfx bundle init|info|verify|set-tta``: create, describe and check ensemble bundles."""
 
 from __future__ import annotations
 
@@ -50,6 +50,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("bundle", help="bundle folder")
     verify.set_defaults(func=_verify)
 
+    tta = verbs.add_parser("set-tta", help="set or remove a bundle's test-time augmentation",
+                           description="Score every expert on extra views of its input as well and average the "
+                                       "probabilities: hflip, vflip, rot90, rot180, rot270 (comma-separated), all "
+                                       "(the 6-view set: the image and those five) or none (remove). Costs one "
+                                       "forward per view. Rewrites ensemble.json atomically; the weights are untouched "
+                                       "and the digest changes. The threshold stays the one chosen without TTA: "
+                                       "check it with `dfx evaluate --tta`.")
+    tta.add_argument("bundle", help="bundle folder")
+    tta.add_argument("views", help="e.g. hflip or hflip,vflip, all, none")
+    tta.set_defaults(func=_set_tta)
+
 
 def _init(args: argparse.Namespace) -> int:
     from .bundle_init import init_bundle
@@ -74,6 +85,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"bundle     {spec.name}@{bundle_digest(spec)}  ({root})")
     print(f"format     {spec.format}")
     print(f"aggregate  {spec.aggregate}: weighted mean of the experts' fake-probabilities")
+    if spec.tta:
+        print(f"tta        {', '.join(spec.tta)}: each expert also scores these views, probabilities averaged")
     print(f"decision   fake if score >= {spec.threshold:g}; uncertain if {lo:g} < score < {hi:g}")
     if spec.threshold_rule:
         print(f"           ({spec.threshold_rule})")
@@ -92,6 +105,21 @@ def _info(args: argparse.Namespace) -> int:
         for k, v in spec.provenance.items():
             text = v if isinstance(v, str) else json.dumps(v)
             print(f"  {k}: {text if len(text) < 200 else text[:197] + '...'}")
+    return 0
+
+
+def _set_tta(args: argparse.Namespace) -> int:
+    from .bundle import set_tta
+    from .tta import parse_views
+
+    try:
+        views = parse_views(args.views)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from exc
+    spec = set_tta(args.bundle, views)
+    what = ", ".join(spec.tta) if spec.tta else "none"
+    print(f"{spec.name}@{bundle_digest(spec)}: test-time views {what} ({len(spec.tta) + 1} forward(s) per expert "
+          f"and image); format {spec.format}")
     return 0
 
 

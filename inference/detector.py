@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -71,14 +71,17 @@ def resolve_device(device: str | None) -> torch.device:
 class _PathDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses one file per item; a bad file becomes an error item, never an exception."""
 
-    def __init__(self, paths: Sequence[Path], pre: Preprocessor) -> None:
-        self.paths, self.pre = list(paths), pre
+    def __init__(self, paths: Sequence[Path], pre: Preprocessor,
+                 prepare: Callable[[Path, Preprocessor], Prepared] | None = None) -> None:
+        self.paths, self.pre, self.prepare = list(paths), pre, prepare
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, Prepared | None, str | None, str | None]:
         try:
+            if self.prepare is not None:
+                return i, self.prepare(self.paths[i], self.pre), None, None
             return i, self.pre.prepare(self.paths[i]), None, None
         except ImageError as exc:
             return i, None, exc.message, exc.code
@@ -102,10 +105,18 @@ class Detector:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         precision: str = "fp32",
         compile: bool = False,
+        tta: Sequence[str] | None = None,
     ) -> None:
+        """``tta``: test-time views to use instead of the bundle's own (``()`` turns TTA off; None keeps the
+        bundle's); the model id then names the views actually used, since the scores are theirs."""
         self.bundle_dir = Path(bundle_dir)
-        self.spec: BundleSpec = read_spec(self.bundle_dir)
-        check_files(self.bundle_dir, self.spec)
+        spec: BundleSpec = read_spec(self.bundle_dir)
+        check_files(self.bundle_dir, spec)
+        if tta is not None:
+            from .tta import parse_views
+
+            spec = BundleSpec(**{**spec.__dict__, "tta": parse_views(list(tta))})
+        self.spec = spec
         self.device = resolve_device(device)
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got '{precision}'")
@@ -191,7 +202,8 @@ class Detector:
                 if key not in inputs:
                     x = torch.stack([it[key] for it in items] + [items[-1][key]] * pad).to(self.device, non_blocking=True)
                     inputs[key] = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-                probs[e.name] = fake_probs(self.models[e.name], inputs[key], e.temperature)[:n].cpu().double()
+                probs[e.name] = fake_probs(self.models[e.name], inputs[key], e.temperature,
+                                           self.spec.tta)[:n].cpu().double()
         ensemble = sum(self._weights[name] * p for name, p in probs.items())
         experts_np = {name: p.numpy() for name, p in probs.items()}
         results = []
@@ -216,11 +228,14 @@ class Detector:
         workers: int | None = None,
         progress: bool = False,
         desc: str = "scoring",
+        prepare: Callable[[Path, Preprocessor], Prepared] | None = None,
     ) -> Iterator[ItemResult]:
         """Score files in order, decoding them in ``workers`` DataLoader processes.
 
         Yields one :class:`ItemResult` per path; a file that cannot be decoded yields an error result
-        and the run goes on.
+        and the run goes on. ``prepare`` replaces how a file becomes the experts' input (default: the
+        bundle's preprocessing of the file as it is); ``dfx evaluate --perturb`` perturbs images there,
+        in the decoding workers. It must be picklable and raise ImageError for a bad file.
         """
         from tqdm import tqdm
 
@@ -230,7 +245,7 @@ class Detector:
         if workers is None:
             workers = default_workers()
         loader = torch.utils.data.DataLoader(
-            _PathDataset(paths, self.preprocessor),
+            _PathDataset(paths, self.preprocessor, prepare),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=workers,

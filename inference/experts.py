@@ -85,10 +85,19 @@ def with_stem(spec: ExpertSpec, model: nn.Module) -> nn.Module:
     return get(spec.family).scorer(spec, model)
 
 
-def fake_probs(model: nn.Module, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def fake_probs(model: nn.Module, x: torch.Tensor, temperature: float = 1.0,
+               views: tuple[str, ...] = ()) -> torch.Tensor:
     """Fake-probabilities ``(N,)`` of a batch: ``x`` is ``(N, 3, S, S)``, or ``(N, K, 3, S, S)`` for tiled
     input, whose K crops are scored as one batch and averaged per image (the mean of probabilities, the
-    same rule the ensemble uses across experts)."""
+    same rule the ensemble uses across experts). ``views`` (inference/tta.py) adds test-time views of the
+    input, scored in the same forward and averaged with the image itself."""
+    if views:
+        from .tta import with_views
+
+        n, stacked = x.shape[0], with_views(x, views)
+        if stacked.dim() == 4:
+            stacked = stacked.contiguous(memory_format=torch.channels_last)
+        return fake_probs(model, stacked, temperature).reshape(len(views) + 1, n).mean(dim=0)
     if x.dim() == 5:
         n, k = x.shape[:2]
         flat = x.reshape(n * k, *x.shape[2:]).contiguous(memory_format=torch.channels_last)

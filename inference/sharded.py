@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .detector import Detector, ItemResult, Prediction
 
@@ -106,9 +106,11 @@ def to_result(row: dict[str, Any]) -> ItemResult:
 
 
 def score_to_parts(det: Detector, paths: Sequence[Path], output: str | os.PathLike[str], *, world: World,
-                   resume: bool, workers: int | None, progress: bool, desc: str) -> list[ItemResult] | None:
+                   resume: bool, workers: int | None, progress: bool, desc: str,
+                   prepare: Callable[[Path, Any], Any] | None = None) -> list[ItemResult] | None:
     """Score this process's share of ``paths`` into its shard; on the main process return every file's
-    result in ``paths`` order once all processes are done (None on the others)."""
+    result in ``paths`` order once all processes are done (None on the others). ``prepare``: see
+    :meth:`Detector.predict_paths`."""
     folder = parts_dir(output)
     if folder.exists() and not resume:
         raise ValueError(f"{folder} holds the rows of an unfinished run: pass --resume to continue it, or "
@@ -127,7 +129,7 @@ def score_to_parts(det: Detector, paths: Sequence[Path], output: str | os.PathLi
                 f.write("\n")
     with open(shard, "a", encoding="utf-8") as f:
         for batch in _batches(det.predict_paths(mine, workers=workers, progress=progress and world.is_main,
-                                                desc=desc), det.batch_size):
+                                                desc=desc, prepare=prepare), det.batch_size):
             f.write("".join(json.dumps(_row(r)) + "\n" for r in batch))
             f.flush()
     barrier(world)

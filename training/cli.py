@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from .perturb import STANDARD
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train the experts of a config (CE + KL + NCE, Accelerate, EMA)",
@@ -57,7 +59,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--workers", type=int, default=None)
     e.add_argument("--resume", action="store_true",
-                   help="continue a killed evaluation: skip the rows OUT/predictions.csv.parts/ already holds")
+                   help="continue a killed evaluation: skip the rows OUT/**/*.csv.parts/ already hold (clean and "
+                        "perturbed)")
+    e.add_argument("--perturb", default=None, metavar="SPEC[,SPEC...]",
+                   help="also score every image under each perturbation and write robustness.md/.json/.png: "
+                        "jpeg:Q, webp:Q, resize:F, crop:F, blur:SIGMA, noise:SIGMA, screenshot, social, none, or all "
+                        "(the standard set: " + ", ".join(STANDARD) + ")")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (noise) (default 0)")
+    e.add_argument("--save-perturbed", action="store_true",
+                   help="also write the perturbed images to OUT/perturbed/<spec>/ (default: memory only)")
+    e.add_argument("--tta", default=None, metavar="VIEWS",
+                   help="test-time views instead of the bundle's own: hflip, vflip, rot90, rot180, rot270 "
+                        "(comma-separated), all (the 6-view set) or none; compare with a run without it")
     e.set_defaults(func=_evaluate)
 
 
@@ -92,12 +106,31 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from .evaluate import evaluate
 
+    from inference.tta import parse_views
+
+    from .perturb import parse_perturbations
+
+    try:
+        perturb = parse_perturbations(args.perturb, seed=args.seed,
+                                      save_dir=str(os.path.join(args.out, "perturbed")) if args.save_perturbed else None) \
+            if args.perturb is not None else []
+        tta = parse_views(args.tta) if args.tta is not None else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     m = evaluate(resolve_weights(args.weights), args.manifest, args.out, device=args.device,
-                 batch_size=args.batch_size, workers=args.workers, resume=args.resume)
+                 batch_size=args.batch_size, workers=args.workers, resume=args.resume, perturb=perturb, tta=tta,
+                 progress=not args.no_progress)
     if m is None:  # one of several processes; the main one reports
         return 0
     o = m["overall"]
     print(json.dumps({"model": m["model"], "n": o["n"], "auc": o["auc"], "ap": o["ap"],
                       "tpr_at_fpr_5pct": o["tpr_at_fpr_5pct"], "accuracy": o["accuracy"], "errors": len(m["errors"])}))
+    if "robustness" in m:
+        for spec, r in m["robustness"]["perturbations"].items():
+            o = r["overall"]
+            print(json.dumps({"perturbation": spec, "auc": o["auc"], "auc_drop": o["auc_drop"],
+                              "flip_rate": o["flip_rate"], "errors": r["errors"]}))
+        print(f"wrote {args.out}/robustness.md, robustness.json, robustness.png, perturbed/*.csv", file=sys.stderr)
     print(f"wrote {args.out}/metrics.json, per_source.md, roc.png, predictions.csv", file=sys.stderr)
     return 0
