@@ -19,6 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Shipped configs: training/configs/cpu-small.yaml, training/configs/competition.yaml.")
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-key overrides of the config")
+    t.add_argument("--init-from", default=None, metavar="BUNDLE",
+                   help="fine-tune: start every expert from the bundle's expert of the same name (family and "
+                        "architecture must match; experts.N.init_from: BUNDLE:EXPERT picks another); the parent's "
+                        "digest goes into the new bundle's provenance. Add data.replay=OLD_MANIFEST:0.25 against forgetting")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in the config's output folder: finished experts are kept, the unfinished "
                         "one continues from its last checkpoint")
@@ -74,6 +78,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(comma-separated), all (the 6-view set) or none; compare with a run without it")
     e.set_defaults(func=_evaluate)
 
+    from .select import STRATEGIES
+
+    sl = sub.add_parser("select", help="choose which unlabelled images to label next (active learning)",
+                        description="Score an unlabelled POOL (a manifest; labels not needed) with a bundle and write "
+                                    "the BUDGET rows most worth labelling, with score, criterion and rank columns. "
+                                    "Strategies: entropy (closest to the threshold), margin (closest in log-odds), "
+                                    "disagreement (experts disagree most), coreset (k-center greedy on embeddings, "
+                                    "FAISS), hybrid (the most uncertain 5x budget, then coreset among them), random. "
+                                    "Resumable over large pools (--resume).")
+    sl.add_argument("pool", metavar="POOL.csv", help="manifest of unlabelled images (a 'path' column suffices)")
+    sl.add_argument("--weights", default=None, help="bundle folder (default: $DFX_WEIGHTS, else weights/default)")
+    sl.add_argument("--budget", type=int, required=True, help="how many images to select")
+    sl.add_argument("-o", "--output", required=True, help="CSV of the selected rows (written atomically)")
+    sl.add_argument("--strategy", choices=STRATEGIES, default="entropy", help="(default entropy)")
+    sl.add_argument("--exclude", action="append", default=[], metavar="LABELLED.csv",
+                    help="skip the rows of this manifest (already labelled); repeatable. coreset/hybrid also start "
+                         "from their embeddings")
+    sl.add_argument("--embed", default=None, metavar="BACKBONE",
+                    help="embedding for coreset/hybrid, as `dfx prepare embed --backbone` (default bundle:WEIGHTS)")
+    sl.add_argument("--seed", type=int, default=0, help="seed of the random strategy (default 0)")
+    sl.add_argument("--device", default="auto")
+    sl.add_argument("--batch-size", type=int, default=32)
+    sl.add_argument("--workers", type=int, default=None)
+    sl.add_argument("--resume", action="store_true", help="continue a killed run (scores in OUTPUT.parts/)")
+    sl.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sl.set_defaults(func=_select)
+
 
 def _demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -89,6 +120,9 @@ def _train(args: argparse.Namespace) -> int:
     from .trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.init_from:
+        for e in cfg.experts:
+            e.init_from = e.init_from or args.init_from
     train(cfg, resume=args.resume)
     return 0
 
@@ -133,4 +167,16 @@ def _evaluate(args: argparse.Namespace) -> int:
                               "flip_rate": o["flip_rate"], "errors": r["errors"]}))
         print(f"wrote {args.out}/robustness.md, robustness.json, robustness.png, perturbed/*.csv", file=sys.stderr)
     print(f"wrote {args.out}/metrics.json, per_source.md, roc.png, predictions.csv", file=sys.stderr)
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    from inference.weights import resolve_weights
+
+    from .select import select
+
+    info = select(args.pool, resolve_weights(args.weights), args.output, budget=args.budget, strategy=args.strategy,
+                  exclude=args.exclude, embed=args.embed, seed=args.seed, device=args.device,
+                  batch_size=args.batch_size, workers=args.workers, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(info))
     return 0

@@ -27,6 +27,9 @@ class DataConfig:
     balanced_sampler: bool = True                         #: draw real and fake equally often
     workers: int | None = None                            #: DataLoader decoding processes (None: cores-1, ≤4)
     max_pixels: int = 64_000_000
+    #: ``OLD_MANIFEST[:FRACTION]``: also train on a seeded random FRACTION (default 0.25) of an older manifest's
+    #: rows, against forgetting when fine-tuning (they are never validated on)
+    replay: str | None = None
 
 
 @dataclass
@@ -45,6 +48,7 @@ class ExpertConfig:
     drop_path_rate: float = 0.0
     stages: list[int] | None = None      #: probe family: the frozen backbone's feature indices it pools
     lr: float | None = None              #: this expert's learning rate (default optim.lr); a probe's head wants more
+    init_from: str | None = None         #: BUNDLE[:EXPERT]: start from that bundle expert's weights (fine-tuning)
 
 
 @dataclass
@@ -249,6 +253,22 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
     return cfg
 
 
+def replay_spec(text: str) -> tuple[str, float]:
+    """``OLD_MANIFEST[:FRACTION]`` → (manifest, fraction in (0, 1]); ConfigError naming the key otherwise."""
+    path, fraction = text, 0.25
+    head, sep, tail = text.rpartition(":")
+    if sep and not Path(text).exists():
+        try:
+            path, fraction = head, float(tail)
+        except ValueError:
+            raise ConfigError(f"data.replay: '{tail}' is not a fraction (use OLD_MANIFEST:0.25)") from None
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"data.replay: the fraction must be in (0, 1], got {fraction:g}")
+    if not Path(path).is_file():
+        raise ConfigError(f"data.replay: {path} not found")
+    return path, fraction
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Everything that can fail before training, failing now with the key in the message."""
     import timm
@@ -257,6 +277,8 @@ def check_config(cfg: TrainConfig) -> None:
 
     if not cfg.data.manifest:
         raise ConfigError("data.manifest: no manifest given (data.manifest=PATH)")
+    if cfg.data.replay:
+        replay_spec(cfg.data.replay)
     for m in cfg.data.manifest:
         if not Path(m).is_file():
             raise ConfigError(f"data.manifest: {m} not found")
@@ -305,6 +327,10 @@ def check_config(cfg: TrainConfig) -> None:
         elif e.pretrained and not Path(e.pretrained).exists() and offline:
             raise ConfigError(f"experts.{i}.pretrained: {e.pretrained} is not a local file or folder, and the "
                               "model hub is offline (HF_HUB_OFFLINE)")
+        if e.init_from:
+            from .init_from import resolve_parent
+
+            resolve_parent(e, i)
         name = expert_name(e)
         if name in names:
             raise ConfigError(f"experts.{i}: two experts are named '{name}'; set experts.{i}.name")

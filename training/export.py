@@ -20,12 +20,14 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     if not run_file.is_file():
         raise BundleError(f"{run_file}: missing; the run is unfinished (finish it with `dfx train CONFIG --resume`)")
     run = json.loads(run_file.read_text())
-    experts, states = [], {}
+    experts, states, parents = [], {}, {}
     for ename in run["experts"]:
         final = run_dir / "experts" / ename / "final"
         if not (final / "expert.json").is_file():
             raise BundleError(f"{final}: expert '{ename}' has no final weights")
         info = json.loads((final / "expert.json").read_text())
+        if info.get("init_from"):
+            parents[ename] = info["init_from"]
         experts.append(ExpertSpec(name=ename, arch=info["arch"], input_size=int(info["input_size"]),
                                   mean=tuple(info["mean"]), std=tuple(info["std"]), file=f"{ename}.safetensors",
                                   sha256="0" * 64, preprocess=info["preprocess"], weight=float(info["weight"]),
@@ -45,6 +47,8 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
                     "manifests": run["manifests"], "config": run["config"],
                     "oof_metrics": metrics.get("overall", {}), "experts": metrics.get("experts", {}),
                     "ema": f"EMA weights (decay {run['config']['train']['ema_decay']}) baked in",
-                    "weights_dtype": "float16" if half else "float32"},
+                    "weights_dtype": "float16" if half else "float32",
+                    **({"init_from": parents} if parents else {}),
+                    **({"replay": run["replay"]} if run.get("replay") else {})},
     )
     return write_bundle(out, spec, states, overwrite=overwrite)

@@ -34,7 +34,7 @@ from inference.manifest import manifest_sha256, read_manifest, write_manifest
 from inference.predict_cli import write_atomic
 from inference.preprocess import Preprocessor
 
-from .config import ConfigError, ExpertConfig, TrainConfig, check_config, expert_name
+from .config import ConfigError, ExpertConfig, TrainConfig, check_config, expert_name, replay_spec
 from .data import EpochSampler, EvalDataset, Row, TrainDataset, collate_eval, collate_views
 from .losses import ProjectionHead, combined_loss
 from .metrics import choose_decision, metrics_by_source, per_source_markdown, save_metrics, save_roc_png
@@ -116,14 +116,36 @@ def _rows(cfg: TrainConfig) -> list[dict[str, Any]]:
         man = read_manifest(m)
         for r in man.rows:
             rows.append({**r, "abspath": str(man.abspath(r)), "label": int(r["label"])})
+    if cfg.data.replay:
+        rows += replay_rows(cfg.data.replay, seed=cfg.seed, exclude={r["abspath"] for r in rows})
     return rows
+
+
+def replay_rows(spec: str, *, seed: int, exclude: set[str]) -> list[dict[str, Any]]:
+    """A seeded, class-stratified sample of an older manifest's rows (``data.replay``), marked ``replay``: they
+    are trained on by every expert and never validated on. Rows already in the new data are left out."""
+    import random
+
+
+    path, fraction = replay_spec(spec)
+    man = read_manifest(path)
+    rows = [{**r, "abspath": str(man.abspath(r)), "label": int(r["label"]), "replay": "1"} for r in man.rows
+            if r.get("split", "") != "test"]
+    rows = [r for r in rows if r["abspath"] not in exclude]
+    rng = random.Random(seed)
+    out = []
+    for label in (0, 1):  # stratified, so the replay keeps the old class balance
+        group = [r for r in rows if r["label"] == label]
+        out += rng.sample(group, max(1, round(fraction * len(group)))) if group else []
+    return out
 
 
 def split_rows(rows: list[dict[str, Any]], e: ExpertConfig, index: int) -> tuple[list[dict], list[dict]]:
     """Train and validation rows of one expert: folds ≠ k / = k, or the ``split`` column. With folds, a row
     marked ``split=train`` is trained on in other folds but never validated on (e.g. simulated fakes that
     follow their parent's fold but must not count in the out-of-fold score)."""
-    usable = [r for r in rows if r.get("split", "") != "test"]
+    replay = [r for r in rows if r.get("replay")]
+    usable = [r for r in rows if r.get("split", "") != "test" and not r.get("replay")]
     if e.val_fold is not None:
         if not any(r.get("fold", "") != "" for r in usable):
             raise ConfigError(f"experts.{index}.val_fold={e.val_fold}: the manifest has no 'fold' column values "
@@ -141,6 +163,7 @@ def split_rows(rows: list[dict[str, Any]], e: ExpertConfig, index: int) -> tuple
         if not val:
             raise ConfigError(f"experts.{index}: no validation rows: set experts.{index}.val_fold (folds from "
                               "`dfx prepare cluster`) or mark rows split=val in the manifest")
+    train = train + replay  # old data against forgetting: trained on, never validated on
     if e.skip_kinds:  # e.g. simulated fakes for an expert that squashes away their fingerprint
         train = [r for r in train if r.get("kind", "") not in e.skip_kinds]
     if not train or len({r["label"] for r in train}) < 2:
@@ -157,11 +180,23 @@ def _mixed_precision(mode: str) -> str:
     return "no"  # bf16 autocast is 5-15x slower on CPUs without AMX/AVX512-BF16
 
 
-def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any]) -> nn.Module:
-    """A timm model with a 2-class head; pretrained weights from a local file or folder if given."""
+def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any], index: int = 0) -> nn.Module:
+    """A timm model with a 2-class head; pretrained weights from a local file or folder if given, or exactly a
+    bundle expert's weights with ``init_from`` (training/init_from.py)."""
     import timm
 
     kwargs = dict(model_kwargs)
+    if e.init_from:
+        from inference.bundle import ExpertSpec
+        from inference.experts import create_expert
+
+        from .init_from import load_parent_weights, resolve_parent
+
+        parent = resolve_parent(e, index)
+        assert parent is not None
+        # The module the parent's file is the state dict of, built for this run's input size and options.
+        spec = ExpertSpec(**{**parent.expert.__dict__, "input_size": size, "model_kwargs": dict(model_kwargs)})
+        return load_parent_weights(create_expert(spec), parent)
     if e.family == "probe":  # frozen pretrained stages and a trainable head (inference/families/probe.py)
         from inference.families.probe import probe_net
         from inference.pretrained import PretrainedError, load_probe_backbone
@@ -286,8 +321,8 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     expert_seed = cfg.seed + 1000 * index
     set_seed(expert_seed)
 
-    backbone = create_backbone(e, size, model_kwargs)
-    if hasattr(backbone, "feat_mean"):  # a probe: standardise its frozen features with the training images'
+    backbone = create_backbone(e, size, model_kwargs, index)
+    if hasattr(backbone, "feat_mean") and not e.init_from:  # a new probe: standardise its frozen features with the training images'
         _calibrate_probe(backbone, train_rows, size, e, mean, std, cfg.data.max_pixels)
     with torch.no_grad():
         feat_dim = expert_forward(backbone.eval(), torch.zeros(1, 3, size, size))[1].shape[1]
@@ -429,6 +464,8 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
                 "input_size": size, "preprocess": e.preprocess, "mean": list(mean),
                 "std": list(std), "model_kwargs": model_kwargs, "weight": e.weight, "val_fold": e.val_fold,
                 "pretrained": e.pretrained, "n_train": len(train_rows), "n_val": len(val_rows),
+                "n_replay": sum(1 for r in train_rows if r.get("replay")),
+                "init_from": _parent_provenance(e, index),
                 "steps": progress["global_step"], "history": progress["history"], "skipped": progress["skipped"],
                 "val_auc": metrics.get("overall", {}).get("auc") if metrics else None}
         (tmp / "expert.json").write_text(json.dumps(info, indent=2))
@@ -436,6 +473,13 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
         os.replace(tmp, final)
         shutil.rmtree(ckpt, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _parent_provenance(e: ExpertConfig, index: int) -> dict[str, Any] | None:
+    from .init_from import resolve_parent
+
+    parent = resolve_parent(e, index)
+    return parent.provenance() if parent else None
 
 
 def finalize_run(cfg: TrainConfig, run_dir: Path, processes: int = 1) -> dict[str, Any]:
@@ -473,6 +517,8 @@ def finalize_run(cfg: TrainConfig, run_dir: Path, processes: int = 1) -> dict[st
     run = {"format": RUN_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "config": cfg.to_dict(),
            "manifests": [{"path": m, "sha256": manifest_sha256(m)} for m in cfg.data.manifest],
+           **({"replay": {"spec": cfg.data.replay, "sha256": manifest_sha256(replay_spec(cfg.data.replay)[0])}}
+              if cfg.data.replay else {}),
            "experts": experts, "decision": decision, "processes": processes,
            "oof": {"n": len(oof), "auc": metrics["overall"]["auc"],
                    "tpr_at_fpr_5pct": metrics["overall"]["tpr_at_fpr_5pct"]}}
