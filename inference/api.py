@@ -98,6 +98,8 @@ class _Model:
         self.state = "loading"
         self.error: str | None = None
         self.forward_lock = threading.Lock()
+        self.finder_lock = threading.Lock()
+        self.finder: Any = None
         threading.Thread(target=self._load, name="dfx-load-model", daemon=True).start()
 
     def _load(self) -> None:
@@ -124,6 +126,15 @@ class _Model:
             self.state = "failed"
             log.error("model failed to load: %s: %s", type(exc).__name__, exc)
 
+    def face_finder(self) -> Any:
+        """The face finder, built on first use (one per worker process; MTCNN, else Haar)."""
+        with self.finder_lock:
+            if self.finder is None:
+                from .faces import FaceFinder
+
+                self.finder = FaceFinder()
+            return self.finder
+
     def _forward(self, items: list) -> list[Prediction]:
         with self.forward_lock:
             assert self.detector is not None
@@ -145,7 +156,13 @@ class _Model:
 
 
 def _prediction_json(det: Detector, pred: Prediction) -> dict[str, Any]:
-    return {"result": pred.score, "label": pred.label, "experts": pred.experts}
+    body: dict[str, Any] = {"result": pred.score, "label": pred.label, "experts": pred.experts}
+    if pred.faces is not None:
+        from .detector import FACE_RULE
+
+        body.update(whole_score=pred.whole_score, faces=pred.faces, face_count=len(pred.faces),
+                    face_rule=FACE_RULE if pred.faces else "no face found: scored whole")
+    return body
 
 
 def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
@@ -207,15 +224,25 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
         return _error(500, "internal_error", f"the model failed on this request ({type(exc).__name__}); "
                                              "the error is logged and the service keeps running")
 
-    def _score(det: Detector, payloads: list[tuple[bytes, str]]) -> list[Prediction | ApiError]:
+    def _score(det: Detector, payloads: list[tuple[bytes, str]], faces: bool = False) -> list[Prediction | ApiError]:
         """Decode each payload in this thread (errors kept per item), then score the good ones through the
-        micro-batcher, together with whatever other requests are ready (inference/microbatch.py)."""
-        prepared, results = [], []
+        micro-batcher, together with whatever other requests are ready (inference/microbatch.py). With
+        ``faces``, each image's face crops are scored in the same forward and combined (Detector.combine_faces)."""
+        from .detector import prepare_faces
+
+        prepared: list = []
+        groups: list[tuple[int, list]] = []  # per good image: how many prepared items, and its faces
+        results: list = []
         model.batcher.decoding(+1)
         try:
             for data, what in payloads:
                 try:
-                    prepared.append(det.prepare(data, name=what))
+                    if faces:
+                        items, found = prepare_faces(det.preprocessor, model.face_finder(), data, name=what)
+                    else:
+                        items, found = [det.prepare(data, name=what)], []
+                    prepared += items
+                    groups.append((len(items), found))
                     results.append(None)
                 except ImageError as exc:
                     status, code = IMAGE_ERROR_STATUS.get(exc.code, (422, "invalid_image"))
@@ -223,9 +250,22 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
         finally:
             model.batcher.decoding(-1)
         if prepared:
-            scored = iter(model.batcher.submit(prepared))
+            preds = model.batcher.submit(prepared)
+            combined, at = [], 0
+            for n, found in groups:
+                combined.append(det.combine_faces(found, preds[at:at + n]) if faces else preds[at])
+                at += n
+            scored = iter(combined)
             results = [r if r is not None else next(scored) for r in results]
         return results
+
+    def _wants_faces(body: Any = None) -> bool:
+        """``"faces": true`` in a JSON body, or ``?faces=1`` for multipart and raw image bodies."""
+        if isinstance(body, dict) and "faces" in body:
+            if not isinstance(body["faces"], bool):
+                raise ApiError(400, "bad_field", "'faces' must be true or false")
+            return body["faces"]
+        return request.args.get("faces", "").lower() in ("1", "true", "yes")
 
     def _json_body() -> Any:
         """The body as JSON, or None when it is not JSON; nesting deep enough to exhaust the parser's
@@ -235,18 +275,20 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
         except RecursionError:
             raise ApiError(400, "bad_json", "the JSON body is nested too deeply") from None
 
-    def _single_payload() -> bytes:
+    def _single_payload() -> tuple[bytes, bool]:
+        """The image's bytes, and whether its faces are to be scored too."""
         ctype = (request.mimetype or "").lower()
         if ctype.startswith("image/") or ctype == "application/octet-stream":
             data = request.get_data(cache=False)
             if not data:
                 raise ApiError(400, "empty_image", "the request body is empty")
-            return data
+            return data, _wants_faces()
         if ctype == "multipart/form-data":
             upload = request.files.get("image")
             if upload is None:
                 raise ApiError(400, "missing_field", "multipart request needs a file field named 'image'")
-            return upload.read()
+            faces = _wants_faces() or request.form.get("faces", "").lower() in ("1", "true", "yes", "on")
+            return upload.read(), faces
         if ctype in ("application/json", "") or ctype.endswith("+json") or ctype == "text/plain":
             # Old clients sometimes send JSON without a content type; try it before refusing.
             body = _json_body()
@@ -254,16 +296,16 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
                 raise ApiError(400, "bad_json", "the body must be a JSON object like {\"image\": \"<base64>\"}")
             if "image" not in body:
                 raise ApiError(400, "missing_field", "the JSON body needs an 'image' field (base64)")
-            return decode_base64_image(body["image"], "image")
+            return decode_base64_image(body["image"], "image"), _wants_faces(body)
         raise ApiError(415, "unsupported_media_type",
                        f"content type '{ctype}' is not accepted: send application/json "
                        "{\"image\": \"<base64>\"}, multipart/form-data with a file 'image', or image/* bytes")
 
     @app.post("/predict")
     def predict() -> Response:
-        data = _single_payload()
+        data, faces = _single_payload()
         det = model.require()
-        [result] = _score(det, [(data, "image")])
+        [result] = _score(det, [(data, "image")], faces=faces)
         if isinstance(result, ApiError):
             raise result
         body = _prediction_json(det, result)
@@ -295,7 +337,7 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
                 entries.append(None)
             except ApiError as exc:
                 entries.append(exc)
-        scored = iter(_score(det, payloads))
+        scored = iter(_score(det, payloads, faces=_wants_faces(body)))
         out = []
         for entry in entries:
             result = entry if entry is not None else next(scored)

