@@ -107,6 +107,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     em.add_argument("--device", default="auto")
     em.set_defaults(func=_embed)
 
+    fc = verbs.add_parser("faces", help="a manifest of face crops (for training experts on faces)",
+                          description="Find the faces in every row's image (MTCNN; OpenCV Haar without its weights), cut "
+                                      "each as the upright square `dfx predict --faces` scores, save it as PNG, and write "
+                                      "a manifest of the crops: label, source, fold and split from the image, which is "
+                                      "named in 'parent' so folds keep faces with their photo. Resumable.")
+    fc.add_argument("manifest")
+    fc.add_argument("-o", "--out", required=True, help="output folder (images/, manifest.csv, no_faces.csv)")
+    fc.add_argument("--max-faces", type=int, default=4, help="faces kept per image, most confident first (default 4)")
+    fc.add_argument("--margin", type=float, default=0.3, help="context around the face, share of its size (default 0.3)")
+    fc.add_argument("--min-confidence", type=float, default=0.9, help="MTCNN confidence to keep a face (default 0.9)")
+    fc.set_defaults(func=_faces)
+
     cl = verbs.add_parser("cluster", help="FAISS k-means and cluster-disjoint, balanced folds",
                           description="Spherical FAISS k-means on the features (GPU when faiss-gpu is installed), then "
                                       "whole clusters dealt to folds, keeping every fake with its parent real image, "
@@ -123,6 +135,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     cl.add_argument("--no-map", action="store_true", help="skip the PNG map")
     cl.add_argument("-o", "--output", required=True, help="manifest CSV to write")
     cl.set_defaults(func=_cluster)
+
+
+def _faces(args: argparse.Namespace) -> int:
+    import json
+
+    from .faces import prepare_faces
+
+    s = prepare_faces(args.manifest, args.out, max_faces=args.max_faces, margin=args.margin,
+                      min_confidence=args.min_confidence)
+    print(json.dumps(s))
+    return 0
 
 
 def _index(args: argparse.Namespace) -> int:

@@ -149,3 +149,26 @@ def test_api_answers_face_boxes_in_image_coordinates(tiny_bundle, astronaut, tmp
         assert batch["results"][0]["face_count"] == 1 and "error" in batch["results"][1]
     finally:
         server.stop()
+
+
+@needs_mtcnn
+def test_prepare_faces_writes_crops_with_parent_links(folder, tmp_path):
+    from inference.manifest import read_manifest, write_manifest
+
+    man = write_manifest(tmp_path / "m.csv", [
+        {"path": str(folder / "astronaut.png"), "label": 1, "source": "nasa", "fold": 2},
+        {"path": str(folder / "coffee.jpg"), "label": 0, "source": "sk", "fold": 1},
+        {"path": str(folder / "broken.jpg"), "label": 0, "source": "sk", "fold": 0}])
+    r = dfx("prepare", "faces", str(man), "-o", str(tmp_path / "faces"))
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert (info["faces"], info["no_faces"], info["skipped"]) == (1, 1, 1)
+    crops = read_manifest(tmp_path / "faces" / "manifest.csv")
+    [row] = crops.rows
+    assert row["parent"] == str(folder / "astronaut.png") and row["fold"] == "2" and row["label"] == "1"
+    img = Image.open(crops.abspath(row))
+    assert img.size[0] == img.size[1] and img.format == "PNG"
+    assert [r["path"] for r in read_manifest(tmp_path / "faces" / "no_faces.csv").rows] == [str(folder / "coffee.jpg")]
+    before = crops.abspath(row).stat().st_mtime_ns
+    assert dfx("prepare", "faces", str(man), "-o", str(tmp_path / "faces")).returncode == 0
+    assert crops.abspath(row).stat().st_mtime_ns == before, "a rerun resumes: done images are not searched again"
