@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -228,6 +229,90 @@ def test_real_browser_upload_verdict_and_report(api, odd_images, tmp_path):
             phone.screenshot(path=str(tmp_path / "webui-phone.png"), full_page=True)
             browser.close()
         print(f"screenshots: {tmp_path / 'webui-desktop.png'}, {tmp_path / 'webui-phone.png'}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _astronaut_jpeg() -> bytes:
+    from skimage import data as skdata
+
+    buf = io.BytesIO()
+    Image.fromarray(skdata.astronaut()).save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def test_faces_option_lists_and_draws_each_face(client):
+    data = _astronaut_jpeg()
+    r = client.post("/check", data={"image": (io.BytesIO(data), "astronaut.jpg"), "faces": "on"},
+                    headers={"Accept": "application/json"}, content_type="multipart/form-data")
+    assert r.status_code == 200, r.get_data(as_text=True)
+    body = r.get_json()
+    assert len(body["faces"]) == 1 and body["faces"][0]["label"] in {"fake", "real", "uncertain"}
+    assert body["score"] == pytest.approx(max(body["whole_score"], body["faces"][0]["score"]))
+    drawn = Image.open(io.BytesIO(base64.b64decode(body["faces_png"].split(",", 1)[1])))
+    assert drawn.size == (512, 512)
+    x1, y1, x2, y2 = (round(v) for v in body["faces"][0]["box"])
+    from webui.app import COLOURS
+
+    edge = np.asarray(drawn.convert("RGB"))[y1 + 2:y2 - 2, x1]
+    assert (edge == np.array(COLOURS[body["faces"][0]["label"]])).all(), "the box is drawn in its verdict's colour"
+    report = Image.open(io.BytesIO(base64.b64decode(body["report_png"].split(",", 1)[1])))
+    plain = upload(client, data).get_json()
+    assert plain["faces"] is None and plain["faces_png"] is None, "faces are opt-in"
+    plain_report = Image.open(io.BytesIO(base64.b64decode(plain["report_png"].split(",", 1)[1])))
+    colour = np.array(COLOURS[body["faces"][0]["label"]])
+
+    def thumb_has_colour(img: Image.Image) -> bool:
+        return bool((np.asarray(img.convert("RGB"))[72:432, 32:392] == colour).all(axis=2).any())
+
+    assert thumb_has_colour(report) and not thumb_has_colour(plain_report), "the report draws the face's box"
+    assert np.asarray(report.convert("RGB"))[:, 412:].tobytes() != np.asarray(plain_report.convert("RGB"))[:, 412:].tobytes(), \
+        "and lists the face"
+    html = client.post("/check", data={"image": (io.BytesIO(data), "a.jpg"), "faces": "on"}, headers={"Accept": "text/html"},
+                       content_type="multipart/form-data").get_data(as_text=True)
+    assert "1 face(s)" in html and 'id="faces-image"' in html and "data:image/png;base64," in html
+
+
+def test_real_browser_faces_checkbox(api, tmp_path):
+    _browser_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    photo = tmp_path / "astronaut.jpg"
+    photo.write_bytes(_astronaut_jpeg())
+    port = free_port()
+    log = open(tmp_path / "webui.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("dfx")), "webui", "--api-url", api.url,
+                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(200):
+            try:
+                if requests.get(url, timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(url)
+            page.set_input_files("#image-input", str(photo))
+            page.check("#faces-input")
+            page.click("#check-button")
+            expect(page.locator("#result")).to_be_visible(timeout=60_000)
+            expect(page.locator("#faces-box")).to_be_visible()
+            expect(page.locator("#faces-image")).to_be_visible()
+            assert page.locator("#faces tbody tr").count() == 1
+            assert "1 face(s)" in page.locator("#faces-summary").inner_text()
+            page.screenshot(path=str(tmp_path / "faces.png"), full_page=True)
+            # unchecked: no faces section
+            page.uncheck("#faces-input")
+            page.click("#check-button")
+            expect(page.locator("#faces-box")).to_be_hidden(timeout=60_000)
+            browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -60,6 +60,8 @@ API_ERROR_TEXT = {
 
 #: The most the site reads of one API answer; a hostile or broken API cannot make it buffer more.
 MAX_API_ANSWER_BYTES = 8 * 1024 * 1024
+#: The most faces a verdict may list (the API scores at most 16).
+MAX_FACES = 16
 #: The most experts a verdict may list (the page and the report show each one).
 MAX_EXPERTS = 64
 LABELS = ("fake", "real", "uncertain")
@@ -116,8 +118,11 @@ class ApiClient:
         except (ValueError, OSError) as exc:
             raise UserError(502, "api_bad_answer", "The detection service gave an answer the site cannot read.") from exc
 
-    def predict(self, image: bytes) -> dict[str, Any]:
-        return clean_result(self._call("POST", "/predict", {"image": base64.b64encode(image).decode()}))
+    def predict(self, image: bytes, faces: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"image": base64.b64encode(image).decode()}
+        if faces:
+            body["faces"] = True
+        return clean_result(self._call("POST", "/predict", body))
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/healthcheck", timeout=min(5.0, self.cfg.timeout))
@@ -145,8 +150,57 @@ def clean_result(answer: dict[str, Any]) -> dict[str, Any]:
     heatmap = answer.get("heatmap")
     if not (isinstance(heatmap, str) and heatmap.startswith("data:image/png;base64,")):
         heatmap = None
+    faces = None
+    if answer.get("faces") is not None:
+        raw = answer["faces"]
+        if not isinstance(raw, list):
+            raise bad
+        faces = []
+        try:
+            for f in raw[:MAX_FACES]:
+                box = [float(v) for v in f["box"]][:4]
+                fscore = float(f["score"])
+                if len(box) != 4 or not 0.0 <= fscore <= 1.0:
+                    raise bad
+                faces.append({"box": box, "score": fscore, "confidence": float(f.get("confidence", 0.0)),
+                              "label": f.get("label") if f.get("label") in LABELS else "uncertain"})
+            whole = float(answer.get("whole_score", score))
+        except (KeyError, TypeError, ValueError):
+            raise bad from None
     return {"result": score, "label": label, "experts": experts, "threshold": threshold,
-            "model": str(answer.get("model", "?"))[:200], "heatmap": heatmap}
+            "model": str(answer.get("model", "?"))[:200], "heatmap": heatmap, "faces": faces,
+            **({"whole_score": whole} if faces is not None else {})}
+
+
+COLOURS = {"fake": (176, 0, 32), "real": (0, 110, 55), "uncertain": (150, 90, 0)}
+
+
+def faces_image(data: bytes, faces: list[dict[str, Any]], max_side: int = 720) -> bytes | None:
+    """The image with each face's box drawn in its verdict's colour and numbered, as PNG (None when Pillow
+    cannot read the image). Boxes are in the pixels of the image as shown (EXIF rotation applied)."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as src:
+            img = ImageOps.exif_transpose(src).convert("RGB")
+    except Exception:
+        return None
+    scale = min(1.0, max_side / max(img.size))
+    if scale < 1.0:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=16)
+    width = max(2, round(max(img.size) / 200))
+    for k, f in enumerate(faces, start=1):
+        x1, y1, x2, y2 = (v * scale for v in f["box"])
+        colour = COLOURS.get(f["label"], (0, 0, 0))
+        d.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+        tag = f"{k}: {f['score']:.2f}"
+        d.rectangle([x1, max(0, y1 - 20), x1 + 8 + 9 * len(tag), max(0, y1 - 20) + 20], fill=colour)
+        d.text((x1 + 4, max(0, y1 - 20) + 1), tag, font=font, fill=(255, 255, 255))
+    out = io.BytesIO()
+    img.save(out, "PNG", optimize=True)
+    return out.getvalue()
 
 
 def _thumbnail(data: bytes) -> Any:
@@ -201,7 +255,20 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
     except Exception:  # the API read it; if Pillow cannot, the report goes without a thumbnail
         thumb = None
     experts = dict(list(result.get("experts", {}).items())[:MAX_EXPERTS])
-    H = 700 + 28 * len(experts)  # generous; cropped to the content at the end
+    faces = result.get("faces") or []
+    if faces and thumb is not None:  # the boxes, drawn on the thumbnail as on the page
+        from PIL import ImageDraw as _Draw
+
+        with Image.open(io.BytesIO(data)) as src:
+            from PIL import ImageOps
+
+            shown = ImageOps.exif_transpose(src).size
+        sx = thumb.width / shown[0]
+        td = _Draw.Draw(thumb)
+        for k, f in enumerate(faces, start=1):
+            td.rectangle([v * sx for v in f["box"]], outline=COLOURS.get(f["label"], (0, 0, 0)), width=3)
+            td.text((f["box"][0] * sx + 3, f["box"][1] * sx + 2), str(k), fill=COLOURS.get(f["label"], (0, 0, 0)))
+    H = 760 + 28 * len(experts) + 24 * len(faces)  # generous; cropped to the content at the end
     page = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(page)
     colours = {"fake": (176, 0, 32), "real": (0, 110, 55), "uncertain": (150, 90, 0)}
@@ -223,6 +290,16 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
     for name, p in experts.items():
         y += 28
         d.text((x, y), f"{name}: {float(p):.3f}", font=small, fill=(40, 40, 40))
+    if result.get("faces") is not None:
+        y += 40
+        d.text((x, y), f"faces: {len(faces)}" + (" (none found: scored whole)" if not faces else
+                                                  f" (score = max of whole image "
+                                                  f"{float(result.get('whole_score', score)):.3f} and faces)"),
+               font=small, fill=(40, 40, 40))
+        for k, f in enumerate(faces, start=1):
+            y += 24
+            d.text((x, y), f"face {k}: {f['score']:.3f} {f['label']}  box {', '.join(str(round(v)) for v in f['box'])}",
+                   font=small, fill=COLOURS.get(f["label"], (40, 40, 40)))
     y = max(y + 40, pad + 420)
     for line in (f"file: {filename}", f"SHA-256: {sha256}", f"model: {result.get('model', '?')}",
                  f"date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}",
@@ -292,14 +369,18 @@ def create_app(config: WebConfig | dict[str, Any] | None = None) -> Flask:
         data = upload.read()
         check_upload(data, cfg)
         t0 = time.perf_counter()
-        result = client.predict(data)
+        want_faces = request.form.get("faces", "").lower() in ("1", "on", "true", "yes")
+        result = client.predict(data, faces=want_faces)
         sha = hashlib.sha256(data).hexdigest()
         report = render_report(data, result, sha, upload.filename)
+        annotated = faces_image(data, result["faces"]) if result.get("faces") else None
         body = {
             "label": result.get("label"), "score": result.get("result"), "threshold": result.get("threshold"),
             "experts": result.get("experts", {}), "model": result.get("model"), "sha256": sha,
             "filename": upload.filename, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1),
             "heatmap": result.get("heatmap"),  # a data: URL when the API offers one
+            "faces": result.get("faces"), "whole_score": result.get("whole_score"),
+            "faces_png": "data:image/png;base64," + base64.b64encode(annotated).decode() if annotated else None,
             "report_png": "data:image/png;base64," + base64.b64encode(report).decode(),
         }
         if wants_json():

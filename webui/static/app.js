@@ -62,6 +62,27 @@
     const link = document.getElementById("report-link");
     link.href = r.report_png;
     link.download = "dfx-report-" + r.sha256.slice(0, 12) + ".png";
+    const fb = document.getElementById("faces-box");
+    if (r.faces === null || r.faces === undefined) {
+      fb.hidden = true;
+    } else {
+      const fbody = document.querySelector("#faces tbody");
+      fbody.replaceChildren();
+      r.faces.forEach((f, i) => {
+        const tr = document.createElement("tr");
+        const a = document.createElement("td"); a.textContent = String(i + 1);
+        const b = document.createElement("td"); b.textContent = Number(f.score).toFixed(3);
+        const c = document.createElement("td"); c.textContent = f.label; c.className = "verdict-" + f.label;
+        tr.append(a, b, c); fbody.append(tr);
+      });
+      document.getElementById("faces-summary").textContent = r.faces.length
+        ? r.faces.length + " face(s); the score is the highest of the whole image (" +
+          Number(r.whole_score).toFixed(3) + ") and each face."
+        : "No face found: the whole image was scored.";
+      const fi = document.getElementById("faces-image");
+      if (r.faces_png) { fi.src = r.faces_png; fi.hidden = false; } else { fi.hidden = true; }
+      fb.hidden = false;
+    }
     const hm = document.getElementById("heatmap-box");
     if (r.heatmap) { document.getElementById("heatmap").src = r.heatmap; hm.hidden = false; } else { hm.hidden = true; }
     result.hidden = false;
