@@ -8,7 +8,6 @@ import io
 import json
 import logging
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -172,3 +171,17 @@ def test_prepare_faces_writes_crops_with_parent_links(folder, tmp_path):
     before = crops.abspath(row).stat().st_mtime_ns
     assert dfx("prepare", "faces", str(man), "-o", str(tmp_path / "faces")).returncode == 0
     assert crops.abspath(row).stat().st_mtime_ns == before, "a rerun resumes: done images are not searched again"
+
+
+@needs_mtcnn
+def test_submit_faces_uses_the_face_rule(tiny_bundle, folder, tmp_path):
+    jsonl = tmp_path / "rows.jsonl"
+    assert dfx("predict", str(folder), "--weights", str(tiny_bundle), "--faces", "-o", str(jsonl),
+               "--no-progress").returncode == 0
+    want = {json.loads(line)["path"].rsplit("/", 1)[1]: json.loads(line)["score"] for line in jsonl.read_text().splitlines()}
+    sub = tmp_path / "submission.csv"
+    r = dfx("submit", str(folder), "--weights", str(tiny_bundle), "--faces", "-o", str(sub), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    rows = dict(line.split(",") for line in sub.read_text().splitlines()[1:])
+    assert float(rows["astronaut.png"]) == pytest.approx(want["astronaut.png"], abs=1e-7)
+    assert float(rows["broken.jpg"]) == 0.5
