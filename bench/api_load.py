@@ -119,6 +119,9 @@ def main() -> int:
     ap.add_argument("--microbatch", action="store_true",
                     help="compare micro-batching (--batch-wait-ms 5) with one forward per request (0), "
                          "1 worker x 16 threads, instead of the reference comparison")
+    ap.add_argument("--wait-ms", default="5", help="with --microbatch: the batch waits to compare with 0, comma-separated "
+                                                   "(default 5)")
+    ap.add_argument("--threads", type=int, default=16, help="with --microbatch: threads of the one worker (default 16)")
     args = ap.parse_args()
     bench_dir = str(Path(__file__).resolve().parent)
     exe = Path(sys.executable).with_name("dfx")  # the console script, or the module where it is not installed
@@ -142,10 +145,10 @@ def main() -> int:
             "dfx serve 2 workers x 2 threads": ["--workers", "2", "--threads", "2"],
         }
         if args.microbatch:
-            setups = {
-                "per-request forward (wait 0 ms)": ["--workers", "1", "--threads", "16", "--batch-wait-ms", "0"],
-                "micro-batching (wait 5 ms)": ["--workers", "1", "--threads", "16", "--batch-wait-ms", "5"],
-            }
+            t = str(args.threads)
+            setups = {"per-request forward (wait 0 ms)": ["--workers", "1", "--threads", t, "--batch-wait-ms", "0"]}
+            for w in (x.strip() for x in args.wait_ms.split(",") if x.strip()):
+                setups[f"micro-batching (wait {w} ms)"] = ["--workers", "1", "--threads", t, "--batch-wait-ms", w]
         table: dict[str, dict[int, tuple[float, float, float, int]]] = {}
         memory: dict[str, tuple[float, float]] = {}
         for name, extra in setups.items():

@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=float(_env("BATCH_WAIT_MS", 0)),
                    help="micro-batching: gather concurrent requests for at most this long (only while others "
                         "are still decoding, so a lone request never waits) and score them in one forward; "
-                        "0 = one forward per request. On a 2-core CPU 5 ms gave 1.23x req/s at 16 clients; on an "
-                        "H200 it lengthened the tail (README) [DFX_BATCH_WAIT_MS] (default 0)")
+                        "0 = one forward per request. On a 2-core CPU 5-20 ms gave 1.23-1.45x req/s at 16 clients; on "
+                        "an H200 it lengthened the tail (README) [DFX_BATCH_WAIT_MS] (default 0)")
     p.add_argument("--max-body-mb", type=float, default=float(_env("MAX_BODY_MB", 20)),
                    help="largest request body in MiB; larger gets 413 [DFX_MAX_BODY_MB] (default 20)")
     p.add_argument("--max-pixels", type=int, default=int(_env("MAX_PIXELS", DEFAULT_MAX_PIXELS)),
