@@ -44,7 +44,8 @@ def main() -> int:
     from tqdm import tqdm
 
     from inference import Detector
-    from inference.faces import FaceFinder, face_crop
+    from inference.detector import prepare_faces
+    from inference.faces import FaceFinder
     from inference.images import ImageError, load_image
     from training.metrics import binary_metrics
 
@@ -69,7 +70,7 @@ def main() -> int:
         t0 = time.perf_counter()
         faces = finder.find(img)
         find_s = time.perf_counter() - t0
-        items = [det.preprocessor.transform(img)] + [det.preprocessor.transform(face_crop(img, f)) for f in faces]
+        items, faces = prepare_faces(det.preprocessor, finder, img, faces=faces)  # the crops --faces scores
         preds = det.score_prepared(items)
         found[key] = {"faces": [f.to_json() for f in faces], "find_s": find_s, "size": list(img.size),
                       "whole": preds[0].score, "face_scores": [p.score for p in preds[1:]]}

@@ -158,10 +158,9 @@ class _Model:
 def _prediction_json(det: Detector, pred: Prediction) -> dict[str, Any]:
     body: dict[str, Any] = {"result": pred.score, "label": pred.label, "experts": pred.experts}
     if pred.faces is not None:
-        from .detector import FACE_RULE
+        from .faces import face_fields
 
-        body.update(whole_score=pred.whole_score, faces=pred.faces, face_count=len(pred.faces),
-                    face_rule=FACE_RULE if pred.faces else "no face found: scored whole")
+        body.update(face_fields(pred.faces, pred.whole_score))
     return body
 
 

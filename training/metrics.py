@@ -118,9 +118,6 @@ def per_source_markdown(metrics: dict[str, Any]) -> str:
 
 def save_roc_png(path: str | Path, curves: dict[str, tuple[Sequence[int], Sequence[float]]], title: str = "ROC") -> None:
     """One ROC curve per named (labels, scores) pair, with AUC in the legend, written atomically."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,12 +135,25 @@ def save_roc_png(path: str | Path, curves: dict[str, tuple[Sequence[int], Sequen
            xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG atomically (temporary sibling + rename) and close it."""
+    import os
+    import tempfile
+
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def choose_decision(labels: Sequence[int], scores: Sequence[float], rule: str = "youden",

@@ -17,7 +17,7 @@ import numpy as np
 from inference.detector import Detector, ItemResult
 from inference.manifest import write_manifest
 
-from .metrics import metrics_by_source, save_metrics
+from .metrics import metrics_by_source, save_figure, save_metrics
 
 
 def flip_rate(clean: Sequence[float], perturbed: Sequence[float], threshold: float) -> float | None:
@@ -106,9 +106,6 @@ def robustness_markdown(table: dict[str, Any], model: str, threshold: float) -> 
 
 def save_robustness_png(path: Path, table: dict[str, Any], title: str) -> None:
     """Two panels: AUC per perturbation (clean as a line) and flip rate per perturbation; atomic."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,11 +130,7 @@ def save_robustness_png(path: Path, table: dict[str, Any], title: str) -> None:
         ax2.text(v, yy, f" {v:.1f}", va="center", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_robustness(out: Path, det: Detector, labels: Sequence[int], sources: Sequence[str],
