@@ -85,8 +85,11 @@ def rss_mb(pid: int) -> float:
     return sum(x.memory_info().rss for x in [p, *p.children(recursive=True)]) / 1e6
 
 
-def load(url: str, payloads: list[str], n: int, concurrency: int) -> tuple[float, float, float, int]:
+def load(url: str, payloads: list[str], n: int, concurrency: int) -> tuple[float, float, float, int, float]:
+    """req/s, client p50 and p95 ms, errors, and the server's own p95 (``elapsed_ms`` of the answers: time inside
+    the app; client latency above it is spent reaching the app, in the event loop and the request-thread queue)."""
     lat: list[float] = []
+    inside: list[float] = []
     errors = 0
     lock = threading.Lock()
     local = threading.local()
@@ -101,13 +104,23 @@ def load(url: str, payloads: list[str], n: int, concurrency: int) -> tuple[float
         with lock:
             lat.append(dt)
             errors += r.status_code != 200
+            if r.status_code == 200 and "elapsed_ms" in r.json():
+                inside.append(r.json()["elapsed_ms"])
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(n)))
     wall = time.perf_counter() - t0
     lat.sort()
-    return n / wall, statistics.median(lat) * 1000, lat[int(0.95 * (len(lat) - 1))] * 1000, errors
+    inside.sort()
+    app_p95 = inside[int(0.95 * (len(inside) - 1))] if inside else float("nan")
+    return n / wall, statistics.median(lat) * 1000, lat[int(0.95 * (len(lat) - 1))] * 1000, errors, app_p95
+
+
+def batcher(url: str, last: int | None = None) -> dict:
+    """The micro-batcher's figures from ``GET /model`` (over the ``last`` batches)."""
+    q = f"?last={last}" if last else ""
+    return requests.get(f"{url}/model{q}", timeout=30).json()["microbatch"]
 
 
 def main() -> int:
@@ -122,6 +135,7 @@ def main() -> int:
     ap.add_argument("--wait-ms", default="5", help="with --microbatch: the batch waits to compare with 0, comma-separated "
                                                    "(default 5)")
     ap.add_argument("--threads", type=int, default=16, help="with --microbatch: threads of the one worker (default 16)")
+    ap.add_argument("--serve-args", default="", help="more options for every dfx serve, e.g. '--torch-threads 1'")
     args = ap.parse_args()
     bench_dir = str(Path(__file__).resolve().parent)
     exe = Path(sys.executable).with_name("dfx")  # the console script, or the module where it is not installed
@@ -149,7 +163,8 @@ def main() -> int:
             setups = {"per-request forward (wait 0 ms)": ["--workers", "1", "--threads", t, "--batch-wait-ms", "0"]}
             for w in (x.strip() for x in args.wait_ms.split(",") if x.strip()):
                 setups[f"micro-batching (wait {w} ms)"] = ["--workers", "1", "--threads", t, "--batch-wait-ms", w]
-        table: dict[str, dict[int, tuple[float, float, float, int]]] = {}
+        table: dict[str, dict[int, tuple[float, float, float, int, float]]] = {}
+        batches: dict[str, dict[int, dict]] = {}
         memory: dict[str, tuple[float, float]] = {}
         for name, extra in setups.items():
             port = free_port()
@@ -161,23 +176,34 @@ def main() -> int:
                                         stderr=subprocess.DEVNULL)
             else:
                 proc = subprocess.Popen([*dfx_cmd, "serve", "--weights", weights, "--port", str(port),
-                                         "--log-level", "warning", "--device", args.device, *extra],
+                                         "--log-level", "warning", "--device", args.device, *extra,
+                                         *args.serve_args.split()],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 wait_healthy(url, proc)
                 load(url, payloads, 4, 1)  # warm-up
                 before = rss_mb(proc.pid)
-                table[name] = {c: load(url, payloads, args.requests, c) for c in (1, 4, 16)}
+                table[name], batches[name] = {}, {}
+                for c in (1, 4, 16):
+                    before_n = batcher(url)["batches"] if extra is not None else 0
+                    table[name][c] = load(url, payloads, args.requests, c)
+                    if extra is not None:
+                        batches[name][c] = batcher(url, batcher(url)["batches"] - before_n)
                 memory[name] = (before, rss_mb(proc.pid))
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
 
         ref = table[next(iter(setups))]
-        print(f"\n{'setup':<34} {'conc':>4} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6} {'req/s vs 1st':>12}")
+        print(f"\n{'setup':<34} {'conc':>4} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6} {'req/s vs 1st':>12}"
+              f" {'app p95':>8} {'batch':>6} {'queue p50/p95':>14} {'forward p50/p95':>16}")
         for name, rows in table.items():
-            for c, (rps, p50, p95, err) in rows.items():
-                print(f"{name:<34} {c:>4} {rps:>7.2f} {p50:>8.0f} {p95:>8.0f} {err:>6} {rps / ref[c][0]:>11.2f}x")
+            for c, (rps, p50, p95, err, app95) in rows.items():
+                b = batches.get(name, {}).get(c)
+                more = (f" {b['mean_recent_batch']:>6.2f} {b['queue_ms_p50']:>6.1f}/{b['queue_ms_p95']:<7.1f}"
+                        f" {b['forward_ms_p50']:>7.1f}/{b['forward_ms_p95']:<8.1f}") if b else ""
+                print(f"{name:<34} {c:>4} {rps:>7.2f} {p50:>8.0f} {p95:>8.0f} {err:>6} {rps / ref[c][0]:>11.2f}x"
+                      f" {app95:>8.0f}{more}")
         print("\nresident memory (server + workers), MB, before -> after the load:")
         for name, (a, b) in memory.items():
             print(f"  {name:<34} {a:>7.0f} -> {b:>7.0f}")

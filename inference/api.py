@@ -361,13 +361,11 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
     @app.get("/model")
     def model_info() -> Response:
         det = model.require()
-        recent = list(model.batcher.batches)
         return jsonify({**det.describe(), "device": str(det.device),
                         "limits": {"max_body_bytes": config.max_body_bytes, "max_pixels": config.max_pixels,
                                    "max_batch": config.max_batch},
                         "microbatch": {"wait_ms": config.batch_wait_ms, "max_batch": config.batch_size,
-                                       "recent_batches": len(recent), "largest_recent_batch": max(recent, default=0),
-                                       "mean_recent_batch": round(sum(recent) / len(recent), 3) if recent else 0}})
+                                       **model.batcher.summary(request.args.get("last", type=int))}})
 
     @app.get("/openapi.json")
     def openapi() -> Response:

@@ -10,8 +10,10 @@ scores them in one forward. With ``wait_ms=0`` every image is scored on its own 
 from __future__ import annotations
 
 import queue
+import statistics
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
@@ -23,10 +25,13 @@ class MicroBatcher:
 
     def __init__(self, score: Callable[[Sequence[Any]], list[Prediction]], *, max_batch: int, wait_ms: float) -> None:
         self.score, self.max_batch, self.wait = score, max(1, int(max_batch)), max(0.0, wait_ms) / 1000.0
-        self._queue: "queue.Queue[tuple[Any, Future]]" = queue.Queue()
+        self._queue: "queue.Queue[tuple[Any, Future, float]]" = queue.Queue()
         self._decoding = 0
         self._lock = threading.Lock()
-        self.batches: list[int] = []  #: sizes of recent batches (bounded), for tests and /model
+        self.total = 0  #: batches scored since start
+        #: recent batches (bounded): (images, ms the oldest request queued, ms the forward took), for /model;
+        #: queue time against forward time tells a slow model from a starved scoring thread
+        self.recent: "deque[tuple[int, float, float]]" = deque(maxlen=1000)
         threading.Thread(target=self._run, name="dfx-microbatch", daemon=True).start()
 
     def decoding(self, delta: int) -> None:
@@ -38,8 +43,24 @@ class MicroBatcher:
         """Score one request's ``items`` (prepared images), together with other requests' when micro-batching;
         blocks until they are scored. An error of the forward pass is raised in every request of that batch."""
         f: Future = Future()
-        self._queue.put((list(items), f))
+        self._queue.put((list(items), f, time.perf_counter()))
         return f.result()
+
+    def summary(self, last: int | None = None) -> dict[str, Any]:
+        """Sizes and timings of the ``last`` recent batches (all kept ones by default): how full the batches
+        were, how long the oldest request of a batch waited for the scoring thread, how long forwards took."""
+        rows = list(self.recent)
+        rows = rows[-last:] if last and last > 0 else rows
+        sizes, queued, forward = ([r[i] for r in rows] for i in range(3))
+
+        def pct(xs: list[float], q: float) -> float:
+            return round(statistics.quantiles(xs, n=100, method="inclusive")[q - 1], 2) if len(xs) > 1 else \
+                round(xs[0], 2) if xs else 0.0
+
+        return {"batches": self.total, "recent_batches": len(rows), "largest_recent_batch": max(sizes, default=0),
+                "mean_recent_batch": round(sum(sizes) / len(sizes), 3) if sizes else 0,
+                "queue_ms_p50": pct(queued, 50), "queue_ms_p95": pct(queued, 95),
+                "forward_ms_p50": pct(forward, 50), "forward_ms_p95": pct(forward, 95)}
 
     def _run(self) -> None:
         while True:
@@ -61,14 +82,17 @@ class MicroBatcher:
                         continue
                 batch.append(entry)
                 size += len(entry[0])
-            self.batches = (self.batches + [size])[-1000:]
+            started = time.perf_counter()
             try:
-                results = self.score([item for items, _ in batch for item in items])
+                results = self.score([item for items, _, _ in batch for item in items])
             except BaseException as exc:  # the model failed: every request of this batch gets the error
-                for _, f in batch:
+                for _, f, _ in batch:
                     f.set_exception(exc)
                 continue
+            finally:
+                self.total += 1
+                self.recent.append((size, (started - batch[0][2]) * 1000, (time.perf_counter() - started) * 1000))
             start = 0
-            for items, f in batch:
+            for items, f, _ in batch:
                 f.set_result(results[start:start + len(items)])
                 start += len(items)

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "are still decoding, so a lone request never waits) and score them in one forward; "
                         "0 = one forward per request. On a 2-core CPU 5-20 ms gave 1.23-1.45x req/s at 16 clients; on "
                         "an H200 it lengthened the tail (README) [DFX_BATCH_WAIT_MS] (default 0)")
+    p.add_argument("--torch-threads", type=int, default=int(_env("TORCH_THREADS", 0)),
+                   help="PyTorch CPU threads per worker [DFX_TORCH_THREADS] (default 0: the cores divided by the "
+                        "workers)")
     p.add_argument("--max-body-mb", type=float, default=float(_env("MAX_BODY_MB", 20)),
                    help="largest request body in MiB; larger gets 413 [DFX_MAX_BODY_MB] (default 20)")
     p.add_argument("--max-pixels", type=int, default=int(_env("MAX_PIXELS", DEFAULT_MAX_PIXELS)),
@@ -78,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ApiConfig(weights=str(weights), device=args.device, batch_size=args.batch_size,
                        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_pixels,
                        max_batch=args.max_batch, api_key=os.environ.get("DFX_API_KEY") or None,
-                       torch_threads=max(1, cores // max(1, args.workers)), batch_wait_ms=args.batch_wait_ms)
+                       torch_threads=args.torch_threads or max(1, cores // max(1, args.workers)), batch_wait_ms=args.batch_wait_ms)
     level = getattr(logging, str(args.log_level).upper(), logging.INFO)
     logging.getLogger("dfx").setLevel(level)
     logging.getLogger("inference").setLevel(level)
