@@ -48,7 +48,9 @@ class ApiConfig:
     max_batch: int = 32
     api_key: str | None = None
     torch_threads: int | None = None
-    batch_wait_ms: float = 0.0       #: micro-batching: how long concurrent requests are gathered (0 = off)
+    #: micro-batching: how long concurrent requests are gathered (0 = off; None = 5 ms on CUDA, off on CPU, where
+    #: it costs a lone client up to 16 % and gains 1.2-1.45x only at 16 clients; README "Micro-batching")
+    batch_wait_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,6 +98,7 @@ class _Model:
         self.config = config
         self.detector: Detector | None = None
         self.state = "loading"
+        self.wait_ms = 0.0  #: the micro-batching wait in effect (set at load: the default depends on the device)
         self.error: str | None = None
         self.forward_lock = threading.Lock()
         self.finder_lock = threading.Lock()
@@ -114,11 +117,11 @@ class _Model:
                                      batch_size=self.config.batch_size, max_pixels=self.config.max_pixels)
             from .microbatch import MicroBatcher
 
-            if self.detector.device.type == "cuda":
-                self.detector.warm_up(max(self.config.batch_size, self.config.max_batch))
-
-            self.batcher = MicroBatcher(self._forward, max_batch=self.config.batch_size,
-                                        wait_ms=self.config.batch_wait_ms)
+            det, sizes = self.detector, max(self.config.batch_size, self.config.max_batch)
+            cuda = det.device.type == "cuda"
+            self.wait_ms = self.config.batch_wait_ms if self.config.batch_wait_ms is not None else 5.0 if cuda else 0.0
+            self.batcher = MicroBatcher(self._forward, max_batch=self.config.batch_size, wait_ms=self.wait_ms,
+                                        warm_up=(lambda: det.warm_up(sizes)) if det.device.type == "cuda" else None)
             self.state = "ready"
             log.info("model ready: %s on %s", self.detector.model_id, self.detector.device)
         except Exception as exc:  # the detail (paths, internals) goes to the log only, never to a client
@@ -364,7 +367,7 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
         return jsonify({**det.describe(), "device": str(det.device),
                         "limits": {"max_body_bytes": config.max_body_bytes, "max_pixels": config.max_pixels,
                                    "max_batch": config.max_batch},
-                        "microbatch": {"wait_ms": config.batch_wait_ms, "max_batch": config.batch_size,
+                        "microbatch": {"wait_ms": model.wait_ms, "max_batch": config.batch_size,
                                        **model.batcher.summary(request.args.get("last", type=int))}})
 
     @app.get("/openapi.json")
@@ -387,6 +390,6 @@ def config_from_env(**overrides: Any) -> ApiConfig:
         max_pixels=int(env.get("DFX_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
         max_batch=int(env.get("DFX_MAX_BATCH", 32)),
         api_key=env.get("DFX_API_KEY") or None,
-        batch_wait_ms=float(env.get("DFX_BATCH_WAIT_MS", 0)),
+        batch_wait_ms=float(env["DFX_BATCH_WAIT_MS"]) if env.get("DFX_BATCH_WAIT_MS") else None,
     )
     return ApiConfig(**{**asdict(cfg), **{k: v for k, v in overrides.items() if v is not None}})

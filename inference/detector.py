@@ -208,7 +208,8 @@ class Detector:
 
     def warm_up(self, max_batch: int | None = None) -> None:
         """Run every batch shape a server will see once (on CUDA: powers of two up to ``max_batch``), so the
-        first requests do not pay for kernel selection."""
+        first requests do not pay for kernel selection. Call it in the thread that will score: PyTorch keeps
+        cuDNN's execution plans per thread (bench/cuda_thread_warmup.py measures it)."""
         sizes = {self._padded_size(b) for b in range(1, (max_batch or self.batch_size) + 1)}
         for size in sorted(sizes):
             item = {}

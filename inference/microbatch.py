@@ -23,7 +23,11 @@ from .detector import Prediction
 class MicroBatcher:
     """Gathers prepared items from many threads into batches for ``score`` (one call at a time)."""
 
-    def __init__(self, score: Callable[[Sequence[Any]], list[Prediction]], *, max_batch: int, wait_ms: float) -> None:
+    def __init__(self, score: Callable[[Sequence[Any]], list[Prediction]], *, max_batch: int, wait_ms: float,
+                 warm_up: Callable[[], None] | None = None) -> None:
+        """``warm_up`` runs in the scoring thread before it takes requests, and the constructor waits for it:
+        PyTorch keeps cuDNN's execution plans per thread, so a warm-up run in any other thread leaves the
+        scoring thread to pay each batch shape's plan (about a second on an H100) on its first request."""
         self.score, self.max_batch, self.wait = score, max(1, int(max_batch)), max(0.0, wait_ms) / 1000.0
         self._queue: "queue.Queue[tuple[Any, Future, float]]" = queue.Queue()
         self._decoding = 0
@@ -32,7 +36,9 @@ class MicroBatcher:
         #: recent batches (bounded): (images, ms the oldest request queued, ms the forward took), for /model;
         #: queue time against forward time tells a slow model from a starved scoring thread
         self.recent: "deque[tuple[int, float, float]]" = deque(maxlen=1000)
-        threading.Thread(target=self._run, name="dfx-microbatch", daemon=True).start()
+        started: Future = Future()
+        threading.Thread(target=self._run, args=(warm_up, started), name="dfx-microbatch", daemon=True).start()
+        started.result()  # re-raises a failed warm-up here, in the loading thread
 
     def decoding(self, delta: int) -> None:
         """Count requests that are still decoding: the batcher waits for them only while there are some."""
@@ -62,7 +68,14 @@ class MicroBatcher:
                 "queue_ms_p50": pct(queued, 50), "queue_ms_p95": pct(queued, 95),
                 "forward_ms_p50": pct(forward, 50), "forward_ms_p95": pct(forward, 95)}
 
-    def _run(self) -> None:
+    def _run(self, warm_up: Callable[[], None] | None, started: Future) -> None:
+        try:
+            if warm_up is not None:
+                warm_up()
+        except BaseException as exc:
+            started.set_exception(exc)
+            return
+        started.set_result(None)
         while True:
             batch = [self._queue.get()]
             size = len(batch[0][0])

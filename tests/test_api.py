@@ -197,6 +197,7 @@ def test_health_model_and_openapi(server, local):
     assert model["model"] == local.model_id and model["threshold"] == local.spec.threshold
     assert [e["name"] for e in model["experts"]] == [e.name for e in local.spec.experts]
     assert "provenance" in model and model["limits"]["max_batch"] == 8
+    assert model["device"] == "cpu" and model["microbatch"]["wait_ms"] == 0  # off by default on a CPU
     spec = requests.get(f"{server.url}/openapi.json", timeout=10).json()
     assert spec["openapi"].startswith("3.")
     assert {"/predict", "/predict/batch", "/healthcheck", "/model", "/openapi.json"} <= set(spec["paths"])
@@ -358,3 +359,32 @@ def test_micro_batched_answers_equal_single_answers(tiny_bundle, tmp_path, odd_i
         assert info["wait_ms"] == 50 and info["largest_recent_batch"] > 1, info
     finally:
         s.stop()
+
+
+def test_batcher_warms_up_in_its_scoring_thread_and_reports_its_times() -> None:
+    """cuDNN's plans are per thread: the warm-up must run in the thread that scores, before the first request
+    (on an H100 a warm-up elsewhere left each batch shape's first forward at about 1 s); a failed warm-up
+    fails the load, and /model's figures (queue and forward times per batch) come from real batches."""
+    from inference.microbatch import MicroBatcher
+
+    threads: dict[str, str] = {}
+
+    def score(items):
+        threads.setdefault("score", threading.current_thread().name)
+        time.sleep(0.01)
+        return [len(items)] * len(items)
+
+    b = MicroBatcher(score, max_batch=8, wait_ms=0,
+                     warm_up=lambda: threads.setdefault("warm", threading.current_thread().name))
+    assert "warm" in threads and "score" not in threads  # warmed before the constructor returned
+    assert b.submit(["x"]) == [1] and b.submit(["y", "z"]) == [2, 2]
+    assert threads["warm"] == threads["score"] != threading.current_thread().name
+    info = b.summary()
+    assert info["batches"] == 2 and info["largest_recent_batch"] == 2 and info["forward_ms_p50"] >= 10, info
+    assert b.summary(1)["recent_batches"] == 1
+
+    def broken() -> None:
+        raise RuntimeError("no GPU after all")
+
+    with pytest.raises(RuntimeError, match="no GPU after all"):
+        MicroBatcher(score, max_batch=8, wait_ms=0, warm_up=broken)
