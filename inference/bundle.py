@@ -9,18 +9,20 @@ Layout (``weights/<name>/``)::
 ``ensemble.json``::
 
     {"format": "dfx-ensemble/1.1", "name": "...",
-     "experts": [{"name", "family": "timm" | "residual" | "probe", "arch", "model_kwargs": {}, "input_size",
+     "experts": [{"name", "family": "timm" | "residual" | "probe" | "patch", "arch", "model_kwargs": {}, "input_size",
                   "preprocess": "squash" | "crop" | "tiles", "mean", "std", "file", "sha256",
                   "weight", "calibration": {"temperature": 1.0},
                   "crops": 9,          # tiles only: a g×g grid of native-resolution crops, probabilities averaged
                   "stem": "npr",       # residual only: the fixed residual computed before the backbone
-                  "stages": [1, 2, 3]}, ...], # probe only: the frozen backbone's feature indices it pools
+                  "stages": [1, 2, 3]}, ...], # probe: the frozen backbone's feature indices it pools;
+                                              # patch: [k], the one stage after which the backbone is cut
      "aggregate": "mean_prob", "threshold": 0.5, "uncertain_band": [lo, hi],
      "tta": ["hflip"],     # optional: test-time views added to the image as it is (inference/tta.py)
      "threshold_rule": "how the threshold was chosen", "provenance": {...}}
 
 Format 1.1 adds ``tiles`` preprocessing and the ``residual`` family (inference/residual.py) to 1.0; 1.2 adds
-the ``probe`` family (``stages``; inference/families/probe.py); 1.3 adds ``tta``. Older bundles read unchanged,
+the ``probe`` family (``stages``; inference/families/probe.py); 1.3 adds ``tta``; 1.4 the ``patch`` family
+(inference/families/patch.py). Older bundles read unchanged,
 and an older reader refuses a newer bundle's new mode or family by name (a 1.2 reader would ignore ``tta``
 and score without it: scores move by a little, verdicts rarely). Bundles are written in the oldest format
 that holds them. Each family's own fields are checked by its
@@ -43,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "dfx-ensemble/1.3"
+FORMAT = "dfx-ensemble/1.4"
 SUPPORTED_MAJOR = "dfx-ensemble/1"
 MANIFEST_NAME = "ensemble.json"
 from .families import REGISTRY as _FAMILY_REGISTRY  # noqa: E402  (torch-free: parsing only)
@@ -82,7 +84,7 @@ class ExpertSpec:
     calibration: dict[str, float] = field(default_factory=lambda: {"temperature": 1.0})
     crops: int = 1                       #: ``tiles`` only: crops per image (a g×g grid)
     stem: str | None = None              #: ``residual`` family only: ``npr`` or ``srm``
-    stages: tuple[int, ...] | None = None  #: ``probe`` family only: the backbone's feature indices it reads
+    stages: tuple[int, ...] | None = None  #: ``probe``: the backbone's feature indices it reads; ``patch``: its cut
 
     @property
     def temperature(self) -> float:
@@ -141,6 +143,8 @@ class BundleSpec:
 
 def oldest_format(spec: BundleSpec) -> str:
     """The oldest format version that holds ``spec``, so older readers keep reading what they can."""
+    if any(e.family == "patch" for e in spec.experts):
+        return "dfx-ensemble/1.4"
     if spec.tta:
         return "dfx-ensemble/1.3"
     if any(e.family == "probe" for e in spec.experts):

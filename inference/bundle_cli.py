@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--stem", choices=STEMS, default=None,
                       help="make every expert a residual one: npr (x - up(down(x))) or srm (fixed high-pass "
                            "filters) before the timm model (default: none, plain timm experts)")
+    init.add_argument("--patch", type=int, default=None, metavar="STAGE",
+                      help="make every expert a patch expert (Patch Forensics): the backbone cut after timm feature "
+                           "index STAGE and a 1x1-convolution classifier per patch; it draws heatmaps (dfx explain)")
     init.add_argument("--pretrained", default=None,
                       help="ImageNet backbone for every expert: pkg:NAME (see `dfx backbones`), a .safetensors/.pth "
                            "file or a folder; the 2-class head stays random")
@@ -67,7 +70,7 @@ def _init(args: argparse.Namespace) -> int:
 
     try:
         spec = init_bundle(args.arch, args.out, input_size=args.input_size, preprocess=args.preprocess,
-                           pretrained=args.pretrained,
+                           pretrained=args.pretrained, patch=args.patch,
                            crops=args.crops, stem=args.stem, seed=args.seed, name=args.name, overwrite=args.force)
     except ValueError as exc:
         raise BundleError(str(exc)) from exc
@@ -96,7 +99,7 @@ def _info(args: argparse.Namespace) -> int:
     for e in spec.experts:
         path = root / e.file
         mb = f"{path.stat().st_size / 1e6:.1f}" if path.is_file() else "missing"
-        arch = f"{e.stem}+{e.arch}" if e.stem else e.arch
+        arch = f"{e.stem}+{e.arch}" if e.stem else f"{e.arch}/patch{e.stages[0]}" if e.family == "patch" else e.arch
         mode = f"tiles{e.crops}" if e.preprocess == "tiles" else e.preprocess
         print(f"  {e.name:<24} {arch:<28} {e.input_size:>5} {mode:<7} {e.weight:>6.3g} "
               f"{e.temperature:>5.3g} {mb:>7}")

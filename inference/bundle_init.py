@@ -39,8 +39,10 @@ def init_bundle(
     overwrite: bool = False,
     provenance: dict[str, Any] | None = None,
     pretrained: str | None = None,
+    patch: int | None = None,
 ) -> BundleSpec:
     """Write a bundle of randomly initialised experts (expert ``i`` seeded with ``seed + i``).
+    ``patch``: every expert a patch expert (inference/families/patch.py), its backbone cut after that stage.
     ``stem`` makes every expert a residual one; ``crops`` is the crop count of ``tiles`` preprocessing;
     ``pretrained`` (inference.pretrained: ``pkg:NAME``, a file or a folder) gives every expert its ImageNet
     backbone, the 2-class head staying random."""
@@ -52,11 +54,16 @@ def init_bundle(
         spec = ExpertSpec(name=ename, arch=arch, input_size=d["input_size"], mean=d["mean"],
                           std=d["std"], file=f"{ename}.safetensors", sha256="0" * 64,
                           preprocess=preprocess, model_kwargs=d["model_kwargs"],
-                          family="residual" if stem else "timm", stem=stem,
-                          crops=crops if preprocess == "tiles" else 1)
+                          family="patch" if patch is not None else "residual" if stem else "timm", stem=stem,
+                          crops=crops if preprocess == "tiles" else 1,
+                          stages=(int(patch),) if patch is not None else None)
         torch.manual_seed(seed + i)
         model = create_expert(spec)
-        if pretrained:
+        if pretrained and patch is not None:
+            from .pretrained import load_probe_backbone
+
+            load_probe_backbone(model, pretrained, arch)
+        elif pretrained:
             from .pretrained import load_pretrained
 
             load_pretrained(model, pretrained, arch)

@@ -268,6 +268,23 @@ class Detector:
         """One image scored whole and face by face (see :meth:`score_with_faces`); raises ImageError."""
         return self.score_with_faces([prepare_faces(self.preprocessor, finder, src, name=name)])[0]
 
+    def explain(self, sources: Sequence[Source | Image.Image], *, max_side: int | None = None) -> list[Any]:
+        """Score images and say where: one :class:`inference.explain.Explanation` per image, with its prediction
+        (exactly :meth:`predict`'s), each map-capable expert's map, the ensemble's map, and the decoded image.
+        A bundle without a map-capable expert answers ``unavailable`` instead of maps. Raises ImageError."""
+        from .explain import MAX_SIDE, explain_prepared
+
+        out = []
+        for src in sources:
+            img = (src if src.mode == "RGB" else src.convert("RGB")) if isinstance(src, Image.Image) \
+                else self.preprocessor.load(src)
+            item = self.preprocessor.transform(img)
+            pred = self._score_batch([item])[0]
+            expl = explain_prepared(self, img.size, item, pred, max_side or MAX_SIDE)
+            expl.image = img
+            out.append(expl)
+        return out
+
     def prepare(self, src: Source | Image.Image, name: str | None = None) -> Prepared:
         """Decode and preprocess one image; raises :class:`ImageError` if it cannot be used."""
         return self.preprocessor.prepare(src, name=name)

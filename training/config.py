@@ -36,7 +36,7 @@ class DataConfig:
 class ExpertConfig:
     arch: str = "convnext_atto"
     name: str | None = None              #: default: arch, or arch-f<fold>
-    family: str = "timm"                 #: timm | residual (fixed residual stem) | probe (frozen stages + head)
+    family: str = "timm"                 #: timm | residual (fixed residual stem) | probe (frozen stages + head) | patch
     stem: str | None = None              #: residual family: npr | srm (see inference.residual)
     input_size: int | None = None        #: default: the arch's own
     preprocess: str = "squash"           #: squash | crop | tiles (native-resolution crops; see inference.preprocess)
@@ -46,7 +46,7 @@ class ExpertConfig:
     pretrained: str | None = None        #: pkg:NAME (`dfx backbones`), a local file/folder, a hub name, or None
     weight: float = 1.0                  #: weight in the ensemble average
     drop_path_rate: float = 0.0
-    stages: list[int] | None = None      #: probe family: the frozen backbone's feature indices it pools
+    stages: list[int] | None = None      #: probe: the frozen backbone's feature indices it pools; patch: [cut]
     lr: float | None = None              #: this expert's learning rate (default optim.lr); a probe's head wants more
     init_from: str | None = None         #: BUNDLE[:EXPERT]: start from that bundle expert's weights (fine-tuning)
 
@@ -293,14 +293,15 @@ def check_config(cfg: TrainConfig) -> None:
                               f"got {e.crops}")
         if e.family not in FAMILIES:
             raise ConfigError(f"experts.{i}.family: must be one of {', '.join(FAMILIES)}")
-        if (e.family == "probe") != (e.stages is not None):
+        if (e.family in ("probe", "patch")) != (e.stages is not None):
             raise ConfigError(f"experts.{i}.stages: a probe expert needs stages (feature indices, e.g. [1, 2, 3, 4]), "
-                              f"and only a probe expert takes them (family {e.family}, stages {e.stages})")
+                              f"a patch expert one (where the backbone is cut, e.g. [2]), and only these take them "
+                              f"(family {e.family}, stages {e.stages})")
         if e.stages is not None:
             from inference.bundle import BundleError, family_of
 
             try:
-                family_of("probe").parse({"stages": e.stages}, f"experts.{i}")
+                family_of(e.family).parse({"stages": e.stages}, f"experts.{i}")
             except BundleError as exc:
                 raise ConfigError(str(exc)) from None
         if (e.family == "residual") != (e.stem is not None) or (e.stem is not None and e.stem not in STEMS):

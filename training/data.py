@@ -97,34 +97,52 @@ class Row:
     path: str
     label: int
     source: str
+    mask: str | None = None  #: an edit fake's mask (white = changed pixels), for patch experts
+
+
+def read_mask(path: str, size: tuple[int, int]) -> np.ndarray:
+    """A mask file as 8-bit (0 or 255 per pixel) at ``size`` (the image as decoded, which may be at reduced
+    JPEG scale): nearest-neighbour, so it stays a mask."""
+    with Image.open(path) as m:
+        m = m.convert("L")
+        if m.size != size:
+            m = m.resize(size, Image.Resampling.NEAREST)
+        return np.where(np.asarray(m) > 127, 255, 0).astype(np.uint8)
 
 
 class TrainDataset(torch.utils.data.Dataset):
     """Two augmented views of one manifest row; a row that cannot be decoded yields an error item."""
 
     def __init__(self, rows: list[Row], *, size: int, mode: str, mean, std, aug: AugmentConfig, seed: int,
-                 max_pixels: int) -> None:
+                 max_pixels: int, masks: bool = False) -> None:
+        """``masks``: also give each view its per-pixel fake share (``mask_weak``/``mask_strong``, size×size floats):
+        the row's mask moved by the same flips, scales and crops as the image, or its label everywhere."""
         self.rows, self.size, self.mode = rows, size, mode
         self.mean, self.std = tuple(mean), tuple(std)
-        self.aug, self.seed, self.max_pixels = aug, seed, max_pixels
+        self.aug, self.seed, self.max_pixels, self.masks = aug, seed, max_pixels, masks
         self._views = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _view(self, pipeline, arr: np.ndarray, seed: int) -> torch.Tensor:
+    def _view(self, pipeline, arr: np.ndarray, seed: int,
+              mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         pipeline.set_random_seed(seed)
-        out = pipeline(image=arr)["image"]
+        done = pipeline(image=arr) if mask is None else pipeline(image=arr, mask=mask)
         mode = "squash" if self.mode == "tiles" else self.mode  # a tile is already size×size: a no-op
-        return normalise(resize_for(Image.fromarray(out), self.size, mode), self.mean, self.std)
+        x = normalise(resize_for(Image.fromarray(done["image"]), self.size, mode), self.mean, self.std)
+        if mask is None:
+            return x, None
+        m = np.asarray(resize_for(Image.fromarray(done["mask"]), self.size, mode), dtype=np.float32) / 255.0
+        return x, torch.from_numpy(np.clip(m, 0.0, 1.0))
 
-    def _random_tile(self, img: Image.Image, seed: int) -> np.ndarray:
-        """One native-resolution crop, its corner on the TILE_ALIGN grid (seeded: same on every run)."""
+    def _random_tile(self, img: Image.Image, seed: int) -> tuple[int, int, int, int]:
+        """One native-resolution crop's box, its corner on the TILE_ALIGN grid (seeded: same on every run)."""
         width, height = upscaled_size(img.width, img.height, self.size)  # small images: up-scaled virtually
         rng = np.random.default_rng(seed)
         x = int(rng.integers(0, (width - self.size) // TILE_ALIGN + 1)) * TILE_ALIGN
         y = int(rng.integers(0, (height - self.size) // TILE_ALIGN + 1)) * TILE_ALIGN
-        return np.asarray(crop_upscaled(img, (x, y, x + self.size, y + self.size)))
+        return (x, y, x + self.size, y + self.size)
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         idx, epoch, pos = key
@@ -135,9 +153,23 @@ class TrainDataset(torch.utils.data.Dataset):
         try:
             img = load_image(row.path, max_pixels=self.max_pixels, min_size=None if tiles else self.size)
             s = sample_seed(self.seed, epoch, pos)
-            arr = self._random_tile(img, s + 2) if tiles else np.asarray(img)
-            return {"weak": self._view(self._views[0], arr, s), "strong": self._view(self._views[1], arr, s + 1),
-                    "label": row.label, "index": idx}
+            mask = None
+            if self.masks:  # the edit's mask, or the label everywhere
+                mask = read_mask(row.mask, img.size) if row.mask else \
+                    np.full((img.height, img.width), 255 * row.label, dtype=np.uint8)
+            if tiles:
+                box = self._random_tile(img, s + 2)
+                arr = np.asarray(crop_upscaled(img, box))
+                if mask is not None:
+                    mask = np.asarray(crop_upscaled(Image.fromarray(mask), box))
+            else:
+                arr = np.asarray(img)
+            weak, mask_weak = self._view(self._views[0], arr, s, mask)
+            strong, mask_strong = self._view(self._views[1], arr, s + 1, mask)
+            item = {"weak": weak, "strong": strong, "label": row.label, "index": idx}
+            if mask is not None:
+                item |= {"mask_weak": mask_weak, "mask_strong": mask_strong}
+            return item
         except ImageError as exc:
             return {"error": exc.message, "index": idx}
         except Exception as exc:  # an augmentation failure on a strange image must not end the epoch
@@ -150,13 +182,16 @@ def collate_views(items: list[dict[str, Any]]) -> dict[str, Any]:
     errors = [(it["index"], it["error"]) for it in items if "error" in it]
     if not good:
         return {"weak": None, "strong": None, "label": None, "index": None, "errors": errors}
-    return {
+    out = {
         "weak": torch.stack([it["weak"] for it in good]),
         "strong": torch.stack([it["strong"] for it in good]),
         "label": torch.tensor([it["label"] for it in good], dtype=torch.long),
         "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
         "errors": errors,
     }
+    if "mask_weak" in good[0]:
+        out |= {k: torch.stack([it[k] for it in good]) for k in ("mask_weak", "mask_strong")}
+    return out
 
 
 class EvalDataset(torch.utils.data.Dataset):

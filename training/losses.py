@@ -71,13 +71,31 @@ class LossParts:
     nce: torch.Tensor
 
 
+def patch_ce(patch_logits: torch.Tensor, masks: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy per patch (Patch Forensics): ``patch_logits`` ``(N, 2, h, w)``; ``masks`` ``(N, H, W)``, the
+    fake share of every input pixel (an image's label everywhere, or its edit mask). Each patch's target is the
+    mask's mean over the pixels it covers, so a patch straddling a splice edge is trained towards its share."""
+    h, w = patch_logits.shape[2:]
+    target = F.adaptive_avg_pool2d(masks[:, None].float(), (h, w))[:, 0]
+    if label_smoothing:
+        target = target * (1 - label_smoothing) + 0.5 * label_smoothing
+    log_p = F.log_softmax(patch_logits.float(), dim=1)
+    return -(target * log_p[:, 1] + (1 - target) * log_p[:, 0]).mean()
+
+
 def combined_loss(logits_w: torch.Tensor, logits_s: torch.Tensor, proj_w: torch.Tensor, proj_s: torch.Tensor,
                   labels: torch.Tensor, *, w_ce: float, w_kl: float, w_nce: float, label_smoothing: float = 0.0,
-                  kl_temperature: float = 1.0, nce_temperature: float = 0.1) -> LossParts:
-    """CE on both views, KL from the weak to the strong view, NCE over both views' projections."""
+                  kl_temperature: float = 1.0, nce_temperature: float = 0.1,
+                  patch_logits: torch.Tensor | None = None, patch_masks: torch.Tensor | None = None) -> LossParts:
+    """CE on both views, KL from the weak to the strong view, NCE over both views' projections. With
+    ``patch_logits`` (both views, weak first) and ``patch_masks``, the CE term is :func:`patch_ce` instead."""
     zero = logits_w.new_zeros(())
-    ce = 0.5 * (ce_loss(logits_w, labels, label_smoothing) + ce_loss(logits_s, labels, label_smoothing)) \
-        if w_ce else zero
+    if w_ce and patch_logits is not None and patch_masks is not None:
+        ce = patch_ce(patch_logits, patch_masks, label_smoothing)
+    elif w_ce:
+        ce = 0.5 * (ce_loss(logits_w, labels, label_smoothing) + ce_loss(logits_s, labels, label_smoothing))
+    else:
+        ce = zero
     kl = kl_consistency(logits_w, logits_s, kl_temperature) if w_kl else zero
     nce = supcon_nce(torch.cat([proj_w, proj_s]), torch.cat([labels, labels]), nce_temperature) if w_nce else zero
     return LossParts(total=w_ce * ce + w_kl * kl + w_nce * nce, ce=ce, kl=kl, nce=nce)

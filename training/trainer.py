@@ -52,11 +52,22 @@ class TrainNet(nn.Module):
         self.backbone, self.proj = backbone, proj
         self.stem = stem if stem is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, pooled = expert_forward(self.backbone, self.stem(x))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Image logits, the NCE projection, and for a patch expert its ``(N, 2, h, w)`` patch logits (from the
+        same pass: the image logits are their mean softmax), else ``None``."""
+        x = self.stem(x)
+        patches = None
+        if hasattr(self.backbone, "patch_logits"):
+            from inference.patch_net import image_log_probs
+
+            features = self.backbone.forward_features(x)
+            patches = self.backbone.head(features)
+            logits, pooled = image_log_probs(patches), self.backbone.forward_head(features, pre_logits=True)
+        else:
+            logits, pooled = expert_forward(self.backbone, x)
         # No projection head when the NCE weight is 0: a parameter outside the loss's graph makes DDP fail
         # ("parameters that were not used in producing loss") on every multi-GPU run.
-        return logits, self.proj(pooled) if self.proj is not None else pooled
+        return logits, self.proj(pooled) if self.proj is not None else pooled, patches
 
 
 def make_stem(e: ExpertConfig) -> nn.Module:
@@ -115,7 +126,8 @@ def _rows(cfg: TrainConfig) -> list[dict[str, Any]]:
     for m in cfg.data.manifest:
         man = read_manifest(m)
         for r in man.rows:
-            rows.append({**r, "abspath": str(man.abspath(r)), "label": int(r["label"])})
+            rows.append({**r, "abspath": str(man.abspath(r)), "label": int(r["label"]),
+                         "maskpath": str(man.abspath({"path": r["mask"]})) if r.get("mask") else None})
     if cfg.data.replay:
         rows += replay_rows(cfg.data.replay, seed=cfg.seed, exclude={r["abspath"] for r in rows})
     return rows
@@ -197,11 +209,13 @@ def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any], in
         # The module the parent's file is the state dict of, built for this run's input size and options.
         spec = ExpertSpec(**{**parent.expert.__dict__, "input_size": size, "model_kwargs": dict(model_kwargs)})
         return load_parent_weights(create_expert(spec), parent)
-    if e.family == "probe":  # frozen pretrained stages and a trainable head (inference/families/probe.py)
+    if e.family in ("probe", "patch"):  # a timm features_only backbone and our own head (inference/families/)
+        from inference.families.patch import patch_net
         from inference.families.probe import probe_net
         from inference.pretrained import PretrainedError, load_probe_backbone
 
-        net = probe_net(e.arch, tuple(e.stages or ()), kwargs)
+        stages = tuple(e.stages or ())
+        net = probe_net(e.arch, stages, kwargs) if e.family == "probe" else patch_net(e.arch, stages[0], kwargs)
         if e.pretrained:
             try:
                 load_probe_backbone(net, e.pretrained, e.arch)
@@ -333,7 +347,7 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     ema = ModelEmaV3(backbone, decay=cfg.train.ema_decay, use_warmup=True)
 
     tc = cfg.train
-    to_row = lambda r: Row(r["abspath"], r["label"], r.get("source", ""))  # noqa: E731
+    to_row = lambda r: Row(r["abspath"], r["label"], r.get("source", ""), r.get("maskpath"))  # noqa: E731
     num_samples = len(train_rows)
     if tc.max_steps_per_epoch:
         num_samples = min(num_samples, tc.max_steps_per_epoch * tc.batch_size)
@@ -343,7 +357,8 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
 
     workers = default_workers() if cfg.data.workers is None else cfg.data.workers
     train_ds = TrainDataset([to_row(r) for r in train_rows], size=size, mode=e.preprocess, mean=mean, std=std,
-                            aug=cfg.augment, seed=expert_seed, max_pixels=cfg.data.max_pixels)
+                            aug=cfg.augment, seed=expert_seed, max_pixels=cfg.data.max_pixels,
+                            masks=e.family == "patch")
     loader = torch.utils.data.DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler, num_workers=workers,
                                          collate_fn=collate_views, generator=torch.Generator().manual_seed(expert_seed))
     pre = Preprocessor([(size, mode_key(e), tuple(mean), tuple(std))], max_pixels=cfg.data.max_pixels)
@@ -396,10 +411,13 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
             with accelerator.accumulate(net):
                 labels = batch["label"]
                 n = labels.shape[0]
-                logits, proj = net(torch.cat([batch["weak"], batch["strong"]]))
+                logits, proj, patches = net(torch.cat([batch["weak"], batch["strong"]]))
+                # A patch expert's CE is per patch: each patch carries the image's label, or its mask's share.
+                targets = torch.cat([batch["mask_weak"], batch["mask_strong"]]) if patches is not None else None
                 parts = combined_loss(logits[:n], logits[n:], proj[:n].float(), proj[n:].float(), labels,
                                       w_ce=lw.ce, w_kl=lw.kl, w_nce=lw.nce, label_smoothing=lw.label_smoothing,
-                                      kl_temperature=lw.kl_temperature, nce_temperature=lw.nce_temperature)
+                                      kl_temperature=lw.kl_temperature, nce_temperature=lw.nce_temperature,
+                                      patch_logits=patches, patch_masks=targets)
                 accelerator.backward(parts.total)
                 if accelerator.sync_gradients and cfg.optim.grad_clip:
                     accelerator.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)

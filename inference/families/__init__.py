@@ -47,4 +47,4 @@ def get(name: str) -> Family:
     return REGISTRY[name]
 
 
-from . import probe, residual, timm_family  # noqa: E402,F401  (each registers itself)
+from . import patch, probe, residual, timm_family  # noqa: E402,F401  (each registers itself)

@@ -23,7 +23,7 @@ def create_timm(spec: Any) -> Any:
 def no_extra_fields(raw: dict[str, Any], where: str, family: str, allowed: tuple[str, ...] = ()) -> None:
     from ..bundle import BundleError
 
-    owners = {"stem": "residual", "stages": "probe"}
+    owners = {"stem": "residual", "stages": "probe or patch"}
     for key, owner in owners.items():
         if key not in allowed and raw.get(key) is not None:
             raise BundleError(f"{where}: {key} {raw[key]!r} is only meaningful for family '{owner}' "

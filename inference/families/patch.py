@@ -1,0 +1,64 @@
+"""Family ``patch``: Patch Forensics (Chai et al., ECCV 2020) on a timm backbone.
+
+A backbone cut after one stage sees only a small receptive field at each output position; a 1×1 convolution
+turns every position into a real/fake logit, so the expert says *where* as well as *whether*. Its image
+probability is the mean of the patches' softmax (the paper's "after softmax" average), and its patch
+probabilities are the heatmap (inference/explain.py). Cutting early keeps the decision on local, low-level
+traces, which is what carries over between generators, and leaves content (faces, scenes) little room.
+
+The file is the state dict of :class:`inference.patch_net.PatchNet`: ``backbone.*`` is exactly
+``timm.create_model(arch, features_only=True, out_indices=(stage,))``'s state dict, then ``head.weight``
+``(2, C, 1, 1)`` and ``head.bias``. ``ensemble.json`` holds ``stages: [stage]`` (one timm feature index;
+0 = stride 2 ... 4 = stride 32 for EfficientNet/ConvNeXt-style models).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import register
+from .probe import MAX_STAGE
+
+
+def patch_net(arch: str, stage: int, model_kwargs: dict[str, Any] | None = None) -> Any:
+    """A :class:`inference.patch_net.PatchNet` with random weights (torch is imported only here)."""
+    from ..patch_net import PatchNet
+
+    return PatchNet(arch, stage, model_kwargs)
+
+
+class PatchFamily:
+    name = "patch"
+    plain_timm = ("timm.create_model(arch, features_only=True, out_indices=stages) loads the 'backbone.' tensors "
+                  "(strict); head is a Conv2d(C, 2, 1) on its one feature map: softmax per patch, mean over patches")
+
+    def parse(self, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        from ..bundle import BundleError
+        from .timm_family import no_extra_fields
+
+        no_extra_fields(raw, where, self.name, allowed=("stages",))
+        stages = raw.get("stages")
+        if not isinstance(stages, list) or len(stages) != 1 or not isinstance(stages[0], int) \
+                or isinstance(stages[0], bool) or not 0 <= stages[0] <= MAX_STAGE:
+            raise BundleError(f"{where}: a patch expert needs stages, one feature index in 0..{MAX_STAGE} "
+                              f"(where the backbone is cut), got {stages!r}")
+        return {"stages": tuple(stages)}
+
+    def create(self, spec: Any) -> Any:
+        import timm
+
+        from ..bundle import BundleError
+
+        if not timm.is_model(spec.arch):
+            raise BundleError(f"expert '{spec.name}': unknown timm architecture '{spec.arch}'")
+        try:
+            return patch_net(spec.arch, spec.stages[0], spec.model_kwargs)
+        except (TypeError, IndexError, ValueError, RuntimeError) as exc:
+            raise BundleError(f"expert '{spec.name}': cannot cut '{spec.arch}' after stage {spec.stages[0]} "
+                              f"({exc})") from exc
+
+    def scorer(self, spec: Any, model: Any) -> Any:
+        return model
+
+
+register(PatchFamily())
