@@ -17,12 +17,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import io
 import logging
 import os
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
@@ -51,6 +52,7 @@ class ApiConfig:
     #: micro-batching: how long concurrent requests are gathered (0 = off; None = 5 ms on CUDA, off on CPU, where
     #: it costs a lone client up to 16 % and gains 1.2-1.45x only at 16 clients; README "Micro-batching")
     batch_wait_ms: float | None = None
+    explain_max_side: int = 512      #: long side of the heatmap picture an ``explain`` answer carries (pixels)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,6 +64,9 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+#: Per-request options, each ``"name": true`` in JSON or ``?name=1`` (multipart/raw bodies): score faces too;
+#: explain (a heatmap picture of where the ensemble looked).
+OPTIONS = ("faces", "explain")
 IMAGE_ERROR_STATUS = {"empty": (400, "empty_image"), "not_image": (422, "not_an_image"),
                       "unsupported_format": (422, "not_an_image"), "corrupt": (422, "corrupt_image"),
                       "too_large": (413, "image_too_large"), "unreadable": (422, "corrupt_image")}
@@ -164,6 +169,7 @@ def _prediction_json(det: Detector, pred: Prediction) -> dict[str, Any]:
         from .faces import face_fields
 
         body.update(face_fields(pred.faces, pred.whole_score))
+    body.update(pred.explain or {})
     return body
 
 
@@ -226,25 +232,30 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
         return _error(500, "internal_error", f"the model failed on this request ({type(exc).__name__}); "
                                              "the error is logged and the service keeps running")
 
-    def _score(det: Detector, payloads: list[tuple[bytes, str]], faces: bool = False) -> list[Prediction | ApiError]:
+    def _score(det: Detector, payloads: list[tuple[bytes, str]], faces: bool = False,
+               explain: bool = False) -> list[Prediction | ApiError]:
         """Decode each payload in this thread (errors kept per item), then score the good ones through the
         micro-batcher, together with whatever other requests are ready (inference/microbatch.py). With
-        ``faces``, each image's face crops are scored in the same forward and combined (Detector.combine_faces)."""
+        ``faces``, each image's face crops are scored in the same forward and combined (Detector.combine_faces).
+        With ``explain``, each prediction gains ``explain`` fields (:func:`_explain_fields`): its maps are
+        computed after the score, under the forward lock."""
         from .detector import prepare_faces
 
         prepared: list = []
-        groups: list[tuple[int, list]] = []  # per good image: how many prepared items, and its faces
+        groups: list[tuple[int, list, Any]] = []  # per good image: prepared items, its faces, its decoded image
         results: list = []
         model.batcher.decoding(+1)
         try:
             for data, what in payloads:
                 try:
+                    img = det.preprocessor.load(data, name=what) if explain else None
                     if faces:
                         items, found = prepare_faces(det.preprocessor, model.face_finder(), data, name=what)
                     else:
-                        items, found = [det.prepare(data, name=what)], []
+                        items, found = [det.preprocessor.transform(img) if img is not None
+                                        else det.prepare(data, name=what)], []
                     prepared += items
-                    groups.append((len(items), found))
+                    groups.append((len(items), found, (img, items[0], data)))
                     results.append(None)
                 except ImageError as exc:
                     status, code = IMAGE_ERROR_STATUS.get(exc.code, (422, "invalid_image"))
@@ -254,20 +265,44 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
         if prepared:
             preds = model.batcher.submit(prepared)
             combined, at = [], 0
-            for n, found in groups:
-                combined.append(det.combine_faces(found, preds[at:at + n]) if faces else preds[at])
+            for n, found, (img, whole, data) in groups:
+                pred = det.combine_faces(found, preds[at:at + n]) if faces else preds[at]
+                if explain:
+                    pred = replace(pred, explain=_explain_fields(det, img, whole, preds[at], pred, data))
+                combined.append(pred)
                 at += n
             scored = iter(combined)
             results = [r if r is not None else next(scored) for r in results]
         return results
 
-    def _wants_faces(body: Any = None) -> bool:
-        """``"faces": true`` in a JSON body, or ``?faces=1`` for multipart and raw image bodies."""
-        if isinstance(body, dict) and "faces" in body:
-            if not isinstance(body["faces"], bool):
-                raise ApiError(400, "bad_field", "'faces' must be true or false")
-            return body["faces"]
-        return request.args.get("faces", "").lower() in ("1", "true", "yes")
+    def _explain_fields(det: Detector, img: Any, whole: Any, whole_pred: Prediction, pred: Prediction,
+                        data: bytes) -> dict[str, Any]:
+        """``heatmap`` (a PNG data URL: the image tinted by the ensemble's map, colour bar, score, label; face
+        boxes when faces were scored) and ``explained_by`` (the experts with maps), or ``explain_unavailable``."""
+        from .explain import data_url, explain_prepared, overlay, png_bytes
+        from .explain_cli import original_size
+
+        with model.forward_lock:
+            expl = explain_prepared(det, img.size, whole, whole_pred)
+        if expl.ensemble is None:
+            return {"explain_unavailable": expl.unavailable}
+        expl.prediction = pred
+        boxes = []
+        if pred.faces:
+            full = original_size(io.BytesIO(data)) or img.size
+            sx = img.width / full[0]
+            boxes = [([v * sx for v in f["box"]], f["score"]) for f in pred.faces]
+        picture = overlay(img, expl, label=pred.label, threshold=det.spec.threshold,
+                          max_side=config.explain_max_side, boxes=boxes)
+        return {"heatmap": data_url(png_bytes(picture)), "explained_by": sorted(expl.maps)}
+
+    def _wants(flag: str, body: Any = None) -> bool:
+        """``"<flag>": true`` in a JSON body, or ``?<flag>=1`` for multipart and raw image bodies."""
+        if isinstance(body, dict) and flag in body:
+            if not isinstance(body[flag], bool):
+                raise ApiError(400, "bad_field", f"'{flag}' must be true or false")
+            return body[flag]
+        return request.args.get(flag, "").lower() in ("1", "true", "yes")
 
     def _json_body() -> Any:
         """The body as JSON, or None when it is not JSON; nesting deep enough to exhaust the parser's
@@ -277,20 +312,20 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
         except RecursionError:
             raise ApiError(400, "bad_json", "the JSON body is nested too deeply") from None
 
-    def _single_payload() -> tuple[bytes, bool]:
-        """The image's bytes, and whether its faces are to be scored too."""
+    def _single_payload() -> tuple[bytes, dict[str, bool]]:
+        """The image's bytes, and the options: whether its faces are scored too, whether it is explained."""
         ctype = (request.mimetype or "").lower()
         if ctype.startswith("image/") or ctype == "application/octet-stream":
             data = request.get_data(cache=False)
             if not data:
                 raise ApiError(400, "empty_image", "the request body is empty")
-            return data, _wants_faces()
+            return data, {f: _wants(f) for f in OPTIONS}
         if ctype == "multipart/form-data":
             upload = request.files.get("image")
             if upload is None:
                 raise ApiError(400, "missing_field", "multipart request needs a file field named 'image'")
-            faces = _wants_faces() or request.form.get("faces", "").lower() in ("1", "true", "yes", "on")
-            return upload.read(), faces
+            return upload.read(), {f: _wants(f) or request.form.get(f, "").lower() in ("1", "true", "yes", "on")
+                                   for f in OPTIONS}
         if ctype in ("application/json", "") or ctype.endswith("+json") or ctype == "text/plain":
             # Old clients sometimes send JSON without a content type; try it before refusing.
             body = _json_body()
@@ -298,16 +333,16 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
                 raise ApiError(400, "bad_json", "the body must be a JSON object like {\"image\": \"<base64>\"}")
             if "image" not in body:
                 raise ApiError(400, "missing_field", "the JSON body needs an 'image' field (base64)")
-            return decode_base64_image(body["image"], "image"), _wants_faces(body)
+            return decode_base64_image(body["image"], "image"), {f: _wants(f, body) for f in OPTIONS}
         raise ApiError(415, "unsupported_media_type",
                        f"content type '{ctype}' is not accepted: send application/json "
                        "{\"image\": \"<base64>\"}, multipart/form-data with a file 'image', or image/* bytes")
 
     @app.post("/predict")
     def predict() -> Response:
-        data, faces = _single_payload()
+        data, options = _single_payload()
         det = model.require()
-        [result] = _score(det, [(data, "image")], faces=faces)
+        [result] = _score(det, [(data, "image")], **options)
         if isinstance(result, ApiError):
             raise result
         body = _prediction_json(det, result)
@@ -339,7 +374,7 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
                 entries.append(None)
             except ApiError as exc:
                 entries.append(exc)
-        scored = iter(_score(det, payloads, faces=_wants_faces(body)))
+        scored = iter(_score(det, payloads, **{f: _wants(f, body) for f in OPTIONS}))
         out = []
         for entry in entries:
             result = entry if entry is not None else next(scored)

@@ -20,7 +20,7 @@ from .bundle import BundleError
 from .images import ImageError
 
 #: Verb modules of the core, used even when the package is not installed (a bare source checkout).
-CORE_VERB_MODULES = ("inference.bundle_cli", "inference.predict_cli", "inference.serve_cli")
+CORE_VERB_MODULES = ("inference.bundle_cli", "inference.predict_cli", "inference.explain_cli", "inference.serve_cli")
 
 
 def _verb_modules() -> list[str]:

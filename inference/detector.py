@@ -46,6 +46,8 @@ class Prediction:
     faces: list[dict[str, Any]] | None = None
     #: with face scoring only: the whole image's score (``score`` is the maximum of it and every face's)
     whole_score: float | None = None
+    #: with the API's ``explain`` only: ``heatmap`` (PNG data URL) and ``explained_by``, or ``explain_unavailable``
+    explain: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -111,4 +111,6 @@ def expert_forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     term and the embedding stage use the feature)."""
     features = model.forward_features(x)
     pooled = model.forward_head(features, pre_logits=True)
+    if hasattr(model, "patch_logits"):  # a patch expert classifies the feature map, not the pooled vector
+        return model.forward_head(features), pooled
     return model.get_classifier()(pooled), pooled

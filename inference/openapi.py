@@ -20,6 +20,9 @@ def openapi_spec(config: Any) -> dict[str, Any]:
     b64 = {"type": "string", "description": "base64 image bytes, or a data:image/...;base64, URL"}
     faces = {"type": "boolean", "description": "also find faces and score each one; the image's score is the "
                                               "maximum of the whole image's and its faces'"}
+    explain = {"type": "boolean", "description": "also answer 'heatmap': a PNG data URL of the image tinted by where "
+                                                "the ensemble found it fake (patch and tiled experts), or "
+                                                "'explain_unavailable' when no expert has a map"}
     secured = bool(getattr(config, "api_key", None))
     spec: dict[str, Any] = {
         "openapi": "3.0.3",
@@ -31,10 +34,13 @@ def openapi_spec(config: Any) -> dict[str, Any]:
                 "operationId": "predict",
                 "summary": "Score one image",
                 "parameters": [{"name": "faces", "in": "query", "required": False, "schema": {"type": "boolean"},
-                                "description": "also score each face (for multipart and raw image bodies)"}],
+                                "description": "also score each face (for multipart and raw image bodies)"},
+                               {"name": "explain", "in": "query", "required": False, "schema": {"type": "boolean"},
+                                "description": "also answer a heatmap (for multipart and raw image bodies)"}],
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": {"type": "object", "required": ["image"],
-                                                    "properties": {"image": b64, "faces": faces}}},
+                                                    "properties": {"image": b64, "faces": faces,
+                                                                   "explain": explain}}},
                     "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
                                                        "properties": {"image": {"type": "string", "format": "binary"}}}},
                     "image/png": {"schema": {"type": "string", "format": "binary"}},
@@ -50,7 +56,8 @@ def openapi_spec(config: Any) -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["images"],
                     "properties": {"images": {"type": "array", "items": b64, "minItems": 1,
-                                              "maxItems": config.max_batch}, "faces": faces}}}}},
+                                              "maxItems": config.max_batch}, "faces": faces,
+                                   "explain": explain}}}}},
                 "responses": {"200": {"description": "one entry per image, in order", "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/BatchResult"}}}},
                     **_errors(400, 401, 413, 415, 500, 503)},
@@ -87,6 +94,11 @@ def openapi_spec(config: Any) -> dict[str, Any]:
                 "threshold": {"type": "number"}, "model": {"type": "string"}, "elapsed_ms": {"type": "number"},
                 "whole_score": {"type": "number", "description": "with faces: the whole image's score"},
                 "face_count": {"type": "integer"}, "face_rule": {"type": "string"},
+                "heatmap": {"type": "string", "description": "with explain: data:image/png;base64,... (image, "
+                                                             "colour map, colour bar, score, label)"},
+                "explained_by": {"type": "array", "items": {"type": "string"},
+                                 "description": "with explain: the experts whose maps the heatmap averages"},
+                "explain_unavailable": {"type": "string", "description": "with explain: why there is no heatmap"},
                 "faces": {"type": "array", "items": {"type": "object", "properties": {
                     "box": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4,
                             "description": "x1, y1, x2, y2 in pixels of the image as shown (EXIF rotation applied)"},

@@ -118,10 +118,12 @@ class ApiClient:
         except (ValueError, OSError) as exc:
             raise UserError(502, "api_bad_answer", "The detection service gave an answer the site cannot read.") from exc
 
-    def predict(self, image: bytes, faces: bool = False) -> dict[str, Any]:
+    def predict(self, image: bytes, faces: bool = False, explain: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {"image": base64.b64encode(image).decode()}
         if faces:
             body["faces"] = True
+        if explain:
+            body["explain"] = True
         return clean_result(self._call("POST", "/predict", body))
 
     def health(self) -> dict[str, Any]:
@@ -203,6 +205,25 @@ def faces_image(data: bytes, faces: list[dict[str, Any]], max_side: int = 720) -
     return out.getvalue()
 
 
+def _heatmap_image(url: Any, max_side: int) -> Any:
+    """The API's heatmap (a PNG data URL, already checked by :func:`clean_result`) as an RGB image at most
+    ``max_side`` wide, or None when there is none or it does not decode."""
+    from PIL import Image
+
+    if not (isinstance(url, str) and url.startswith("data:image/png;base64,")):
+        return None
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1], validate=True))) as src:
+            if src.format != "PNG" or src.width * src.height > 4_000_000:
+                return None
+            img = src.convert("RGB")
+    except Exception:  # an answer the report cannot use: the report goes without it
+        return None
+    if img.width > max_side:
+        img = img.resize((max_side, max(1, round(img.height * max_side / img.width))))
+    return img
+
+
 def _thumbnail(data: bytes) -> Any:
     """A 360-px RGB thumbnail, or None when Pillow cannot read the image. High-bit-depth images (16-bit,
     float) are scaled to 8 bits first; a plain ``convert("RGB")`` clips them to white."""
@@ -268,7 +289,8 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
         for k, f in enumerate(faces, start=1):
             td.rectangle([v * sx for v in f["box"]], outline=COLOURS.get(f["label"], (0, 0, 0)), width=3)
             td.text((f["box"][0] * sx + 3, f["box"][1] * sx + 2), str(k), fill=COLOURS.get(f["label"], (0, 0, 0)))
-    H = 760 + 28 * len(experts) + 24 * len(faces)  # generous; cropped to the content at the end
+    heat = _heatmap_image(result.get("heatmap"), max_side=W - 2 * pad)
+    H = 760 + 28 * len(experts) + 24 * len(faces) + (heat.height + 60 if heat is not None else 0)
     page = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(page)
     colours = {"fake": (176, 0, 32), "real": (0, 110, 55), "uncertain": (150, 90, 0)}
@@ -301,6 +323,11 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
             d.text((x, y), f"face {k}: {f['score']:.3f} {f['label']}  box {', '.join(str(round(v)) for v in f['box'])}",
                    font=small, fill=COLOURS.get(f["label"], (40, 40, 40)))
     y = max(y + 40, pad + 420)
+    if heat is not None:  # where the detector looked, as the page shows it
+        d.text((pad, y), "where the detector looked (tint: fake-probability of each region)", font=small,
+               fill=(40, 40, 40))
+        page.paste(heat, (pad, y + 24))
+        y += heat.height + 48
     for line in (f"file: {filename}", f"SHA-256: {sha256}", f"model: {result.get('model', '?')}",
                  f"date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}",
                  "A score is a model's estimate, not proof. Detectors miss generators they never saw."):
@@ -370,7 +397,8 @@ def create_app(config: WebConfig | dict[str, Any] | None = None) -> Flask:
         check_upload(data, cfg)
         t0 = time.perf_counter()
         want_faces = request.form.get("faces", "").lower() in ("1", "on", "true", "yes")
-        result = client.predict(data, faces=want_faces)
+        want_map = request.form.get("explain", "").lower() in ("1", "on", "true", "yes")
+        result = client.predict(data, faces=want_faces, explain=want_map)
         sha = hashlib.sha256(data).hexdigest()
         report = render_report(data, result, sha, upload.filename)
         annotated = faces_image(data, result["faces"]) if result.get("faces") else None

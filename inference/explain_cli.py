@@ -1,0 +1,124 @@
+"""``dfx explain``: where the ensemble looked, as pictures a person reads and maps a program reads.
+
+Per image, in ``-o DIR``: ``<name>.heatmap.png``, the image tinted by the ensemble's map with a colour bar,
+the score and the label (long side at most ``--max-side``); ``<name>.map.png``, the raw map at the image's
+own size as 16-bit grey (0 = no expert looked there, else ``1 + round(p * 65534)``; inference.explain.read_map16
+reads it back); and one row per image in ``DIR/explain.csv`` (score, label, the share of the looked-at area
+above the threshold, the files). A file that cannot be decoded gets an error row and the run goes on; every
+file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+from .predict_cli import add_detector_options, csv_path, display_name, write_atomic, write_csv
+from .weights import resolve_weights
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="heatmaps: where the ensemble found the image fake",
+                       description="Score images and draw where the decision came from: per image an overlay "
+                                   "PNG (image, colour map, colour bar, score, label) and the raw map as a 16-bit "
+                                   "PNG, and DIR/explain.csv. Maps come from patch experts (family patch) and "
+                                   "tiled experts (preprocess tiles); a bundle with neither says so and writes "
+                                   "the overlay without a map.")
+    p.add_argument("paths", nargs="+", metavar="IMAGE", help="image files and/or folders")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for the pictures and explain.csv")
+    p.add_argument("--max-side", type=int, default=1600,
+                   help="long side of the overlay picture in pixels (default 1600; the 16-bit map is always at "
+                        "the image's own size)")
+    add_detector_options(p)
+    p.set_defaults(func=_explain)
+
+
+def original_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of an image file as a viewer shows it (EXIF rotation applied), from its header only."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+                w, h = h, w
+            return w, h
+    except Exception:  # the detector's own decoding reports the problem
+        return None
+
+
+def out_names(paths: list[Path]) -> list[str]:
+    """A distinct output stem per input: the file name, with ``-2``, ``-3`` ... where two inputs share one."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        base = p.name
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{p.stem}-{seen[base]}{p.suffix}")
+    return names
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .detector import Detector
+    from .explain import map16, overlay, png_bytes
+    from .images import ImageError, collect_images
+
+    paths = collect_images(args.paths)
+    if not paths:
+        raise ValueError("no image files found in the given paths")
+    det = Detector(resolve_weights(args.weights), device=args.device, batch_size=args.batch_size,
+                   max_pixels=args.max_pixels, precision=args.precision)
+    finder = None
+    if args.faces:
+        from .faces import FaceFinder
+
+        finder = FaceFinder()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[list[str]] = []
+    unavailable = None
+    for path, name in tqdm(list(zip(paths, out_names(paths))), desc="explaining", disable=args.no_progress):
+        try:
+            expl = det.explain([path])[0]
+        except ImageError as exc:
+            rows.append([csv_path(path), "error", "", "", "", "", "", "", exc.message])
+            continue
+        unavailable = unavailable or expl.unavailable
+        pred, boxes, faces = expl.prediction, [], ""
+        size = original_size(path) or expl.image_size
+        if finder is not None:
+            fp = det.predict_faces(path, finder, name=str(path))
+            sx = expl.image_size[0] / size[0]
+            boxes = [([v * sx for v in f["box"]], f["score"]) for f in fp.faces or []]
+            pred, faces = fp, str(len(fp.faces or []))
+        label = det.label_for(pred.score)
+        expl.prediction = pred
+        picture = overlay(None, expl, label=label, threshold=det.spec.threshold, max_side=args.max_side,
+                          boxes=boxes)
+        heat, raw = out / f"{name}.heatmap.png", out / f"{name}.map.png"
+        write_atomic(heat, png_bytes(picture))
+        area = ""
+        if expl.ensemble is not None:
+            m = expl.ensemble
+            known = np.isfinite(m)
+            area = f"{float((m[known] >= det.spec.threshold).mean()):.4f}" if known.any() else ""
+            buf = io.BytesIO()
+            map16(expl.map_at(size)).save(buf, format="PNG", compress_level=1)
+            write_atomic(raw, buf.getvalue())
+        rows.append([csv_path(path), "ok", f"{pred.score:.6f}", label, area, faces, display_name(heat.name),
+                     display_name(raw.name) if expl.ensemble is not None else "", ""])
+    header = ["path", "status", "score", "label", "fake_area", "faces", "heatmap", "map", "error"]
+    buf = io.StringIO()
+    write_csv(buf, [header] + rows)
+    write_atomic(out / "explain.csv", buf.getvalue())
+    ok = sum(r[1] == "ok" for r in rows)
+    print(f"explained {ok} of {len(rows)} images into {out}" + (f" ({len(rows) - ok} failed: see explain.csv)"
+                                                                  if ok < len(rows) else ""), file=sys.stderr)
+    if unavailable:
+        print(f"note: {unavailable}", file=sys.stderr)
+    return 0
