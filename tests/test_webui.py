@@ -308,3 +308,58 @@ def test_real_browser_faces_checkbox(api, tmp_path):
         page.uncheck("#faces-input")
         page.click("#check-button")
         expect(page.locator("#faces-box")).to_be_hidden(timeout=60_000)
+
+
+@pytest.fixture(scope="module")
+def map_api(tmp_path_factory):
+    """An API serving an untrained patch expert: every answer can carry a heatmap."""
+    from inference.bundle_init import init_bundle
+
+    d = tmp_path_factory.mktemp("map_api")
+    init_bundle(["convnext_atto"], d / "patch", input_size=64, patch=1)
+    s = Server(d / "patch", d / "serve.log", "--threads", "4")
+    yield s
+    s.stop()
+
+
+def test_heatmap_shown_and_in_the_report_when_asked(map_api, api, odd_images):
+    """The page asks for a heatmap when its box is ticked, shows it, and the report includes it; unticked (or a
+    model without maps) there is none, and the report is the plain one."""
+    web = create_app(WebConfig(api_url=map_api.url, timeout=60)).test_client()
+    data = odd_images["rgb.jpg"].read_bytes()
+
+    def check(url_client, explain: bool) -> dict:
+        form = {"image": (io.BytesIO(data), "photo.jpg")} | ({"explain": "on"} if explain else {})
+        r = url_client.post("/check", data=form, headers={"Accept": "application/json"},
+                            content_type="multipart/form-data")
+        assert r.status_code == 200, r.get_data(as_text=True)
+        return r.get_json()
+
+    def png(url: str) -> Image.Image:
+        img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        img.load()
+        return img
+
+    shown, plain = check(web, True), check(web, False)
+    assert shown["heatmap"].startswith("data:image/png;base64,") and png(shown["heatmap"]).format == "PNG"
+    assert plain["heatmap"] is None and shown["score"] == pytest.approx(plain["score"], abs=1e-6)
+    assert png(shown["report_png"]).height > png(plain["report_png"]).height + 100, "the report shows the heatmap"
+    no_maps = check(create_app(WebConfig(api_url=api.url, timeout=60)).test_client(), True)
+    assert no_maps["heatmap"] is None and no_maps["label"] in {"fake", "real", "uncertain"}
+
+
+def test_real_browser_shows_the_heatmap(map_api, odd_images, tmp_path):
+    from playwright.sync_api import expect
+
+    with webui_browser(map_api, tmp_path) as (browser, url):
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(url)
+        assert page.is_checked("#explain-input"), "people see where by default"
+        page.set_input_files("#image-input", str(odd_images["rgb.jpg"]))
+        page.click("#check-button")
+        expect(page.locator("#heatmap-box")).to_be_visible(timeout=60_000)
+        assert page.evaluate("document.getElementById('heatmap').naturalWidth") > 0, "the heatmap image decodes"
+        page.screenshot(path=str(tmp_path / "heatmap.png"), full_page=True)
+        page.uncheck("#explain-input")
+        page.click("#check-button")
+        expect(page.locator("#heatmap-box")).to_be_hidden(timeout=60_000)
