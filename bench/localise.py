@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -237,7 +238,12 @@ def main() -> int:
     results: dict[str, dict] = {}
     for set_name, edits in sets.items():
         for b in bundles:
-            results[f"{b.name} | {set_name}"] = score_maps(b, edits, args.limit)
+            key = hashlib.sha1(f"{b.resolve()}|{edits}|{args.limit}".encode()).hexdigest()[:10]
+            cache = work / "scores" / f"{b.name}__{key}.json"  # a rerun (e.g. with --demo) scores only what is new
+            if not cache.exists():
+                cache.parent.mkdir(exist_ok=True)
+                cache.write_text(json.dumps(score_maps(b, edits, args.limit)))
+            results[f"{b.name} | {set_name}"] = json.loads(cache.read_text())
     results["timing (patch expert, 12 MP JPEG, CPU)"] = timing(patch, work)
     lines = ["| bundle | edits | op | images | pixel AUC (mean per image) | pooled | random map | map inside / outside |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

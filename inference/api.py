@@ -279,8 +279,7 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
                         data: bytes) -> dict[str, Any]:
         """``heatmap`` (a PNG data URL: the image tinted by the ensemble's map, colour bar, score, label; face
         boxes when faces were scored) and ``explained_by`` (the experts with maps), or ``explain_unavailable``."""
-        from .explain import data_url, explain_prepared, overlay, png_bytes
-        from .explain_cli import original_size
+        from .explain import data_url, explain_prepared, original_size, overlay, png_bytes
 
         with model.forward_lock:
             expl = explain_prepared(det, img.size, whole, whole_pred)

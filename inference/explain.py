@@ -66,6 +66,8 @@ class Explanation:
         if (m.shape[1], m.shape[0]) == tuple(size):
             return m
         known = np.isfinite(m)
+        if known.all():  # one resize; NaN bookkeeping only where some pixels were not looked at
+            return np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
         value = Image.fromarray(np.where(known, m, 0).astype(np.float32), mode="F").resize(size, Image.BILINEAR)
         weight = Image.fromarray(known.astype(np.float32), mode="F").resize(size, Image.BILINEAR)
         v, w = np.asarray(value), np.asarray(weight)
@@ -223,6 +225,19 @@ def overlay(img: Image.Image | None, expl: Explanation, *, label: str, threshold
     return canvas
 
 
+def original_size(src) -> tuple[int, int] | None:
+    """(width, height) of an image file (path or stream) as a viewer shows it (EXIF rotation applied), read from
+    its header only; None when it cannot be read (the detector's own decoding reports why)."""
+    try:
+        with Image.open(src) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+                w, h = h, w
+            return w, h
+    except Exception:
+        return None
+
+
 def png_bytes(img: Image.Image, compress_level: int = 6) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=compress_level)
@@ -235,9 +250,11 @@ def data_url(png: bytes) -> str:
 
 def map16(m: np.ndarray) -> Image.Image:
     """A map as a 16-bit grey image: 0 where nothing looked, ``1 + round(p * 65534)`` for probability ``p``."""
-    known = np.isfinite(m)
-    v = np.where(known, 1 + np.round(np.clip(np.nan_to_num(m), 0, 1) * 65534), 0).astype(np.uint16)
-    return Image.fromarray(v)  # mode "I;16"
+    v = np.clip(m, 0, 1, dtype=np.float32)
+    v *= 65534
+    v += 1.5  # 1 + round(p * 65534)
+    v[~np.isfinite(m)] = 0
+    return Image.fromarray(v.astype(np.uint16))  # mode "I;16"
 
 
 def read_map16(path_or_bytes) -> np.ndarray:

@@ -35,20 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_explain)
 
 
-def original_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) of an image file as a viewer shows it (EXIF rotation applied), from its header only."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
-                w, h = h, w
-            return w, h
-    except Exception:  # the detector's own decoding reports the problem
-        return None
-
-
 def out_names(paths: list[Path]) -> list[str]:
     """A distinct output stem per input: the file name, with ``-2``, ``-3`` ... where two inputs share one."""
     seen: dict[str, int] = {}
@@ -65,7 +51,7 @@ def _explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .detector import Detector
-    from .explain import map16, overlay, png_bytes
+    from .explain import map16, original_size, overlay, png_bytes
     from .images import ImageError, collect_images
 
     paths = collect_images(args.paths)
