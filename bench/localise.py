@@ -96,7 +96,8 @@ def split_reals(manifests: list[Path], work: Path, max_side: int, seed: int) -> 
 
 
 def train_patch_expert(work: Path, reals: Path, edits: Path, args: argparse.Namespace) -> Path:
-    bundle = work / "patch_bundle"
+    tag = f"tiles{args.crops}" if args.preprocess == "tiles" else args.preprocess
+    bundle, run = work / f"patch_{tag}", work / f"run_{tag}"
     if (bundle / "ensemble.json").exists():
         return bundle
     rows = []
@@ -113,16 +114,17 @@ def train_patch_expert(work: Path, reals: Path, edits: Path, args: argparse.Name
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    cfg = {"output": str(work / "run"), "seed": args.seed,
+    cfg = {"output": str(run), "seed": args.seed,
            "data": {"manifest": str(work / "train.csv"), "balanced_sampler": True},
            "experts": [{"arch": "tf_efficientnet_lite0", "family": "patch", "stages": [args.stage],
-                        "pretrained": "pkg:efficientnet_lite0", "input_size": args.size, "preprocess": "squash"}],
+                        "pretrained": "pkg:efficientnet_lite0", "input_size": args.size,
+                        "preprocess": args.preprocess, **({"crops": args.crops} if args.preprocess == "tiles" else {})}],
            "loss": {"ce": 1.0, "kl": 0.5, "nce": 0.0, "label_smoothing": 0.0},
            "optim": {"lr": args.lr, "warmup_steps": 20},
            "train": {"epochs": args.epochs, "batch_size": 16, "ema_decay": 0.99, "checkpoint_every_steps": 100}}
-    (work / "patch.yaml").write_text(yaml.safe_dump(cfg))
-    dfx("train", str(work / "patch.yaml"), *(["--resume"] if (work / "run").exists() else []))
-    dfx("export", str(work / "run"), "--out", str(bundle))
+    (work / f"patch_{tag}.yaml").write_text(yaml.safe_dump(cfg))
+    dfx("train", str(work / f"patch_{tag}.yaml"), *(["--resume"] if run.exists() else []))
+    dfx("export", str(run), "--out", str(bundle))
     return bundle
 
 
@@ -215,6 +217,9 @@ def main() -> int:
     ap.add_argument("--stage", type=int, default=2, help="cut EfficientNet-Lite0 after this stage (default 2)")
     ap.add_argument("--size", type=int, default=256, help="input size of the patch expert (squash)")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--preprocess", choices=("squash", "tiles"), default="squash",
+                    help="squash: the whole image to --size; tiles: --crops native-resolution crops of --size")
+    ap.add_argument("--crops", type=int, default=4)
     ap.add_argument("--lr", type=float, default=0.001)
     ap.add_argument("--ops", default="splice,copy_move,inpaint,resample")
     ap.add_argument("--bundle", action="append", default=None, help="more bundles to score (default weights/default)")
@@ -234,7 +239,8 @@ def main() -> int:
     sets = {"edits of unseen dev+more photos": work / "edits_b" / "manifest.csv"}
     if args.demo and (Path(args.demo) / "test" / "edits" / "manifest.csv").exists():
         sets["edits of the demo's test photos"] = Path(args.demo) / "test" / "edits" / "manifest.csv"
-    bundles = [patch] + [Path(b) for b in (args.bundle or [str(ROOT / "weights" / "default")])]
+    bundles = [patch] + [Path(b) for b in (args.bundle or [str(ROOT / "weights" / "default")])
+                         if Path(b).resolve() != patch.resolve()]
     results: dict[str, dict] = {}
     for set_name, edits in sets.items():
         for b in bundles:
