@@ -1,6 +1,6 @@
 """Do the heatmaps point at the edited pixels? Pixel-level AUC of `Detector.explain` maps against true edit masks.
 
-Run by hand (not a test; about 10 minutes on 2 CPU cores; steps already done are skipped on a rerun):
+Run by hand (not a test; about 25 minutes on 2 CPU cores; steps already done are skipped on a rerun):
 
     .venv/bin/python bench/localise.py [--work bench_out/localise] [--demo demo_out]
 
@@ -96,7 +96,8 @@ def split_reals(manifests: list[Path], work: Path, max_side: int, seed: int) -> 
 
 
 def train_patch_expert(work: Path, reals: Path, edits: Path, args: argparse.Namespace) -> Path:
-    tag = f"tiles{args.crops}" if args.preprocess == "tiles" else args.preprocess
+    tag = (f"tiles{args.crops}" if args.preprocess == "tiles" else args.preprocess) + \
+        ("" if args.stage == 2 else f"_s{args.stage}")  # stage 2 was the first default: its runs keep their names
     bundle, run = work / f"patch_{tag}", work / f"run_{tag}"
     if (bundle / "ensemble.json").exists():
         return bundle
@@ -214,7 +215,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="bench_out/localise")
     ap.add_argument("--max-side", type=int, default=512, help="edits and reals are brought to this long side")
-    ap.add_argument("--stage", type=int, default=2, help="cut EfficientNet-Lite0 after this stage (default 2)")
+    ap.add_argument("--stage", type=int, default=3, help="cut EfficientNet-Lite0 after this stage (default 3; 2 "
+                                                          "localised splices and copy-moves far worse: README)")
     ap.add_argument("--size", type=int, default=256, help="input size of the patch expert (squash)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--preprocess", choices=("squash", "tiles"), default="squash",
