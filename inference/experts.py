@@ -109,8 +109,9 @@ def fake_probs(model: nn.Module, x: torch.Tensor, temperature: float = 1.0,
 def expert_forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(N, 2)`` and the pooled pre-logits feature ``(N, D)`` in one pass (training's NCE
     term and the embedding stage use the feature)."""
+    if hasattr(model, "patch_outputs"):  # a patch expert classifies the feature map, not the pooled vector
+        logits, pooled, _ = model.patch_outputs(x)
+        return logits, pooled
     features = model.forward_features(x)
     pooled = model.forward_head(features, pre_logits=True)
-    if hasattr(model, "patch_logits"):  # a patch expert classifies the feature map, not the pooled vector
-        return model.forward_head(features), pooled
     return model.get_classifier()(pooled), pooled

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .preprocess import parse_mode, tile_boxes, upscaled_size
+from .preprocess import centre_crop_box, parse_mode, tile_boxes, upscaled_size
 
 if TYPE_CHECKING:
     from .bundle import ExpertSpec
@@ -88,11 +88,7 @@ def input_boxes(width: int, height: int, e: "ExpertSpec") -> list[Box]:
     if mode == "squash":
         return [(0.0, 0.0, float(width), float(height))]
     if mode == "crop":
-        scale = size / min(width, height)
-        nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
-        left, top = (nw - size) // 2, (nh - size) // 2
-        sx, sy = width / nw, height / nh
-        return [(left * sx, top * sy, (left + size) * sx, (top + size) * sy)]
+        return [centre_crop_box(width, height, size)]
     vw, vh = upscaled_size(width, height, size)
     sx, sy = width / vw, height / vh
     return [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in tile_boxes(vw, vh, size, crops)]

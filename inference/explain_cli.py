@@ -50,7 +50,7 @@ def _explain(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from .detector import Detector
+    from .detector import Detector, prepare_faces
     from .explain import map16, original_size, overlay, png_bytes
     from .images import ImageError, collect_images
 
@@ -78,7 +78,9 @@ def _explain(args: argparse.Namespace) -> int:
         pred, boxes, faces = expl.prediction, [], ""
         size = original_size(path) or expl.image_size
         if finder is not None:
-            fp = det.predict_faces(path, finder, name=str(path))
+            # The whole image is already scored (expl.prediction): only the face crops go through the model.
+            items, found = prepare_faces(det.preprocessor, finder, path, name=str(path))
+            fp = det.combine_faces(found, [expl.prediction, *det.score_prepared(items[1:])])
             sx = expl.image_size[0] / size[0]
             boxes = [([v * sx for v in f["box"]], f["score"]) for f in fp.faces or []]
             pred, faces = fp, str(len(fp.faces or []))

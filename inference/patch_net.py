@@ -33,6 +33,13 @@ class PatchNet(nn.Module):
         """``(N, 2, h, w)``: one logit pair per patch (h ≈ H / stride)."""
         return self.head(self.forward_features(x))
 
+    def patch_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image logits ``(N, 2)``, pooled feature ``(N, C)`` and patch logits ``(N, 2, h, w)`` from one pass
+        (training needs all three: CE per patch, KL per image, NCE on the feature)."""
+        features = self.forward_features(x)
+        patches = self.head(features)
+        return image_log_probs(patches), self.forward_head(features, pre_logits=True), patches
+
     # The names timm models use, so the trainer and the embedding stage treat a patch expert like any expert.
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)[-1]

@@ -91,6 +91,16 @@ def tiles_for(img: Image.Image, size: int, crops: int) -> list[Image.Image]:
             for box in tile_boxes(vw, vh, size, crops)]
 
 
+def centre_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The source region, in the image's pixels, of ``crop`` mode's centred size×size crop of the image scaled
+    to short side ``size`` (also where a heatmap of that crop belongs: inference/explain.py)."""
+    scale = size / min(width, height)
+    nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    sx, sy = width / nw, height / nh
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
 def resize_for(img: Image.Image, size: int, mode: str) -> Image.Image:
     """``squash``: the whole image to size×size (aspect ratio not kept, as the winning recipe does);
     ``crop``: shorter side to ``size`` then a centred size×size crop."""
@@ -101,15 +111,10 @@ def resize_for(img: Image.Image, size: int, mode: str) -> Image.Image:
     if mode == "crop":
         # The centred crop of the image scaled to short side ``size``, resampled from its source region
         # only: a 1×58000 image never becomes a 224×13-million one on the way.
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        left, top = (nw - size) // 2, (nh - size) // 2
-        if (nw, nh) == (w, h):
-            return img.crop((left, top, left + size, top + size))
-        sx, sy = w / nw, h / nh
-        return img.resize((size, size), Image.Resampling.BICUBIC,
-                          box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+        box = centre_crop_box(img.width, img.height, size)
+        if min(img.size) == size:  # already at scale: an exact crop, no resampling
+            return img.crop(tuple(int(v) for v in box))
+        return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     raise ValueError(f"unknown preprocess mode '{mode}'")
 
 

@@ -23,6 +23,7 @@ from training.losses import patch_ce
 
 from .conftest import dfx
 from .test_api import Server
+from .test_faces import needs_mtcnn
 
 SIDE = 96
 
@@ -180,7 +181,8 @@ def test_tiled_expert_maps_each_crop_probability_over_its_crop(tmp_path):
     for (x0, y0, x1, y1), p in zip(boxes, per_crop):
         cx, cy = int(x0) + 2, int(y0) + 2  # a corner pixel only this crop covers
         assert m[cy, cx] == pytest.approx(p, abs=1e-4)
-    assert np.isnan(expl.ensemble[75, 100]) or all(x0 <= 100 < x1 and y0 <= 75 < y1 for x0, y0, x1, y1 in boxes[:1])
+    assert not any(x0 <= 100 < x1 and y0 <= 75 < y1 for x0, y0, x1, y1 in boxes), "the centre lies between crops"
+    assert np.isnan(expl.ensemble[75, 100]) and np.isnan(m[75, 100])
     assert expl.prediction.score == pytest.approx(float(np.mean(per_crop)), abs=1e-5)
 
 
@@ -217,6 +219,27 @@ def test_dfx_explain_writes_overlays_16bit_maps_and_a_table(patch_bundle, tmp_pa
     assert heat.width > 1.5 * heat.height, "the overlay keeps the landscape image's shape"
     assert np.nanmean(wide_map[:, :96]) > np.nanmean(wide_map[:, 96:]), "the half with the splice is hotter"
     assert float(rows["wide.jpg"]["fake_area"]) > float(rows["real.png"]["fake_area"])
+
+
+@needs_mtcnn
+def test_dfx_explain_faces_scores_each_face_like_predict(tiny_bundle, tmp_path):
+    """`dfx explain --faces` gives the same score and face count as `dfx predict --faces`, and says so even for
+    a bundle that cannot draw a map."""
+    from skimage import data as skdata
+
+    photo = tmp_path / "astronaut.jpg"
+    Image.fromarray(skdata.astronaut()).save(photo, quality=92)
+    r = dfx("explain", str(photo), "--weights", str(tiny_bundle), "--faces", "-o", str(tmp_path / "out"),
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "no expert of this bundle has a map" in r.stderr
+    [row] = csv.DictReader(open(tmp_path / "out" / "explain.csv"))
+    p = dfx("predict", str(photo), "--weights", str(tiny_bundle), "--faces", "-o", str(tmp_path / "p.csv"),
+            "--no-progress")
+    assert p.returncode == 0, p.stderr
+    [ref] = csv.DictReader(open(tmp_path / "p.csv"))
+    assert row["faces"] == "1" and float(row["score"]) == pytest.approx(float(ref["score"]), abs=1e-5)
+    assert row["map"] == "" and Image.open(tmp_path / "out" / row["heatmap"]).format == "PNG"
 
 
 def test_api_explain_answers_a_heatmap_only_when_asked(patch_bundle, tiny_bundle, tmp_path):

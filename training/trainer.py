@@ -57,12 +57,8 @@ class TrainNet(nn.Module):
         same pass: the image logits are their mean softmax), else ``None``."""
         x = self.stem(x)
         patches = None
-        if hasattr(self.backbone, "patch_logits"):
-            from inference.patch_net import image_log_probs
-
-            features = self.backbone.forward_features(x)
-            patches = self.backbone.head(features)
-            logits, pooled = image_log_probs(patches), self.backbone.forward_head(features, pre_logits=True)
+        if hasattr(self.backbone, "patch_outputs"):
+            logits, pooled, patches = self.backbone.patch_outputs(x)
         else:
             logits, pooled = expert_forward(self.backbone, x)
         # No projection head when the NCE weight is 0: a parameter outside the loss's graph makes DDP fail

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import register
-from .probe import MAX_STAGE
+from .probe import MAX_STAGE, build_features_net
 
 
 def patch_net(arch: str, stage: int, model_kwargs: dict[str, Any] | None = None) -> Any:
@@ -45,17 +45,8 @@ class PatchFamily:
         return {"stages": tuple(stages)}
 
     def create(self, spec: Any) -> Any:
-        import timm
-
-        from ..bundle import BundleError
-
-        if not timm.is_model(spec.arch):
-            raise BundleError(f"expert '{spec.name}': unknown timm architecture '{spec.arch}'")
-        try:
-            return patch_net(spec.arch, spec.stages[0], spec.model_kwargs)
-        except (TypeError, IndexError, ValueError, RuntimeError) as exc:
-            raise BundleError(f"expert '{spec.name}': cannot cut '{spec.arch}' after stage {spec.stages[0]} "
-                              f"({exc})") from exc
+        return build_features_net(spec, lambda: patch_net(spec.arch, spec.stages[0], spec.model_kwargs),
+                                  f"'{spec.arch}' cut after stage {spec.stages[0]}")
 
     def scorer(self, spec: Any, model: Any) -> Any:
         return model

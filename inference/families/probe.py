@@ -31,6 +31,21 @@ def probe_net(arch: str, stages: tuple[int, ...], model_kwargs: dict[str, Any] |
     return ProbeNet(arch, stages, model_kwargs)
 
 
+def build_features_net(spec: Any, build: Any, what: str) -> Any:
+    """``build()`` a module around a timm ``features_only`` backbone (probe and patch families), as a BundleError
+    naming the expert and ``what`` when the architecture is unknown or cannot be cut at those stages."""
+    import timm
+
+    from ..bundle import BundleError
+
+    if not timm.is_model(spec.arch):
+        raise BundleError(f"expert '{spec.name}': unknown timm architecture '{spec.arch}'")
+    try:
+        return build()
+    except (TypeError, IndexError, ValueError, RuntimeError) as exc:
+        raise BundleError(f"expert '{spec.name}': cannot build {what} ({exc})") from exc
+
+
 class ProbeFamily:
     name = "probe"
     plain_timm = ("timm.create_model(arch, features_only=True, out_indices=stages) loads the 'backbone.' tensors "
@@ -49,17 +64,8 @@ class ProbeFamily:
         return {"stages": tuple(stages)}
 
     def create(self, spec: Any) -> Any:
-        import timm
-
-        from ..bundle import BundleError
-
-        if not timm.is_model(spec.arch):
-            raise BundleError(f"expert '{spec.name}': unknown timm architecture '{spec.arch}'")
-        try:
-            return probe_net(spec.arch, tuple(spec.stages), spec.model_kwargs)
-        except (TypeError, IndexError, ValueError, RuntimeError) as exc:
-            raise BundleError(f"expert '{spec.name}': cannot build a probe of '{spec.arch}' at stages "
-                              f"{list(spec.stages)} ({exc})") from exc
+        return build_features_net(spec, lambda: probe_net(spec.arch, tuple(spec.stages), spec.model_kwargs),
+                                  f"a probe of '{spec.arch}' at stages {list(spec.stages)}")
 
     def scorer(self, spec: Any, model: Any) -> Any:
         return model
