@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from inference.images import collect_images
-from inference.manifest import COLUMNS, ManifestError, read_manifest, write_manifest
+from inference.manifest import COLUMNS, ManifestError, read_manifest, reroot, write_manifest
 
 
 def index_folders(folders: list[str], out: str | os.PathLike[str], *, label: int | None, source: str | None = None,
@@ -56,10 +56,6 @@ def merge_manifests(inputs: list[str], out: str | os.PathLike[str]) -> int:
             if absolute in seen:
                 raise ManifestError(f"{absolute} is in both {seen[absolute]} and {m}")
             seen[absolute] = m
-            parent = r.get("parent", "")
-            if parent and not Path(parent).is_absolute():
-                parent = str((man.root / parent).resolve())
-            rows.append({**r, "path": os.path.relpath(absolute, out_dir),
-                         "parent": os.path.relpath(parent, out_dir) if parent else ""})
+            rows.append(reroot({**r, "path": str(absolute)}, str(man.root), str(out_dir)))
     write_manifest(out, rows, columns)
     return len(rows)

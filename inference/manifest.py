@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Iterable
 
 COLUMNS = ("path", "label", "source", "kind", "parent", "cluster", "fold", "split")
+# Columns that name files, relative to the manifest's folder (or absolute): moving rows into another
+# manifest must re-root all of them, or a merged manifest silently loses its edits' masks.
+PATH_COLUMNS = ("path", "parent", "mask")
 
 
 class ManifestError(ValueError):
@@ -70,6 +73,15 @@ def read_manifest(path: str | os.PathLike[str], *, require_labels: bool = True) 
     return Manifest(rows, path.resolve().parent, columns + missing, source_file=path)
 
 
+def reroot(row: dict[str, object], src: str, dst: str) -> dict[str, object]:
+    """Rewrite the row's file columns (:data:`PATH_COLUMNS`) from folder ``src`` to folder ``dst``, in place."""
+    for c in PATH_COLUMNS:
+        p = str(row.get(c) or "")
+        if p:
+            row[c] = os.path.relpath(p if os.path.isabs(p) else os.path.join(src, p), dst)
+    return row
+
+
 def write_manifest(path: str | os.PathLike[str], rows: Iterable[dict[str, object]],
                    columns: list[str] | None = None, *, root: str | os.PathLike[str] | None = None) -> Path:
     """Write rows atomically (temporary file + rename). Standard columns first, then extras in order.
@@ -87,8 +99,7 @@ def write_manifest(path: str | os.PathLike[str], rows: Iterable[dict[str, object
     if root is not None and Path(root).resolve() != out.parent.resolve():
         src, dst = str(Path(root).resolve()), str(out.parent.resolve())
         for r in rows:
-            p = str(r["path"])
-            r["path"] = os.path.relpath(p if os.path.isabs(p) else os.path.join(src, p), dst)
+            reroot(r, src, dst)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:

@@ -154,8 +154,9 @@ def test_edit_unknown_op_fails_before_work(reals, tmp_path):
 
 
 def test_edited_fakes_keep_their_parents_in_one_fold(tiny_dataset, tmp_path):
-    """24 reals and an inpainting edit of each, merged, embedded and clustered: every child shares its
-    parent's fold, and both folds are used."""
+    """24 reals and an inpainting edit of each, merged, embedded and clustered into another folder: every
+    child shares its parent's fold, both folds are used, and every edit's mask is still found (patch
+    experts train on them)."""
     src = read_manifest(tiny_dataset)
     reals = write_manifest(tmp_path / "reals.csv", [{**r, "path": str(src.abspath(r))} for r in src.rows
                                                     if r["label"] == "0" and "broken" not in r["path"]])
@@ -165,7 +166,7 @@ def test_edited_fakes_keep_their_parents_in_one_fold(tiny_dataset, tmp_path):
     assert dfx("prepare", "merge", str(reals), str(edits / "manifest.csv"), "-o", str(merged)).returncode == 0
     feats = tmp_path / "f.npy"
     assert dfx("prepare", "embed", str(merged), "-o", str(feats), "--workers", "0").returncode == 0
-    out = tmp_path / "folds.csv"
+    out = tmp_path / "split" / "folds.csv"
     r = dfx("prepare", "cluster", str(merged), "--features", str(feats), "--k", "6", "--folds", "2", "-o", str(out))
     assert r.returncode == 0, r.stderr
     man = read_manifest(out)
@@ -177,4 +178,5 @@ def test_edited_fakes_keep_their_parents_in_one_fold(tiny_dataset, tmp_path):
         parent = Path(row["parent"])
         parent = parent if parent.is_absolute() else man.root / parent
         assert fold_of[str(parent.resolve())] == row["fold"]
+        assert row["mask"] and man.abspath({"path": row["mask"]}).is_file(), row["mask"]
     assert json.loads(out.with_suffix(".report.json").read_text())["parent_links"] == 24

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from inference import Detector
 from inference.bundle import read_spec
-from inference.manifest import read_manifest
+from inference.manifest import read_manifest, write_manifest
 
 from .conftest import dfx
 
@@ -211,6 +211,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny_dataset, tmp_path):
     ("experts.0.family=residual", "experts.0.stem: a residual expert needs stem npr or srm"),
     ("experts.0.stem=npr", "only a residual expert takes one"),
     ("experts.0.preprocess=tiles experts.0.crops=6", "experts.0.crops: a square number"),
+    ("experts.0.freeze=6", "experts.0.freeze: convnext_atto has 6 layer groups (stem first); freeze at most 5, got 6"),
+    ("experts.0.layer_decay=1.5", "experts.0.layer_decay: a factor in (0, 1], got 1.5"),
 ])
 def test_config_errors_fail_before_training(tiny_dataset, tmp_path, override, message):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_dataset, tmp_path / "out")
@@ -275,3 +277,56 @@ def test_two_processes_train_once_and_match_one_process(tiny_dataset, tmp_path):
     nce = _torchrun(write_config(tmp_path / "nce.yaml", tiny_dataset, tmp_path / "nce", train__epochs=1,
                                  train__checkpoint_every_steps=0))
     assert nce.returncode == 0, (nce.stdout + nce.stderr)[-3000:]
+
+
+def test_patch_training_refuses_a_manifest_whose_masks_are_missing(tiny_dataset, tmp_path):
+    """A manifest moved by hand keeps its masks' old relative paths: the run must stop and say so, not skip
+    every edit as an unreadable image and train a patch expert on the reals alone."""
+    man = read_manifest(tiny_dataset)
+    rows = [{**r, "path": str(man.abspath(r)), "mask": "masks/gone.png" if r["label"] == "1" else ""} for r in man.rows]
+    moved = write_manifest(tmp_path / "moved.csv", rows)
+    cfg = write_config(tmp_path / "cfg.yaml", moved, tmp_path / "out")
+    experts = json.dumps([{"arch": "convnext_atto", "family": "patch", "stages": [1], "input_size": 64, "val_fold": 0}])
+    r = dfx("train", str(cfg), f"experts={experts}")
+    assert r.returncode == 1
+    assert "of the masks the manifest names are missing (first: " in r.stderr and "gone.png" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_partial_fine_tuning_freezes_early_groups_and_decays_rates(tiny_dataset, tmp_path):
+    """experts.N.freeze / layer_decay (training/finetune.py): the stem and first stage of a "pretrained" ConvNeXt
+    (a local safetensors file) come out of training bit-identical, running statistics included; later stages
+    move; the optimiser's rates fall by layer_decay per group towards the input."""
+    from safetensors.torch import save_file
+
+    from training.finetune import layer_groups, partial_param_groups
+
+    import timm
+
+    torch.manual_seed(0)
+    start = timm.create_model("convnext_atto")  # an ImageNet-shaped file, as a user's pretrained weights are
+    save_file({k: v.contiguous() for k, v in start.state_dict().items()}, str(tmp_path / "start.safetensors"))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_dataset, tmp_path / "out", train__epochs=2,
+                       experts=[{"arch": "convnext_atto", "input_size": 64, "val_fold": 0, "freeze": 2,
+                                 "layer_decay": 0.5, "pretrained": str(tmp_path / "start.safetensors")}])
+    r = dfx("train", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = load_file(str(tmp_path / "out" / "experts" / "convnext_atto-f0" / "final" / "ema.safetensors"))
+    before = start.state_dict()
+    frozen = [k for k in before if k.startswith(("stem.", "stages.0."))]
+    assert frozen and all(torch.equal(trained[k], before[k]) for k in frozen), "the stem and stage 0 are frozen"
+    assert not torch.equal(trained["stages.3.blocks.0.conv_dw.weight"], before["stages.3.blocks.0.conv_dw.weight"])
+
+    model = timm.create_model("convnext_atto", num_classes=2)
+    groups = layer_groups(model, "convnext_atto")  # stem, stages 0-3, the final norm; head.fc is the head
+    assert [g[0][0].split(".")[0] + (g[0][0].split(".")[1] if g[0][0].startswith("stages") else "") for g in groups] \
+        == ["stem", "stages0", "stages1", "stages2", "stages3", "head"]
+    net = torch.nn.ModuleDict({"backbone": model})
+    param_groups = partial_param_groups(net, model, "convnext_atto", lr=1.0, weight_decay=0.05, freeze=1,
+                                        layer_decay=0.5)
+    assert sorted({g["lr"] for g in param_groups}) == [0.5 ** 5, 0.5 ** 4, 0.5 ** 3, 0.5 ** 2, 0.5, 1.0]
+    assert {id(p) for g in param_groups if g["lr"] == 1.0 for p in g["params"]} == \
+        {id(p) for p in model.head.fc.parameters()}, "the classifier trains at the full rate"
+    assert not any(p.requires_grad for _, p in groups[0])
+    assert {id(p) for g in param_groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(g["weight_decay"] == 0.0 for g in param_groups if all(p.ndim == 1 for p in g["params"]))

@@ -49,6 +49,9 @@ class ExpertConfig:
     stages: list[int] | None = None      #: probe: the frozen backbone's feature indices it pools; patch: [cut]
     lr: float | None = None              #: this expert's learning rate (default optim.lr); a probe's head wants more
     init_from: str | None = None         #: BUNDLE[:EXPERT]: start from that bundle expert's weights (fine-tuning)
+    #: partial fine-tuning (training/finetune.py): freeze the first N of timm's coarse layer groups (stem = 1)
+    freeze: int = 0
+    layer_decay: float | None = None     #: layer-wise lr decay: group i of n trains at lr * layer_decay ** (n - i)
 
 
 @dataclass
@@ -313,6 +316,11 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"experts.{i}.weight: must be >= 0")
         if e.lr is not None and not e.lr > 0:
             raise ConfigError(f"experts.{i}.lr: must be a number > 0, got {e.lr}")
+        from .finetune import check_partial
+
+        why = check_partial(e.arch, e.family, e.freeze, e.layer_decay, f"experts.{i}")
+        if why:
+            raise ConfigError(why)
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
         if e.pretrained and e.pretrained.startswith("pkg:"):
             from inference.pretrained import SOURCES, package_file

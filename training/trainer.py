@@ -126,6 +126,12 @@ def _rows(cfg: TrainConfig) -> list[dict[str, Any]]:
                          "maskpath": str(man.abspath({"path": r["mask"]})) if r.get("mask") else None})
     if cfg.data.replay:
         rows += replay_rows(cfg.data.replay, seed=cfg.seed, exclude={r["abspath"] for r in rows})
+    if any(e.family == "patch" for e in cfg.experts):
+        missing = [r["maskpath"] for r in rows if r["maskpath"] and not os.path.isfile(r["maskpath"])]
+        if missing:  # else every edit would be skipped as unreadable, one warning at a time
+            raise ConfigError(f"{len(missing)} of the masks the manifest names are missing (first: {missing[0]}); "
+                              "a manifest moved or merged by hand keeps its masks' old relative paths: "
+                              "rebuild it with dfx prepare merge")
     return rows
 
 
@@ -362,7 +368,17 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     val_loader = torch.utils.data.DataLoader(EvalDataset([to_row(r) for r in val_rows], pre),
                                              batch_size=tc.batch_size * 2, num_workers=workers, collate_fn=collate_eval)
 
-    opt = create_optimizer_v2(net, opt=cfg.optim.name, lr=e.lr or cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    lr = e.lr or cfg.optim.lr
+    norms: list[nn.Module] = []
+    if e.freeze or e.layer_decay is not None:  # partial fine-tuning: per-group rates, frozen early groups
+        from .finetune import frozen_norms, partial_param_groups
+
+        groups = partial_param_groups(net, backbone, e.arch, lr=lr, weight_decay=cfg.optim.weight_decay,
+                                      freeze=e.freeze, layer_decay=e.layer_decay)
+        opt = create_optimizer_v2(groups, opt=cfg.optim.name, lr=lr, weight_decay=cfg.optim.weight_decay)
+        norms = frozen_norms(backbone)
+    else:
+        opt = create_optimizer_v2(net, opt=cfg.optim.name, lr=lr, weight_decay=cfg.optim.weight_decay)
     net, opt, loader = accelerator.prepare(net, opt, loader)  # moves the stem too: it is part of net
     scorer = nn.Sequential(stem, ema.module)  # what validation scores: the stem, then the EMA weights
     steps_per_epoch = math.ceil(len(loader) / tc.grad_accum)
@@ -385,6 +401,8 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     lw = cfg.loss
     for epoch in range(progress["epoch"], tc.epochs):
         net.train()
+        for m in norms:  # frozen stages keep their running statistics too
+            m.eval()
         skip = progress["batches_done"]
         it = skip_first_batches(loader, skip) if skip else loader
         # Accelerate's loader calls sampler.set_epoch(its own iteration count) when iteration starts, and a
