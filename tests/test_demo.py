@@ -9,6 +9,7 @@ import pytest
 
 from inference import Detector
 from inference.manifest import read_manifest
+from inference.pretrained import SOURCES, package_file
 
 from .conftest import ROOT, SHARED_DEV, dfx
 
@@ -34,6 +35,10 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert "ROC curve" in html and "Cluster map" in html and html.count("<figure>") >= 4
     folds = read_manifest(out / "data" / "folds.csv")
     assert {r["fold"] for r in folds.rows} == {"0", "1"}
+    if package_file(SOURCES["efficientnet_lite0"]) is not None:  # the demo's patch expert says where
+        assert [e.family for e in det.spec.experts] == ["probe", "patch"]
+        assert "$ dfx explain" in r.stdout and len(list((out / "explain").glob("*.heatmap.png"))) == 4
+        assert "Where: heatmaps of held-out edits" in html and html.count("true mask (white = edited)") == 4
 
 
 def test_default_weights_verify():

