@@ -186,3 +186,33 @@ def test_probe_backbone_batch_norm_never_moves():
         net(torch.randn(4, 3, 64, 64) * 3 + 1)
     assert all(torch.equal(before[k], v) for k, v in net.backbone.state_dict().items())
     assert not any(p.requires_grad for p in net.backbone.parameters())
+
+
+def test_fine_tuning_a_package_backbone_starts_small_and_keeps_frozen_stages(tiny_dataset, tmp_path):
+    """A timm expert fine-tuned from pkg:efficientnet_lite0 with freeze: 3: its fresh 2-class head starts near
+    chance (timm's EfficientNet classifier init would start at a cross-entropy near 3, wrecking the pretrained
+    weights in the first steps), and the frozen stem and first two blocks come out bit-identical, batch-norm
+    running statistics included, while deeper blocks move."""
+    _need("efficientnet_lite0")
+    import csv
+
+    import yaml
+    from safetensors.torch import load_file
+
+    cfg = {"seed": 1, "output": str(tmp_path / "run"), "data": {"manifest": [str(tiny_dataset)], "workers": 0},
+           "experts": [{"arch": "tf_efficientnet_lite0", "pretrained": "pkg:efficientnet_lite0", "input_size": 64,
+                        "val_fold": 0, "freeze": 3, "layer_decay": 0.8}],
+           "loss": {"nce": 0.0}, "optim": {"lr": 0.001, "warmup_steps": 1},
+           "train": {"epochs": 1, "batch_size": 8, "ema_decay": 0.5, "checkpoint_every_steps": 0}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    r = dfx("train", str(tmp_path / "cfg.yaml"), env={"DFX_CACHE": str(tmp_path / "cache")}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "run" / "logs" / "metrics.csv", newline="") as f:
+        first_ce = next(float(row["value"]) for row in csv.DictReader(f) if row["key"].endswith("/ce"))
+    assert first_ce < 1.0, f"first-step cross-entropy {first_ce}: the fresh head starts far from chance"
+    trained = load_file(str(tmp_path / "run" / "experts" / "tf_efficientnet_lite0-f0" / "final" / "ema.safetensors"))
+    ref = pretrained_state("pkg:efficientnet_lite0", "tf_efficientnet_lite0")
+    frozen = [k for k in ref if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    assert any("running_var" in k for k in frozen)
+    assert all(torch.equal(trained[k], ref[k]) for k in frozen if "num_batches_tracked" not in k)
+    assert not torch.equal(trained["blocks.5.0.conv_pw.weight"], ref["blocks.5.0.conv_pw.weight"])

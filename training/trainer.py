@@ -233,12 +233,18 @@ def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any], in
     try:
         state = pretrained_state(e.pretrained, e.arch)
         if state is None:  # a hub name: timm fetches it (needs a hub)
-            return timm.create_model(e.pretrained, pretrained=True, num_classes=2, **kwargs)
-        # ImageNet backbone from a package, file or folder; the 2-class head stays freshly initialised.
-        return load_pretrained(timm.create_model(e.arch, pretrained=False, num_classes=2, **kwargs), e.pretrained,
-                               e.arch, state=state)
+            model = timm.create_model(e.pretrained, pretrained=True, num_classes=2, **kwargs)
+        else:  # ImageNet backbone from a package, file or folder
+            model = load_pretrained(timm.create_model(e.arch, pretrained=False, num_classes=2, **kwargs),
+                                    e.pretrained, e.arch, state=state)
     except PretrainedError as exc:
         raise ConfigError(f"experts: pretrained '{e.pretrained}': {exc}") from exc
+    # A fresh 2-class head with PyTorch's default (fan-in) init. Some timm families initialise classifiers for
+    # training from scratch (EfficientNet: uniform in ±1/sqrt(classes), ±0.7 for two): on pretrained features
+    # that starts at logits in the tens and a cross-entropy near 3, whose gradients wreck the backbone's
+    # pretrained weights in the first steps.
+    model.reset_classifier(2)
+    return model
 
 
 @torch.no_grad()
