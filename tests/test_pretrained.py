@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,15 @@ def test_package_weights_recognise_real_photos(name, mean, std, tmp_path):
     assert len(cached) == 1  # converted once; the second read comes from the cache
     again = pretrained_state(f"pkg:{name}", arch)
     assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+    # a reinstall of the same wheel (a new file time) reuses the conversion instead of caching another copy
+    path = package_file(SOURCES[name])
+    st = path.stat()
+    try:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        pretrained_state(f"pkg:{name}", arch)
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert list((tmp_path / "cache" / "pretrained").glob(f"{name}-*.safetensors")) == cached
 
 
 def test_a_wrong_shape_is_refused_naming_the_tensor(tmp_path):
