@@ -277,6 +277,14 @@ def test_two_processes_train_once_and_match_one_process(tiny_dataset, tmp_path):
     nce = _torchrun(write_config(tmp_path / "nce.yaml", tiny_dataset, tmp_path / "nce", train__epochs=1,
                                  train__checkpoint_every_steps=0))
     assert nce.returncode == 0, (nce.stdout + nce.stderr)[-3000:]
+    # A patch expert on EfficientNet (whose features_only model keeps the blocks after the cut: no gradient
+    # reaches them, which DDP refused) with frozen early groups trains in two processes too.
+    patch = _torchrun(write_config(tmp_path / "patch.yaml", tiny_dataset, tmp_path / "patch", train__epochs=1,
+                                   train__checkpoint_every_steps=0, loss={"ce": 1.0, "kl": 0.5, "nce": 0.0},
+                                   experts=[{"arch": "tf_efficientnet_lite0", "family": "patch", "stages": [3],
+                                             "input_size": 64, "val_fold": 0, "freeze": 2}]))
+    assert patch.returncode == 0, (patch.stdout + patch.stderr)[-3000:]
+    assert "cannot reach the outputs" in patch.stderr
 
 
 def test_patch_training_refuses_a_manifest_whose_masks_are_missing(tiny_dataset, tmp_path):

@@ -66,6 +66,27 @@ class TrainNet(nn.Module):
         return logits, self.proj(pooled) if self.proj is not None else pooled, patches
 
 
+def freeze_unreachable(net: nn.Module, size: int) -> list[str]:
+    """Freeze (``requires_grad = False``) the parameters the outputs do not depend on, and return their names.
+
+    A ``features_only`` EfficientNet keeps every block, also those after a patch expert's cut: they get no
+    gradient, which one process ignores but DDP refuses ("parameters that were not used in producing loss"),
+    so every multi-process run of such an expert failed. Found with one dry pass in eval mode (running
+    statistics untouched); the file still holds them, unchanged, as the bundle format says."""
+    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    was_training = net.training
+    net.eval()
+    with torch.enable_grad():
+        outs = [o for o in net(torch.zeros(1, 3, size, size)) if o is not None]
+        grads = torch.autograd.grad(sum(o.float().sum() for o in outs), [p for _, p in params], allow_unused=True)
+    net.train(was_training)
+    frozen = [n for (n, p), g in zip(params, grads) if g is None]
+    for n, p in params:
+        if n in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
 def make_stem(e: ExpertConfig) -> nn.Module:
     """The expert's fixed residual stem (no parameters), or ``nn.Identity`` for a plain timm expert."""
     if e.family != "residual":
@@ -350,6 +371,10 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
         feat_dim = expert_forward(backbone.eval(), torch.zeros(1, 3, size, size))[1].shape[1]
     stem = make_stem(e)
     net = TrainNet(backbone, ProjectionHead(feat_dim, cfg.loss.proj_dim) if cfg.loss.nce else None, stem).train()
+    unreachable = freeze_unreachable(net, size)
+    if unreachable:
+        log.info("[%s] %d parameter tensors cannot reach the outputs (e.g. %s): frozen", expert_name(e),
+                 len(unreachable), unreachable[0])
     # Warm-up: the decay ramps up over the first steps ((1+t)/(10+t)), so a short run's EMA is not stuck
     # near the random initialisation.
     ema = ModelEmaV3(backbone, decay=cfg.train.ema_decay, use_warmup=True)
