@@ -94,6 +94,8 @@ def run(data: Path, out: Path, args: argparse.Namespace) -> None:
                 w.writerows(man)
             expert = {"arch": "tf_efficientnet_lite0", "pretrained": args.pretrained, "input_size": args.size,
                       "preprocess": "crop", "freeze": args.freeze, "lr": args.lr}
+            if args.patch_stage is not None:  # a patch expert: every patch labelled with its image's label
+                expert.update(family="patch", stages=[args.patch_stage])
             if args.layer_decay:
                 expert["layer_decay"] = args.layer_decay
             cfg = {"output": str(work / "run"), "seed": 0,
@@ -125,7 +127,8 @@ def run(data: Path, out: Path, args: argparse.Namespace) -> None:
     aucs = [v["auc"] for v in results.values()]
     tprs = [v["tpr_at_fpr_5pct"] for v in results.values()]
     summary = {"mean_auc": float(np.mean(aucs)), "mean_tpr_at_fpr_5pct": float(np.mean(tprs)),
-               "settings": {k: getattr(args, k) for k in ("epochs", "size", "freeze", "layer_decay", "lr", "batch_size")}}
+               "settings": {k: getattr(args, k) for k in ("epochs", "size", "freeze", "layer_decay", "lr", "batch_size",
+                                                           "patch_stage")}}
     (out / "results.json").write_text(json.dumps({"families": results, **summary}, indent=1))
     lines = ["| held-out family | fakes | reals | AUC (TPR at 5 % FPR) |", "| --- | --- | --- | --- |"]
     lines += [f"| {k} | {v['n_fake']} | {v['n_real']} | {v['auc']:.3f} ({v['tpr_at_fpr_5pct']:.2f}) |"
@@ -153,6 +156,7 @@ def main() -> int:
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--workers", type=int, default=None)
     r.add_argument("--only", default="", help="comma-separated family names (default: all 13)")
+    r.add_argument("--patch-stage", type=int, default=None, help="train patch experts cut after this stage instead")
     a = ap.parse_args()
     if a.cmd == "prepare":
         prepare(a.out, a.protocol)
