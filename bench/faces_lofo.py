@@ -38,7 +38,7 @@ def main() -> int:
 
     from inference.faces import Face, face_crop
     from inference.images import load_image
-    from probe_eval import FAMILIES, family_of, real_folds, rows_of, stage_columns
+    from probe_eval import FAMILIES, family_of, held_out, real_folds, rows_of, stage_columns
     from training.metrics import binary_metrics
     from training.probe import ProbeSpec, build_probe, extract, fit_head
 
@@ -87,9 +87,8 @@ def main() -> int:
     folds = real_folds(rows)
     fams = [family_of(r) for r in rows]
     table, means = [], {"whole": [], "whole (+faces in training)": [], "faces rule": []}
-    for i, (fam, sources) in enumerate(FAMILIES.items()):
-        test = np.asarray([(f == fam) or (r["label"] == 0 and (folds[j] == i % 5 or r["source"] in sources))
-                           for j, (r, f) in enumerate(zip(rows, fams))])
+    for i, fam in enumerate(FAMILIES):
+        test = held_out(y, [r["source"] for r in rows], fams, folds, i, fam)
         train = ~test
         whole_x = np.concatenate([fa[train[oa]], fb[train[ob]]])
         whole_y = np.concatenate([y[oa[train[oa]]], y[ob[train[ob]]]])

@@ -36,7 +36,7 @@ def prepare(out: Path, protocol: str) -> None:
 
     from inference.images import load_image
     from inference.preprocess import resize_for
-    from probe_eval import FAMILIES, family_of, real_folds, rows_of
+    from probe_eval import family_of, real_folds, rows_of
 
     rows = rows_of(["dev", "more"])
     folds = real_folds(rows)
@@ -64,7 +64,6 @@ def prepare(out: Path, protocol: str) -> None:
         w = csv.DictWriter(f, fieldnames=list(kept[0]))
         w.writeheader()
         w.writerows(kept)
-    (out / "families.json").write_text(json.dumps({k: sorted(v) for k, v in FAMILIES.items()}))
     print(f"wrote {len(kept)} images to {out}")
 
 
@@ -73,16 +72,18 @@ def run(data: Path, out: Path, args: argparse.Namespace) -> None:
 
     from training.metrics import binary_metrics
 
+    from probe_eval import FAMILIES, held_out
+
     with open(data / "all.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    families = json.loads((data / "families.json").read_text())
+    labels, sources = [int(r["label"]) for r in rows], [r["source"] for r in rows]
+    families, folds = [r["family"] or None for r in rows], [int(r["real_fold"]) for r in rows]
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for i, (fam, sources) in enumerate(families.items()):
+    for i, fam in enumerate(FAMILIES):
         if args.only and fam not in args.only.split(","):
             continue
-        test = [r["family"] == fam or (r["label"] == "0" and (int(r["real_fold"]) == i % 5 or r["source"] in sources))
-                for r in rows]
+        test = held_out(labels, sources, families, folds, i, fam)
         work = out / fam
         if not (work / "run" / "oof.csv").is_file():
             work.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,14 @@ def real_folds(rows: list[dict], k: int = 5) -> np.ndarray:
     return np.asarray([fold_of[r["source"]] if r["label"] == 0 else -1 for r in rows])
 
 
+def held_out(labels, sources, families, folds, index: int, fam: str) -> np.ndarray:
+    """The test set when family number ``index`` (name ``fam``) is left out: its fakes, the reals of real fold
+    ``index % 5``, and every real from a repository that also supplied that family's fakes (so a fake's own
+    original is never on the training side). One definition for every leave-one-family-out bench."""
+    return np.asarray([f == fam or (lab == 0 and (fold == index % 5 or src in FAMILIES[fam]))
+                       for lab, src, f, fold in zip(labels, sources, families, folds)])
+
+
 def lofo(rows, folds, train_sets, test_sets, n, C):
     """Per family: AUC and TPR@5%FPR on the test images, plus out-of-family predictions for every image."""
     from training.metrics import binary_metrics
@@ -144,9 +152,7 @@ def lofo(rows, folds, train_sets, test_sets, n, C):
     names = list(FAMILIES)
     per_family, oof_sum, oof_n = {}, np.zeros(n), np.zeros(n)
     for i, fam in enumerate(names):
-        fake_src = FAMILIES[fam]
-        test = np.asarray([(f == fam) or (r["label"] == 0 and (folds[j] == i % 5 or r["source"] in fake_src))
-                           for j, (r, f) in enumerate(zip(rows, fams))])
+        test = held_out(y, [r["source"] for r in rows], fams, folds, i, fam)
         if not any(f == fam for f in fams):
             continue
         train_img = ~test
@@ -181,8 +187,6 @@ def dev_to_more(rows, train_sets, test_sets, n, C, baseline: str | None) -> dict
     head = fit_head(feats[mask], y[owners[mask]], C=C)
     scores = {f"probe {p}": head.image_probs(tf, to, n) for p, (tf, to) in test_sets.items()}
     if baseline:
-        from PIL import Image
-
         from inference import Detector
 
         det = Detector(baseline, device="cpu")

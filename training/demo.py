@@ -240,13 +240,14 @@ def write_report(out: Path, d: Demo) -> Path:
         from inference.manifest import read_manifest
 
         edits = read_manifest(out / "test" / "edits" / "manifest.csv")
-        masks = {str(edits.abspath(r)): edits.abspath({"path": r["mask"]}) for r in edits.rows if r.get("mask")}
+        by_path = {str(edits.abspath(r)): r for r in edits.rows}
         with open(out / "explain" / "explain.csv", newline="") as fh:
             for r in csv.DictReader(fh):
-                if r["status"] != "ok":
+                edit = by_path.get(str(Path(r["path"]).resolve()))
+                if r["status"] != "ok" or edit is None:
                     continue
-                op = Path(r["path"]).name.rsplit("_", 2)[0]
-                mask = masks.get(str(Path(r["path"]).resolve()))
+                op = edit["op"]
+                mask = edits.abspath({"path": edit["mask"]}) if edit.get("mask") else None
                 where += (f'<figure>{_img_tag(out / "explain" / r["heatmap"], "heatmap of a held-out " + op)}'
                           + (_img_tag(mask, "the edit's true mask") if mask else "")
                           + f"<figcaption>{html.escape(op)} · score {float(r['score']):.3f}<br>heatmap, then the "

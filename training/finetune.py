@@ -20,21 +20,32 @@ import torch
 from torch import nn
 
 
+def _meta_model(arch: str) -> Any:
+    """The full ``arch`` model on the meta device (no memory, no weights): its layer-group matcher and names."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(arch, pretrained=False)
+
+
+def _coarse_groups(named: list[tuple[str, Any]], full: Any) -> dict[int, list[str]]:
+    """timm's coarse layer groups of these (name, value) pairs, by ``full``'s matcher."""
+    from timm.models._manipulate import group_with_matcher
+
+    return group_with_matcher(iter(named), full.group_matcher(coarse=True))
+
+
 def layer_groups(expert: nn.Module, arch: str) -> list[list[tuple[str, nn.Parameter]]]:
     """The expert's backbone parameters in timm's coarse layer groups, from the input to the output (the
     classifier of a plain timm model is left out: it is head)."""
-    import timm
-    from timm.models._manipulate import group_with_matcher
-
-    with torch.device("meta"):
-        full = timm.create_model(arch, pretrained=False)
+    full = _meta_model(arch)
     body = expert.backbone if isinstance(getattr(expert, "backbone", None), nn.Module) else expert
     prefix = "backbone." if body is not expert else ""
     classifier = full.pretrained_cfg.get("classifier") or ()
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     named = [(n, p) for n, p in body.named_parameters()
              if not (body is expert and any(n == c or n.startswith(c + ".") for c in classifier))]
-    grouped = group_with_matcher(iter(named), full.group_matcher(coarse=True))
+    grouped = _coarse_groups(named, full)
     by_name = dict(named)
     return [[(prefix + n, by_name[n]) for n in grouped[k]] for k in sorted(grouped)]
 
@@ -50,13 +61,8 @@ def check_partial(arch: str, family: str, freeze: int, layer_decay: float | None
         return f"{where}.layer_decay: a factor in (0, 1], got {layer_decay}"
     if freeze < 0:
         return f"{where}.freeze: a number of layer groups >= 0, got {freeze}"
-    import timm
-
-    with torch.device("meta"):
-        model: Any = timm.create_model(arch, pretrained=False)
-    from timm.models._manipulate import group_with_matcher
-
-    n = len(group_with_matcher(model.named_parameters(), model.group_matcher(coarse=True)))
+    full = _meta_model(arch)
+    n = len(_coarse_groups(list(full.named_parameters()), full))
     if freeze >= n:  # the last group holds the classifier or the deepest stage: something must train
         return f"{where}.freeze: {arch} has {n} layer groups (stem first); freeze at most {n - 1}, got {freeze}"
     return None
@@ -93,6 +99,5 @@ def partial_param_groups(net: nn.Module, expert: nn.Module, arch: str, *, lr: fl
 def frozen_norms(expert: nn.Module) -> list[nn.Module]:
     """Batch-norm layers whose parameters are all frozen: they must also keep their running statistics (put
     back in eval mode after every ``train()``), or a frozen stage would still drift with small batches."""
-    return [m for m in expert.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and any(True for _ in m.parameters(recurse=False))
-            and not any(p.requires_grad for p in m.parameters(recurse=False))]
+    norms = [m for m in expert.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    return [m for m in norms if not (m.weight.requires_grad or m.bias.requires_grad)]

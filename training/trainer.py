@@ -80,10 +80,11 @@ def freeze_unreachable(net: nn.Module, size: int) -> list[str]:
         outs = [o for o in net(torch.zeros(1, 3, size, size)) if o is not None]
         grads = torch.autograd.grad(sum(o.float().sum() for o in outs), [p for _, p in params], allow_unused=True)
     net.train(was_training)
-    frozen = [n for (n, p), g in zip(params, grads) if g is None]
-    for n, p in params:
-        if n in frozen:
+    frozen = []
+    for (n, p), g in zip(params, grads):
+        if g is None:
             p.requires_grad_(False)
+            frozen.append(n)
     return frozen
 
 
