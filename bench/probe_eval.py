@@ -60,6 +60,9 @@ FAMILIES: dict[str, set[str]] = {
     "inpainting": {"geekyutao/Inpaint-Anything"},
 }
 STAGE_SETS = {"s3": (3,), "s1-3": (1, 2, 3), "s1-4": (1, 2, 3, 4), "s0-4": (0, 1, 2, 3, 4)}
+#: CLIP ViT-B/16 (pkg:clip_vit_b16): block i's class token (0..11) and 12, the L2-normalised image embedding.
+CLIP_STAGE_SETS = {"embed": (12,), "b11+embed": (11, 12), "b8-12": (8, 9, 10, 11, 12), "b4-12": tuple(range(4, 13)),
+                   "b0-12": tuple(range(13)), "b4-8": (4, 5, 6, 7, 8)}
 
 
 def rows_of(names: list[str]) -> list[dict]:
@@ -99,6 +102,25 @@ def features(rows: list[dict], spec, out: Path, protocol: str) -> tuple[np.ndarr
           f"{len(bad)} unreadable", file=sys.stderr)
     np.savez(cache, feats=feats, owners=owners)
     return feats, owners
+
+
+def stage_widths(net, size: int) -> list[int]:
+    """The width of each stage's pooled vector, in the net's stage order."""
+    import torch
+
+    with torch.inference_mode():
+        vectors = net.stage_vectors(torch.zeros(1, 3, size, size))
+    return [vectors[s].shape[1] for s in net.stages]
+
+
+def columns(widths: list[int], stages_all: tuple[int, ...], keep: tuple[int, ...]) -> np.ndarray:
+    """Columns of the pooled vector (one block of ``widths[i]`` per extracted stage) for the stages ``keep``."""
+    cols, start = [], 0
+    for s, w in zip(stages_all, widths):
+        if s in keep:
+            cols += list(range(start, start + w))
+        start += w
+    return np.asarray(cols)
 
 
 def stage_columns(channels: list[int], stages_all: tuple[int, ...], keep: tuple[int, ...]) -> np.ndarray:
@@ -221,7 +243,14 @@ def main() -> int:
     ap.add_argument("--out", default="runs/probe")
     ap.add_argument("--collections", default="dev,more")
     ap.add_argument("--C", default="0.01,0.05,0.2")
+    ap.add_argument("--pretrained", default="pkg:efficientnet_lite0",
+                    help="the frozen backbone: pkg:efficientnet_lite0 (stage sets s3..s0-4) or pkg:clip_vit_b16 "
+                         "(stage sets embed, b11+embed, ...: class tokens of blocks, 12 = the image embedding)")
+    ap.add_argument("--preprocess", default="tiles", choices=("tiles", "crop"),
+                    help="tiles: --crops native-resolution 224-px crops per image; crop: short side to 224, centre crop")
+    ap.add_argument("--crops", type=int, default=4)
     ap.add_argument("--export", default=None, help="write the bundle trained on everything here")
+    ap.add_argument("--export-name", default="default", help="the exported bundle's name")
     ap.add_argument("--export-stages", default="s1-4")
     ap.add_argument("--export-C", type=float, default=0.05)
     ap.add_argument("--export-train", default="A+B", choices=("A", "A+B"))
@@ -240,8 +269,14 @@ def main() -> int:
     rows = rows_of(names)
     n = len(rows)
     y = np.asarray([r["label"] for r in rows])
-    extract_spec = ProbeSpec(stages=(0, 1, 2, 3, 4))
-    channels = build_probe(extract_spec).backbone.feature_info.channels()
+    from inference.pretrained import source_of
+
+    source = source_of(args.pretrained)
+    stage_sets = CLIP_STAGE_SETS if source.converter == "clip_onnx" else STAGE_SETS
+    all_stages = tuple(sorted({s for keep in stage_sets.values() for s in keep}))
+    extract_spec = ProbeSpec(arch=source.arch, pretrained=args.pretrained, stages=all_stages,
+                             preprocess=args.preprocess, crops=args.crops)
+    widths = stage_widths(build_probe(extract_spec), extract_spec.input_size)
     fa, oa = features(rows, extract_spec, out, "A")
     fb, ob = features(rows, extract_spec, out, "B")
     folds = real_folds(rows)
@@ -253,8 +288,8 @@ def main() -> int:
     results = {"n_images": n, "collections": names, "families": {f: sorted(s) for f, s in FAMILIES.items()},
                "format_only_auc": fmt_auc, "conditions": {}}
     best = None
-    for sname, keep in STAGE_SETS.items():
-        cols = stage_columns(channels, extract_spec.stages, keep)
+    for sname, keep in stage_sets.items():
+        cols = columns(widths, extract_spec.stages, keep)
         for train_name in ("A", "A+B"):
             if train_name == "A":
                 train_sets = (fa[:, cols], oa)
@@ -273,8 +308,8 @@ def main() -> int:
                 if sname == args.export_stages and train_name == args.export_train and C == args.export_C:
                     best = (key, oof)
     if "dev" in names and "more" in names:
-        keep = STAGE_SETS[args.export_stages]
-        cols = stage_columns(channels, extract_spec.stages, keep)
+        keep = stage_sets[args.export_stages]
+        cols = columns(widths, extract_spec.stages, keep)
         train_sets = ((np.concatenate([fa[:, cols], fb[:, cols]]), np.concatenate([oa, ob])) if args.export_train == "A+B"
                       else (fa[:, cols], oa))
         results["dev_to_more"] = dev_to_more(rows, train_sets, {"A": (fa[:, cols], oa), "B": (fb[:, cols], ob)}, n,
@@ -290,10 +325,12 @@ def main() -> int:
         if best is None:
             raise SystemExit("--export-stages/--export-train/--export-C name no evaluated condition")
         key, oof = best
-        keep = STAGE_SETS[args.export_stages]
-        spec = ProbeSpec(stages=keep, name=f"probe-lite0-{args.export_stages}")
+        keep = stage_sets[args.export_stages]
+        tag = "clip" if source.converter == "clip_onnx" else "lite0"
+        spec = ProbeSpec(arch=source.arch, pretrained=args.pretrained, stages=keep, preprocess=args.preprocess,
+                         crops=args.crops, name=f"probe-{tag}-{args.export_stages}")
         net = build_probe(spec)
-        cols = stage_columns(channels, extract_spec.stages, keep)
+        cols = columns(widths, extract_spec.stages, keep)
         feats = np.concatenate([fa[:, cols], fb[:, cols]]) if args.export_train == "A+B" else fa[:, cols]
         owners = np.concatenate([oa, ob]) if args.export_train == "A+B" else oa
         head = fit_head(feats, y[owners], C=args.export_C)
@@ -309,7 +346,7 @@ def main() -> int:
                 "that never saw its family (fakes) or its source repo's fold (reals)")
         export_probe(args.export, spec, net, head, threshold=float(decision["threshold"]),
                      band=(float(decision["uncertain_band"][0]), float(decision["uncertain_band"][1])), rule=rule,
-                     provenance=prov, name="default", overwrite=True)
+                     provenance=prov, name=args.export_name, overwrite=True)
         print(f"wrote {args.export} ({key}); threshold {decision['threshold']:.4f}", file=sys.stderr)
     return 0
 

@@ -22,7 +22,8 @@ Layout (``weights/<name>/``)::
 
 Format 1.1 adds ``tiles`` preprocessing and the ``residual`` family (inference/residual.py) to 1.0; 1.2 adds
 the ``probe`` family (``stages``; inference/families/probe.py); 1.3 adds ``tta``; 1.4 the ``patch`` family
-(inference/families/patch.py). Older bundles read unchanged,
+(inference/families/patch.py); 1.5 probes on a Vision Transformer's blocks (CLIP) and weight files whose frozen
+linear weights are stored packed as INT8 rows and scales (inference/clip_onnx.py). Older bundles read unchanged,
 and an older reader refuses a newer bundle's new mode or family by name (a 1.2 reader would ignore ``tta``
 and score without it: scores move by a little, verdicts rarely). Bundles are written in the oldest format
 that holds them. Each family's own fields are checked by its
@@ -45,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "dfx-ensemble/1.4"
+FORMAT = "dfx-ensemble/1.5"
 SUPPORTED_MAJOR = "dfx-ensemble/1"
 MANIFEST_NAME = "ensemble.json"
 from .families import REGISTRY as _FAMILY_REGISTRY  # noqa: E402  (torch-free: parsing only)
@@ -141,8 +142,11 @@ class BundleSpec:
         return d
 
 
-def oldest_format(spec: BundleSpec) -> str:
-    """The oldest format version that holds ``spec``, so older readers keep reading what they can."""
+def oldest_format(spec: BundleSpec, packed: bool = False) -> str:
+    """The oldest format version that holds ``spec``, so older readers keep reading what they can. ``packed``:
+    some weight file holds packed INT8 tensors (1.5)."""
+    if packed or any(e.family == "probe" and _reads_tokens(e.arch) for e in spec.experts):
+        return "dfx-ensemble/1.5"
     if any(e.family == "patch" for e in spec.experts):
         return "dfx-ensemble/1.4"
     if spec.tta:
@@ -150,6 +154,16 @@ def oldest_format(spec: BundleSpec) -> str:
     if any(e.family == "probe" for e in spec.experts):
         return "dfx-ensemble/1.2"
     return "dfx-ensemble/1.1"
+
+
+def _reads_tokens(arch: str) -> bool:
+    """Whether a probe of ``arch`` reads a Vision Transformer's tokens (1.5); imports timm, so writers only."""
+    try:
+        from .probe_net import is_token_model
+
+        return is_token_model(arch)
+    except Exception:  # an unknown architecture: the writer's own checks say so
+        return False
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -349,8 +363,11 @@ def write_bundle(out_dir: str | os.PathLike[str], spec: BundleSpec,
     """
     from safetensors.torch import save_file
 
+    from .clip_onnx import is_packed
+
     out = Path(out_dir)
-    spec = BundleSpec(**{**spec.__dict__, "format": oldest_format(spec)})
+    packed = any(is_packed(sd) for sd in state_dicts.values())
+    spec = BundleSpec(**{**spec.__dict__, "format": oldest_format(spec, packed)})
     parse_spec(spec.to_json(), out / MANIFEST_NAME)  # never write a bundle that could not be read back
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: already exists (pass overwrite/--force to replace it)")
@@ -385,6 +402,19 @@ def write_bundle(out_dir: str | os.PathLike[str], spec: BundleSpec,
         raise
 
 
+def _has_packed_files(root: Path, spec: BundleSpec) -> bool:
+    """Whether any expert file holds packed INT8 tensors (reads only the files' headers)."""
+    from safetensors import safe_open
+
+    from .clip_onnx import INT8
+
+    for e in spec.experts:
+        with safe_open(str(root / e.file), framework="pt") as f:
+            if any(k.endswith(INT8) for k in f.keys()):
+                return True
+    return False
+
+
 def set_tta(bundle_dir: str | os.PathLike[str], views: tuple[str, ...]) -> BundleSpec:
     """Set (or, with ``()``, remove) a bundle's test-time views, rewriting ``ensemble.json`` atomically.
 
@@ -394,7 +424,7 @@ def set_tta(bundle_dir: str | os.PathLike[str], views: tuple[str, ...]) -> Bundl
     spec = read_spec(root)
     check_files(root, spec)
     new = BundleSpec(**{**spec.__dict__, "tta": tuple(views)})
-    new = BundleSpec(**{**new.__dict__, "format": oldest_format(new)})
+    new = BundleSpec(**{**new.__dict__, "format": oldest_format(new, _has_packed_files(root, spec))})
     manifest = root / MANIFEST_NAME
     parse_spec(new.to_json(), manifest)  # never write what could not be read back
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=root)

@@ -157,11 +157,14 @@ class Detector:
         self.precision = precision
         self.batch_size = max(1, int(batch_size))
         self.digest = bundle_digest(self.spec)
-        self.models: dict[str, torch.nn.Module] = {}
-        for e in self.spec.experts:
-            model = load_expert(e, self.bundle_dir).to(self.device)
-            model = model.to(memory_format=torch.channels_last)
-            self.models[e.name] = torch.compile(model) if compile else model
+        loaded = {e.name: load_expert(e, self.bundle_dir).to(self.device).to(memory_format=torch.channels_last)
+                  for e in self.spec.experts}
+        from .probe_net import share_backbones
+
+        #: probes on one frozen backbone (e.g. two CLIP probes) run it once per batch and hold it once in memory
+        self.shared_backbones = share_backbones(list(loaded.values()))
+        self.models: dict[str, torch.nn.Module] = {
+            name: torch.compile(model) if compile else model for name, model in loaded.items()}
         self.preprocessor = Preprocessor((e.preprocess_key for e in self.spec.experts), max_pixels=max_pixels)
         total = sum(e.weight for e in self.spec.experts)
         self._weights = {e.name: e.weight / total for e in self.spec.experts}

