@@ -2,11 +2,11 @@
 ../shared/data/dev only, then `dfx evaluate --perturb all` and `--tta` on ../shared/data/more.
 
 `weights/default` is trained on dev + more, so its own robustness table (MODEL_CARD.md) is measured on its
-training images: its AUCs there say little, its flip rates something. This bench gives the honest view: a
-probe with the default's recipe (tf_efficientnet_lite0 from pkg:efficientnet_lite0, stages 1-4, 4 tiles of
-224 px, C 0.01, trained on the files as they are and re-encoded) fitted on dev alone, its threshold and
-uncertain band copied from the default (same recipe; dev has too few images to choose one out of fold),
-scored on `more`, whose generators and photo sources dev does not have.
+training images: its AUCs there say little, its flip rates something. This bench gives the honest view: probes
+with the default's recipe (read from its provenance: each expert's backbone, stages, preprocessing and C, trained
+on the files as they are and re-encoded) fitted on dev alone, threshold and uncertain band copied from the
+default (same recipe; dev has too few images to choose one out of fold), scored on `more`, whose generators and
+photo sources dev does not have.
 
 Run by hand (not a test; about 30 minutes on 2 CPU cores):
     .venv/bin/python bench/heldout_robustness.py --out runs/heldout [--perturb all] [--tta hflip,all]
@@ -34,11 +34,26 @@ sys.path.insert(0, str(ROOT / "bench"))
 DATA = ROOT.parent / "shared" / "data"
 
 
-def train_dev_probe(out: Path, default: Path, C: float) -> Path:
+def recipe(default: Path, C: float) -> list[tuple]:
+    """The default's experts as (ProbeSpec, C): from its provenance (bench/ensemble_lofo.py writes each expert's
+    backbone, stages, preprocessing and C), else the Lite0 probe of the earlier default."""
     from inference.bundle import read_spec
+    from inference.pretrained import source_of
+    from training.probe import ProbeSpec
+
+    experts = read_spec(default).provenance.get("experts")
+    if isinstance(experts, dict) and experts:
+        return [(ProbeSpec(arch=source_of(r["pretrained"]).arch, pretrained=r["pretrained"], stages=tuple(r["stages"]),
+                           preprocess=r["preprocess"], crops=int(r.get("crops", 1)), name=name), float(r["C"]))
+                for name, r in experts.items()]
+    return [(ProbeSpec(stages=(1, 2, 3, 4), name="probe-lite0-s1-4"), C)]
+
+
+def train_dev_probe(out: Path, default: Path, C: float) -> Path:
+    from inference.bundle import BundleSpec, read_spec, write_bundle
     from inference.manifest import read_manifest
     from probe_eval import protocol_b
-    from training.probe import ProbeSpec, build_probe, export_probe, extract, fit_head
+    from training.probe import build_probe, extract, fit_head, head_state, probe_file_state
 
     bundle = out / "probe-dev"
     if (bundle / "ensemble.json").is_file():
@@ -46,16 +61,22 @@ def train_dev_probe(out: Path, default: Path, C: float) -> Path:
     man = read_manifest(DATA / "dev" / "manifest.csv")
     paths = [str(man.abspath(r)) for r in man.rows]
     y = np.asarray([int(r["label"]) for r in man.rows])
-    spec = ProbeSpec(stages=(1, 2, 3, 4), name="probe-lite0-s1-4")
-    net = build_probe(spec)
-    fa, oa, _ = extract(net, spec.expert(), paths, desc="dev as is")
-    fb, ob, _ = extract(net, spec.expert(), paths, transform=protocol_b, desc="dev re-encoded")
-    head = fit_head(np.concatenate([fa, fb]), y[np.concatenate([oa, ob])], C=C)
+    experts, states, recipes = [], {}, {}
+    for spec, c in recipe(default, C):
+        net = build_probe(spec)
+        fa, oa, _ = extract(net, spec.expert(), paths, desc=f"{spec.name}: dev as is")
+        fb, ob, _ = extract(net, spec.expert(), paths, transform=protocol_b, desc=f"{spec.name}: dev re-encoded")
+        head = fit_head(np.concatenate([fa, fb]), y[np.concatenate([oa, ob])], C=c)
+        experts.append(spec.expert())
+        states[spec.name] = probe_file_state(head_state(net, head), spec.pretrained)
+        recipes[spec.name] = {"pretrained": spec.pretrained, "stages": list(spec.stages), "C": c}
     ref = read_spec(default)
-    export_probe(bundle, spec, net, head, threshold=ref.threshold, band=ref.uncertain_band,
-                 rule=f"copied from {default.name} (same recipe, trained on dev + more)",
-                 provenance={"trained_with": "bench/heldout_robustness.py", "data": ["../shared/data/dev"], "C": C,
-                             "stages": [1, 2, 3, 4], "train_protocols": "A+B"}, name="probe-dev")
+    write_bundle(bundle, BundleSpec(name="probe-dev", experts=tuple(experts), threshold=ref.threshold,
+                                    uncertain_band=ref.uncertain_band,
+                                    threshold_rule=f"copied from {default.name} (same recipe, trained on dev + more)",
+                                    provenance={"trained_with": "bench/heldout_robustness.py",
+                                                "data": ["../shared/data/dev"], "experts": recipes,
+                                                "train_protocols": "A+B"}), states)
     return bundle
 
 

@@ -61,7 +61,8 @@ FAMILIES: dict[str, set[str]] = {
 }
 STAGE_SETS = {"s3": (3,), "s1-3": (1, 2, 3), "s1-4": (1, 2, 3, 4), "s0-4": (0, 1, 2, 3, 4)}
 #: CLIP ViT-B/16 (pkg:clip_vit_b16): block i's class token (0..11) and 12, the L2-normalised image embedding.
-CLIP_STAGE_SETS = {"embed": (12,), "b11+embed": (11, 12), "b8-12": (8, 9, 10, 11, 12), "b4-12": tuple(range(4, 13)),
+CLIP_STAGE_SETS = {"embed": (12,), "b11+embed": (11, 12), "b10-12": (10, 11, 12), "b8-12": (8, 9, 10, 11, 12),
+                   "b8-11": (8, 9, 10, 11), "b6-12": tuple(range(6, 13)), "b4-12": tuple(range(4, 13)),
                    "b0-12": tuple(range(13)), "b4-8": (4, 5, 6, 7, 8)}
 
 
@@ -172,7 +173,8 @@ def lofo(rows, folds, train_sets, test_sets, n, C):
     y = np.asarray([r["label"] for r in rows])
     fams = [family_of(r) for r in rows]
     names = list(FAMILIES)
-    per_family, oof_sum, oof_n = {}, np.zeros(n), np.zeros(n)
+    per_family = {}
+    oof_sum, oof_n = {p: np.zeros(n) for p in test_sets}, {p: np.zeros(n) for p in test_sets}
     for i, fam in enumerate(names):
         test = held_out(y, [r["source"] for r in rows], fams, folds, i, fam)
         if not any(f == fam for f in fams):
@@ -188,11 +190,10 @@ def lofo(rows, folds, train_sets, test_sets, n, C):
             m = binary_metrics(y[sel].tolist(), p[sel].tolist())
             result[proto] = {"auc": m["auc"], "tpr_at_fpr_5pct": m["tpr_at_fpr_5pct"], "n_fake": int((y[sel] == 1).sum()),
                              "n_real": int((y[sel] == 0).sum())}
-            if proto == "A":
-                oof_sum[sel] += p[sel]
-                oof_n[sel] += 1
+            oof_sum[proto][sel] += p[sel]
+            oof_n[proto][sel] += 1
         per_family[fam] = result
-    oof = np.where(oof_n > 0, oof_sum / np.maximum(oof_n, 1), np.nan)
+    oof = {p: np.where(oof_n[p] > 0, oof_sum[p] / np.maximum(oof_n[p], 1), np.nan) for p in test_sets}
     return per_family, oof
 
 
@@ -277,6 +278,9 @@ def main() -> int:
     extract_spec = ProbeSpec(arch=source.arch, pretrained=args.pretrained, stages=all_stages,
                              preprocess=args.preprocess, crops=args.crops)
     widths = stage_widths(build_probe(extract_spec), extract_spec.input_size)
+    (out / "extract.json").write_text(json.dumps({  # what bench/ensemble_lofo.py needs to read the cached features
+        "pretrained": args.pretrained, "arch": source.arch, "clip": source.converter == "clip_onnx",
+        "stages": list(extract_spec.stages), "widths": widths, "preprocess": args.preprocess, "crops": args.crops}))
     fa, oa = features(rows, extract_spec, out, "A")
     fb, ob = features(rows, extract_spec, out, "B")
     folds = real_folds(rows)
@@ -307,6 +311,7 @@ def main() -> int:
                       file=sys.stderr, flush=True)
                 if sname == args.export_stages and train_name == args.export_train and C == args.export_C:
                     best = (key, oof)
+                    write_oof(out / "oof.csv", rows, oof, key)
     if "dev" in names and "more" in names:
         keep = stage_sets[args.export_stages]
         cols = columns(widths, extract_spec.stages, keep)
@@ -325,6 +330,7 @@ def main() -> int:
         if best is None:
             raise SystemExit("--export-stages/--export-train/--export-C name no evaluated condition")
         key, oof = best
+        oof = oof["A"]
         keep = stage_sets[args.export_stages]
         tag = "clip" if source.converter == "clip_onnx" else "lite0"
         spec = ProbeSpec(arch=source.arch, pretrained=args.pretrained, stages=keep, preprocess=args.preprocess,
@@ -349,6 +355,19 @@ def main() -> int:
                      provenance=prov, name=args.export_name, overwrite=True)
         print(f"wrote {args.export} ({key}); threshold {decision['threshold']:.4f}", file=sys.stderr)
     return 0
+
+
+def write_oof(path: Path, rows: list[dict], oof: dict[str, np.ndarray], key: str) -> None:
+    """Each image's leave-one-family-out score per protocol (a head that never saw its family, or its reals'
+    fold): what bench/peers.py compares with the peer detectors."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["abspath", "label", "source", "family", "condition"] + [f"score_{p}" for p in oof])
+        for i, r in enumerate(rows):
+            w.writerow([r["abspath"], r["label"], r["source"], family_of(r) or "real", key]
+                       + [f"{oof[p][i]:.6f}" for p in oof])
 
 
 def write_markdown(results: dict, path: Path) -> None:
