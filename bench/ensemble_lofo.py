@@ -119,6 +119,29 @@ def main() -> int:
                                                  f"{r['per_family'][fam]['B']['auc']:.3f}" for r in results.values()) + " |")
     (out / "ensembles.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if all(c in args.collections.split(",") for c in ("dev", "more")):
+        is_dev = np.asarray([r["collection"] == "dev" for r in rows])
+        cross = {}
+        for name, ((tf, to, protos), C) in members.items():
+            mask = is_dev[to]
+            head = fit_head(tf[mask], y[to[mask]], C=C)
+            cross[name] = {p: head.image_probs(f, o, n) for p, (f, o) in protos.items()}
+        lines = ["", "Trained on dev only, scored on all of more (sources never seen): AUC A / B, TPR@5% A / B", "",
+                 "| ensemble | AUC A | AUC B | TPR@5% A | TPR@5% B |", "|---|---|---|---|---|"]
+        for combo in args.ensemble:
+            cells = {}
+            for proto in ("A", "B"):
+                p = np.mean([cross[m][proto] for m in combo.split("+")], axis=0)
+                sel = ~is_dev & ~np.isnan(p)
+                cells[proto] = binary_metrics(y[sel].tolist(), p[sel].tolist())
+            results[combo]["dev_to_more"] = {p: {"auc": m["auc"], "tpr_at_fpr_5pct": m["tpr_at_fpr_5pct"]}
+                                             for p, m in cells.items()}
+            lines.append(f"| {combo} | {cells['A']['auc']:.3f} | {cells['B']['auc']:.3f} | "
+                         f"{cells['A']['tpr_at_fpr_5pct']:.2f} | {cells['B']['tpr_at_fpr_5pct']:.2f} |")
+        with open(out / "ensembles.md", "a") as f:
+            f.write("\n".join(lines) + "\n")
+        (out / "ensembles.json").write_text(json.dumps({"members": args.member, "results": results}, indent=2))
+        print("\n".join(lines))
     if args.export:
         export(args, rows, y, tests, probs, members, runs, results)
     return 0

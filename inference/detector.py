@@ -150,10 +150,12 @@ class Detector:
             spec = BundleSpec(**{**spec.__dict__, "tta": parse_views(list(tta))})
         self.spec = spec
         self.device = resolve_device(device)
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got '{precision}'")
+        if precision not in ("fp32", "bf16", "fp16", "int8"):
+            raise ValueError(f"precision must be fp32, bf16, fp16 or int8, got '{precision}'")
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 needs a CUDA device; use fp32 on CPU")
+        if precision == "int8" and self.device.type != "cpu":
+            raise ValueError("int8 (dynamic quantisation of frozen ViT backbones) runs on CPUs only; use bf16 on GPUs")
         self.precision = precision
         self.batch_size = max(1, int(batch_size))
         self.digest = bundle_digest(self.spec)
@@ -163,6 +165,10 @@ class Detector:
 
         #: probes on one frozen backbone (e.g. two CLIP probes) run it once per batch and hold it once in memory
         self.shared_backbones = share_backbones(list(loaded.values()))
+        if precision == "int8":
+            from .probe_net import quantize_frozen
+
+            quantize_frozen(list(loaded.values()))
         self.models: dict[str, torch.nn.Module] = {
             name: torch.compile(model) if compile else model for name, model in loaded.items()}
         self.preprocessor = Preprocessor((e.preprocess_key for e in self.spec.experts), max_pixels=max_pixels)
@@ -193,7 +199,7 @@ class Detector:
 
     # -- scoring -----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "fp32":
+        if self.precision in ("fp32", "int8"):
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)

@@ -46,7 +46,7 @@ def test_default_weights_verify():
     r = dfx("bundle", "verify", str(DEFAULT))
     assert r.returncode == 0, r.stdout + r.stderr
     total = sum(p.stat().st_size for p in DEFAULT.glob("*.safetensors"))
-    assert total < 50e6
+    assert total < 95e6   # a CLIP ViT-B/16 stored as its INT8 rows; under hosting limits for one file (100 MB)
     card = (DEFAULT / "MODEL_CARD.md").read_text()
     for must in ("google/dreambooth", "dfx train", "leave-one", "shortcut"):
         assert must in card
