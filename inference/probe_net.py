@@ -202,6 +202,11 @@ def quantize_frozen(nets: list[nn.Module]) -> int:
         if key not in done:
             qconfig = {name: per_channel_dynamic_qconfig for name, m in net.backbone.named_modules()
                        if isinstance(m, nn.Linear) and not name.endswith(FP32_LINEARS)}
-            done[key] = quantize_dynamic(net.backbone, qconfig, dtype=torch.qint8)
+            import warnings
+
+            with warnings.catch_warnings():  # torch.ao's eager quantisation announces its move to torchao
+                warnings.simplefilter("ignore", category=UserWarning)
+                warnings.simplefilter("ignore", category=DeprecationWarning)
+                done[key] = quantize_dynamic(net.backbone, qconfig, dtype=torch.qint8)
         net.backbone = done[key]
     return len(done)
