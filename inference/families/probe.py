@@ -27,7 +27,8 @@ from typing import Any
 from . import register
 from .timm_family import no_extra_fields
 
-MAX_STAGE = 64  #: CNN feature indices are 0..5; a ViT's stages are its blocks (ViT-B: 0..12)
+MAX_STAGE = 5            #: a CNN's timm feature indices (the patch family cuts there too)
+MAX_PROBE_STAGE = 64     #: a probe on a ViT reads blocks (ViT-B: 0..11, 12 = the embedding); checked at build
 
 
 def probe_net(arch: str, stages: tuple[int, ...], model_kwargs: dict[str, Any] | None = None) -> Any:
@@ -64,9 +65,10 @@ class ProbeFamily:
         no_extra_fields(raw, where, self.name, allowed=("stages",))
         stages = raw.get("stages")
         if not isinstance(stages, list) or not stages or not all(
-                isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_STAGE for s in stages) \
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_PROBE_STAGE for s in stages) \
                 or sorted(set(stages)) != stages:
-            raise BundleError(f"{where}: a probe expert needs stages, increasing feature indices in 0..{MAX_STAGE}, "
+            raise BundleError(f"{where}: a probe expert needs stages, increasing feature indices (CNN: 0..{MAX_STAGE}; "
+                              f"ViT: blocks, up to {MAX_PROBE_STAGE}), "
                               f"got {stages!r}")
         return {"stages": tuple(stages)}
 
