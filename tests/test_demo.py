@@ -52,6 +52,7 @@ def test_default_weights_verify():
         assert must in card
 
 
+@pytest.mark.slow  # a CLIP ViT-B forward per dev image: about 3 minutes on 2 cores
 @pytest.mark.skipif(not (SHARED_DEV / "manifest.csv").is_file(), reason="../shared/data/dev is absent")
 def test_default_weights_reproduce_the_model_card_auc(tmp_path):
     card = (DEFAULT / "MODEL_CARD.md").read_text()
