@@ -39,7 +39,8 @@ class ProbeNet(nn.Module):
         self.stages = tuple(stages)
         self.tokens = is_token_model(arch)
         if self.tokens:
-            cfg_classes = timm.create_model(arch, pretrained=False, num_classes=0).pretrained_cfg.get("num_classes")
+            with torch.device("meta"):  # only its pretrained config is read: no memory, no initialisation
+                cfg_classes = timm.create_model(arch, pretrained=False).pretrained_cfg.get("num_classes")
             self.backbone = timm.create_model(arch, pretrained=False, num_classes=int(cfg_classes or 0),
                                               **(model_kwargs or {}))
             depth = len(self.backbone.blocks)
@@ -132,7 +133,7 @@ class SharedBackbone:
             return last[1]
         vectors = self.owner.stage_vectors(x, self.stages)
         self.forwards += 1
-        self._local.last = (x, vectors)
+        self._local.last = (x.clone(), vectors)  # a copy: a caller may refill the same buffer with the next batch
         return vectors
 
     def clear(self) -> None:
