@@ -15,6 +15,7 @@ Every scorer in the project (the CLI, the API, training's datasets) decodes thro
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import struct
@@ -82,6 +83,13 @@ def _open_stream(src: Source, what: str) -> tuple[BinaryIO, int | None]:
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if path.is_symlink() and not path.exists():
+            try:
+                path.resolve(strict=True)
+            except RuntimeError:  # Python 3.11 reports a loop this way; os.stat says ELOOP
+                raise ImageError("unreadable", f"{what}: symbolic link loop (the link points back to itself)") from None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ImageError("unreadable", f"{what}: symbolic link loop (the link points back to itself)") from None
             raise ImageError("unreadable", f"{what}: dangling symbolic link (its target does not exist)")
         try:
             size = path.stat().st_size
@@ -264,7 +272,7 @@ def collect_images(inputs: list[str | os.PathLike[str]], *, recursive: bool = Tr
     out: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():  # a broken or looping link is an input: it gets an error row
             raise FileNotFoundError(f"{path}: no such file or folder")
         if path.is_dir():
             walker = path.rglob("*") if recursive else path.glob("*")
@@ -276,7 +284,10 @@ def collect_images(inputs: list[str | os.PathLike[str]], *, recursive: bool = Tr
         else:
             found = [path]
         for p in found:
-            key = p.resolve()
+            try:
+                key = p.resolve()
+            except (RuntimeError, OSError):  # a symlink loop: kept, so that it gets its own error row like a dangling link
+                key = p.absolute()
             if key not in seen:
                 seen.add(key)
                 out.append(p)

@@ -172,6 +172,32 @@ def test_odd_file_names_each_give_one_row_and_nothing_is_lost(tiny_bundle, odd_n
     assert "dangling.jpg" in r.stderr and "pipe.png" in r.stderr
 
 
+def test_a_symlink_loop_is_one_error_row_and_the_run_goes_on(tiny_bundle, odd_images, tmp_path):
+    """Issue 26, item 3: a link to itself aborted predict, submit, explain and predict --faces with 'Symlink loop'
+    and no rows; now it is an error row naming the loop, and the photo beside it is scored."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "loopy.jpg").symlink_to("loopy.jpg")
+    shutil.copy(odd_images["rgb.jpg"], d / "photo.jpg")
+    for extra in ([], ["--faces"]):
+        out = tmp_path / f"out{len(extra)}.csv"
+        r = dfx("predict", str(d), "--weights", str(tiny_bundle), "-o", str(out), "--no-progress", *extra)
+        assert r.returncode == 0, r.stderr
+        with open(out, newline="", encoding="utf-8") as f:
+            rows = {Path(row["path"]).name: row for row in csv.DictReader(f)}
+        assert rows["photo.jpg"]["status"] == "ok" and rows["loopy.jpg"]["status"] == "error"
+        assert "symbolic link loop" in rows["loopy.jpg"]["error"]
+    sub = tmp_path / "sub.csv"
+    r = dfx("submit", str(d), "--weights", str(tiny_bundle), "-o", str(sub), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    with open(sub, newline="", encoding="utf-8") as f:
+        assert dict(list(csv.reader(f))[1:])["loopy.jpg"] == "0.50000000"
+    r = dfx("explain", str(d / "loopy.jpg"), str(d / "photo.jpg"), "--weights", str(tiny_bundle), "-o",
+            str(tmp_path / "ex"))
+    assert "Symlink loop" not in r.stderr and (tmp_path / "ex" / "explain.csv").is_file(), r.stderr
+    assert "photo" in (tmp_path / "ex" / "explain.csv").read_text()
+
+
 @pytest.mark.parametrize("kwargs, named", [({"checkpoint_path": "/etc/passwd"}, "checkpoint_path"),
                                             ({"dims": [1024, 2048, 4096, 8192]}, "dims"),
                                             ({"img_size": 10**6}, "img_size")])
