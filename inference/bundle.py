@@ -61,6 +61,8 @@ AGGREGATES = ("mean_prob",)
 #: else is refused: ``checkpoint_path`` would make timm load a file outside the bundle with no checksum,
 #: and sizes such as ``dims`` would allocate gigabytes before any weight is checked.
 MODEL_KWARGS = {"img_size": (int, 8, 4096)}
+TEMPERATURE_RANGE = (1e-3, 1e3)  #: calibration temperatures outside this make scores NaN or constant
+MAX_NAME = 200
 
 
 class BundleError(Exception):
@@ -185,6 +187,14 @@ def _req(obj: dict[str, Any], key: str, types: type | tuple[type, ...], where: s
     return value
 
 
+def _short_name(name: str, where: str) -> str:
+    """A bundle or expert name: printed in every answer and log line, so it must be short and printable."""
+    if not 0 < len(name) <= MAX_NAME or not name.isprintable():
+        raise BundleError(f"{where}: a name must be 1..{MAX_NAME} printable characters, got {len(name)} characters "
+                          f"starting {name[:40]!r}")
+    return name
+
+
 def _tname(types: type | tuple[type, ...]) -> str:
     ts = types if isinstance(types, tuple) else (types,)
     return " or ".join(t.__name__ for t in ts)
@@ -192,8 +202,9 @@ def _tname(types: type | tuple[type, ...]) -> str:
 
 def _triple(obj: dict[str, Any], key: str, where: str) -> tuple[float, float, float]:
     value = _req(obj, key, list, where)
-    if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise BundleError(f"{where}: field '{key}' must be a list of 3 numbers, got {value!r}")
+    if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  for v in value):
+        raise BundleError(f"{where}: field '{key}' must be a list of 3 finite numbers, got {value!r}")
     return (float(value[0]), float(value[1]), float(value[2]))
 
 
@@ -201,7 +212,7 @@ def _parse_expert(raw: Any, index: int, manifest: Path) -> ExpertSpec:
     where = f"{manifest}: experts[{index}]"
     if not isinstance(raw, dict):
         raise BundleError(f"{where}: must be an object")
-    name = _req(raw, "name", str, where)
+    name = _short_name(_req(raw, "name", str, where), where)
     where = f"{manifest}: expert '{name}'"
     family = _req(raw, "family", str, where)
     if family not in FAMILIES:
@@ -230,8 +241,11 @@ def _parse_expert(raw: Any, index: int, manifest: Path) -> ExpertSpec:
     if not isinstance(calibration, dict):
         raise BundleError(f"{where}: calibration must be an object")
     temperature = calibration.get("temperature", 1.0)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-        raise BundleError(f"{where}: calibration.temperature must be a number > 0")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
+            or not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:
+        # 1e-300 turns logits into inf - inf = NaN scores; Infinity pins the expert to 0.5 whatever it sees
+        raise BundleError(f"{where}: calibration.temperature must be a number in {TEMPERATURE_RANGE[0]:g}.."
+                          f"{TEMPERATURE_RANGE[1]:g}, got {temperature!r}")
     model_kwargs = raw.get("model_kwargs", {})
     if not isinstance(model_kwargs, dict):
         raise BundleError(f"{where}: model_kwargs must be an object")
@@ -267,6 +281,10 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
     if fmt.split(".")[0] != SUPPORTED_MAJOR:
         raise BundleError(f"{where}: unsupported bundle format '{fmt}' (this version reads "
                           f"'{SUPPORTED_MAJOR}'); upgrade deepfake-experts or re-export the bundle")
+    minor = fmt.split(".", 1)[1] if "." in fmt else "0"
+    if not minor.isdigit() or int(minor) > int(FORMAT.rsplit(".", 1)[1]):
+        raise BundleError(f"{where}: unknown bundle format '{fmt[:40]}' (this version reads up to '{FORMAT}'); "
+                          "upgrade deepfake-experts")
     raw_experts = _req(data, "experts", list, where)
     if not raw_experts:
         raise BundleError(f"{where}: 'experts' is empty; a bundle needs at least one expert")
@@ -304,7 +322,7 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
     if len(set(tta)) != len(tta):
         raise BundleError(f"{where}: tta lists a view twice: {tta}")
     return BundleSpec(
-        name=_req(data, "name", str, where), experts=experts, threshold=threshold,
+        name=_short_name(_req(data, "name", str, where), where), experts=experts, threshold=threshold,
         uncertain_band=(lo, hi), aggregate=aggregate,
         threshold_rule=str(data.get("threshold_rule", "")), provenance=provenance, format=fmt, tta=tuple(tta),
     )

@@ -99,7 +99,15 @@ def test_malformed_json_is_refused(bundle_copy):
     (lambda d: d["experts"][0].update(file="../../etc/passwd"), "must be a plain file name"),
     (lambda d: d.update(uncertain_band=[0.7, 0.9]), "uncertain_band"),
     (lambda d: d.update(experts=[]), "at least one expert"),
-    (lambda d: d["experts"][0].update(mean=[0.5, 0.5]), "list of 3 numbers"),
+    (lambda d: d["experts"][0].update(mean=[0.5, 0.5]), "list of 3 finite numbers"),
+    # issue 26, item 5: values that passed and then gave NaN scores, a pinned 0.5 or a KeyError traceback
+    (lambda d: d["experts"][0].update(mean=[float("nan"), 0.5, 0.5]), "list of 3 finite numbers"),
+    (lambda d: d["experts"][0].update(std=[float("inf"), 0.5, 0.5]), "list of 3 finite numbers"),
+    (lambda d: d["experts"][0].update(calibration={"temperature": 1e-300}), "calibration.temperature must be"),
+    (lambda d: d["experts"][0].update(calibration={"temperature": float("inf")}), "calibration.temperature must be"),
+    (lambda d: d.update(format="dfx-ensemble/1.9"), "unknown bundle format 'dfx-ensemble/1.9'"),
+    (lambda d: d.update(name="x" * 5_000_000), "a name must be 1..200 printable characters, got 5000000"),
+    (lambda d: d["experts"][0].update(name="a\x1b[31mred"), "printable"),
 ])
 def test_invalid_fields_are_named(bundle_copy, edit, message):
     _edit_json(bundle_copy, edit)
