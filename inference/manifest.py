@@ -47,24 +47,46 @@ class Manifest:
         return [int(r["label"]) for r in self.rows]
 
 
+def _first_undecodable(path: Path) -> tuple[int, bytes]:
+    """The line number and byte of the first non-UTF-8 byte (the text decoder reads ahead in blocks, so its own
+    error cannot say which line)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return number, line[exc.start:exc.start + 1]
+    return 0, b""
+
+
 def read_manifest(path: str | os.PathLike[str], *, require_labels: bool = True) -> Manifest:
     """Read and check a manifest: ``path`` present in every row, labels 0/1 when required."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: spreadsheets ("CSV UTF-8" in Excel) start the file with a byte-order mark, which would otherwise
+    # become part of the first column's name.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise ManifestError(f"{path}: no 'path' column (a manifest's columns: {', '.join(COLUMNS)})")
-        columns = list(reader.fieldnames)
-        rows = []
-        for i, row in enumerate(reader, start=2):
-            row = {k: (v if v is not None else "") for k, v in row.items() if k is not None}
-            if not row.get("path"):
-                raise ManifestError(f"{path}:{i}: empty path")
-            if require_labels and row.get("label", "") not in ("0", "1"):
-                raise ManifestError(f"{path}:{i}: label must be 0 (real) or 1 (fake), got {row.get('label')!r}")
-            rows.append(row)
+        try:
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise ManifestError(f"{path}: no 'path' column (a manifest's columns: {', '.join(COLUMNS)})")
+            columns = list(reader.fieldnames)
+            rows = []
+            for row in reader:
+                i = reader.line_num
+                row = {k: (v if v is not None else "") for k, v in row.items() if k is not None}
+                if not row.get("path"):
+                    raise ManifestError(f"{path}:{i}: empty path")
+                if require_labels and row.get("label", "") not in ("0", "1"):
+                    raise ManifestError(f"{path}:{i}: label must be 0 (real) or 1 (fake), got {row.get('label')!r}")
+                rows.append(row)
+        except UnicodeDecodeError:  # e.g. a Latin-1 export: say where, not only which byte
+            line, byte = _first_undecodable(path)
+            raise ManifestError(f"{path}:{line}: not UTF-8 text (byte {byte!r}); save it as CSV UTF-8") from None
+        except csv.Error as exc:  # a field over csv's size limit, a stray NUL, ...
+            # the row being read starts on the line after the last one read
+            raise ManifestError(f"{path}:{reader.line_num + 1}: not a readable CSV row ({exc})") from None
     missing = [c for c in COLUMNS if c not in columns]
     for r in rows:
         for c in missing:

@@ -33,3 +33,23 @@ def test_bad_manifests_name_the_problem(tmp_path, text, message):
     (tmp_path / "m.csv").write_text(text)
     with pytest.raises(ManifestError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_manifest(tmp_path / "m.csv")
+
+
+def test_manifests_as_spreadsheets_write_them(tmp_path, odd_images):
+    """Issue 26, item 6: Excel's "CSV UTF-8" (a byte-order mark) reads; a Latin-1 byte and a 10 MB field are
+    errors that name the file and the line, through the CLI too (no traceback)."""
+    from .conftest import dfx
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(odd_images["rgb.jpg"].read_bytes())
+    (tmp_path / "bom.csv").write_bytes("\ufeffpath,label\nphoto.jpg,0\n".encode("utf-8"))
+    assert read_manifest(tmp_path / "bom.csv").rows[0]["path"] == "photo.jpg"
+    (tmp_path / "latin.csv").write_bytes(b"path,label,note\nphoto.jpg,0,ok\nphoto.jpg,1,caf\xe9\n")
+    with pytest.raises(ManifestError, match=r"latin\.csv:3: not UTF-8 text"):
+        read_manifest(tmp_path / "latin.csv")
+    (tmp_path / "huge.csv").write_text("path,label,note\nphoto.jpg,0,ok\nphoto.jpg,1,\"" + "x" * 10_000_000 + "\"\n")
+    with pytest.raises(ManifestError, match=r"huge\.csv:3: not a readable CSV row"):
+        read_manifest(tmp_path / "huge.csv")
+    for name in ("latin.csv", "huge.csv"):
+        r = dfx("prepare", "merge", str(tmp_path / name), str(tmp_path / "bom.csv"), "-o", str(tmp_path / "all.csv"))
+        assert r.returncode != 0 and name in r.stderr and "Traceback" not in r.stderr, r.stderr
