@@ -43,6 +43,20 @@ class Manifest:
         p = Path(row["path"])
         return p if p.is_absolute() else self.root / p
 
+    def duplicates(self) -> int:
+        """How many rows name an image an earlier row already names (same file after resolving links)."""
+        seen: set[Path] = set()
+        dup = 0
+        for r in self.rows:
+            key = self.abspath(r)
+            try:
+                key = key.resolve()
+            except (OSError, RuntimeError):
+                pass
+            dup += key in seen
+            seen.add(key)
+        return dup
+
     def labels(self) -> list[int]:
         return [int(r["label"]) for r in self.rows]
 

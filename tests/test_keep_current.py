@@ -220,3 +220,24 @@ def test_select_on_an_empty_pool(tiny_bundle, tiny_dataset, tmp_path):
     r = dfx("select", str(tiny_dataset), "--weights", str(tiny_bundle), "--budget", "1", "-o", str(tmp_path / "o.csv"),
             "--exclude", str(tiny_dataset))
     assert r.returncode == 1 and "no unlabelled rows left" in r.stderr
+
+
+@pytest.mark.parametrize("strategy", ["entropy", "margin"])
+def test_duplicated_rows_are_said_and_select_picks_distinct_images(tiny_bundle, tiny_dataset, tmp_path, strategy):
+    """Issue 26, item 7: 8 images listed 3 times. `evaluate` says so (n stays the rows listed, as before);
+    `select --budget 5` returns 5 distinct images, not 5 rows naming 2."""
+    man = read_manifest(tiny_dataset)
+    good = [r for r in man.rows if r["path"] != "broken.png"][:8]
+    tripled = write_manifest(tmp_path / "tripled.csv", [{**r, "path": str(man.abspath(r))} for r in good * 3])
+    r = dfx("evaluate", str(tripled), "--weights", str(tiny_bundle), "--out", str(tmp_path / "ev"))
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["n"] == 24 and info["duplicate_rows"] == 16
+    assert "16 of 24 rows name an image an earlier row already names (8 distinct images)" in r.stderr
+    out = tmp_path / "to_label.csv"
+    r = dfx("select", str(tripled), "--weights", str(tiny_bundle), "--budget", "5", "--strategy", strategy,
+            "-o", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    rows = _read(out)
+    assert len(rows) == 5 and len({x["path"] for x in rows}) == 5
+    assert json.loads(r.stdout)["duplicates"] == 16 and "16 rows repeat an image" in r.stderr

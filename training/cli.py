@@ -159,7 +159,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     o = m["overall"]
     print(json.dumps({"model": m["model"], "n": o["n"], "auc": o["auc"], "ap": o["ap"],
-                      "tpr_at_fpr_5pct": o["tpr_at_fpr_5pct"], "accuracy": o["accuracy"], "errors": len(m["errors"])}))
+                      "tpr_at_fpr_5pct": o["tpr_at_fpr_5pct"], "accuracy": o["accuracy"], "errors": len(m["errors"]),
+                      **({"duplicate_rows": m["duplicate_rows"]} if m.get("duplicate_rows") else {})}))
     if "robustness" in m:
         for spec, r in m["robustness"]["perturbations"].items():
             o = r["overall"]

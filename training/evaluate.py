@@ -69,6 +69,14 @@ def evaluate(weights: str | os.PathLike[str], manifest: str | os.PathLike[str], 
     metrics["model"] = det.model_id
     metrics["tta"] = list(det.spec.tta)
     metrics["errors"] = errors
+    dup = man.duplicates()
+    metrics["duplicate_rows"] = dup
+    if dup:  # every row counts in the metrics, as listed; n then overstates the evidence
+        import logging
+
+        logging.getLogger("dfx.evaluate").warning(
+            "%s: %d of %d rows name an image an earlier row already names (%d distinct images): n and every metric "
+            "count them again", manifest, dup, len(man.rows), len(man.rows) - dup)
     save_metrics(out / "metrics.json", metrics)
     (out / "per_source.md").write_text(per_source_markdown(metrics))
     save_roc_png(out / "roc.png", {"ensemble": (y, [r["score"] for r in rows]),

@@ -148,8 +148,22 @@ def select(pool: str | os.PathLike[str], weights: str | os.PathLike[str], output
     for f in exclude:
         ex = read_manifest(f, require_labels=False)
         done |= {str(ex.abspath(r)) for r in ex.rows}
-    rows = [r for r in man.rows if str(man.abspath(r)) not in done]
-    excluded = len(man.rows) - len(rows)
+    rows, seen, duplicates = [], set(), 0
+    for r in man.rows:  # a labelling budget is spent on distinct images: a repeated row is dropped
+        key = str(man.abspath(r))
+        if key in done:
+            continue
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        rows.append(r)
+    excluded = len(man.rows) - len(rows) - duplicates
+    if duplicates:
+        import logging
+
+        logging.getLogger("dfx.select").warning("%s: %d rows repeat an image an earlier row names; each image is "
+                                                "considered once", pool, duplicates)
     if not rows:
         raise SelectError(f"{pool}: no unlabelled rows left ({len(man.rows)} rows, {excluded} excluded)")
     if not 1 <= budget <= len(rows):
@@ -202,5 +216,6 @@ def select(pool: str | os.PathLike[str], weights: str | os.PathLike[str], output
     write_manifest(out, chosen)
     remove_parts(out)
     shutil.rmtree(work, ignore_errors=True)
-    return {"pool": len(man.rows), "excluded": excluded, "selected": len(chosen), "strategy": strategy,
+    return {"pool": len(man.rows), "excluded": excluded, "duplicates": duplicates, "selected": len(chosen),
+            "strategy": strategy,
             "model": det.model_id, "output": str(out)}
