@@ -125,13 +125,8 @@ def columns(widths: list[int], stages_all: tuple[int, ...], keep: tuple[int, ...
 
 
 def stage_columns(channels: list[int], stages_all: tuple[int, ...], keep: tuple[int, ...]) -> np.ndarray:
-    """Columns of the pooled vector ([mean_s, std_s] per extracted stage, in order) for the stages ``keep``."""
-    cols, start = [], 0
-    for s, c in zip(stages_all, channels):
-        if s in keep:
-            cols += list(range(start, start + 2 * c))
-        start += 2 * c
-    return np.asarray(cols)
+    """Columns of a CNN probe's pooled vector ([mean_s, std_s] per extracted stage, in order) for the stages ``keep``."""
+    return columns([2 * c for c in channels], stages_all, keep)
 
 
 def family_of(row: dict) -> str | None:

@@ -84,9 +84,7 @@ def _open_stream(src: Source, what: str) -> tuple[BinaryIO, int | None]:
         path = Path(src)
         if path.is_symlink() and not path.exists():
             try:
-                path.resolve(strict=True)
-            except RuntimeError:  # Python 3.11 reports a loop this way; os.stat says ELOOP
-                raise ImageError("unreadable", f"{what}: symbolic link loop (the link points back to itself)") from None
+                os.stat(path)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     raise ImageError("unreadable", f"{what}: symbolic link loop (the link points back to itself)") from None

@@ -43,19 +43,16 @@ class Manifest:
         p = Path(row["path"])
         return p if p.is_absolute() else self.root / p
 
+    def image_key(self, row: dict[str, str]) -> Path:
+        """Which file a row names, links resolved: two rows with equal keys name the same image."""
+        try:
+            return self.abspath(row).resolve()
+        except (OSError, RuntimeError):  # a symlink loop: the path itself
+            return self.abspath(row).absolute()
+
     def duplicates(self) -> int:
-        """How many rows name an image an earlier row already names (same file after resolving links)."""
-        seen: set[Path] = set()
-        dup = 0
-        for r in self.rows:
-            key = self.abspath(r)
-            try:
-                key = key.resolve()
-            except (OSError, RuntimeError):
-                pass
-            dup += key in seen
-            seen.add(key)
-        return dup
+        """How many rows name an image an earlier row already names."""
+        return len(self.rows) - len({self.image_key(r) for r in self.rows})
 
     def labels(self) -> list[int]:
         return [int(r["label"]) for r in self.rows]

@@ -10,12 +10,17 @@ import torch
 from torch import nn
 
 
-def is_token_model(arch: str) -> bool:
+def _meta_model(arch: str) -> nn.Module:
+    """``arch`` built on the meta device: its class and pretrained config, no memory, no initialisation."""
+    with torch.device("meta"):
+        return timm.create_model(arch, pretrained=False)
+
+
+def is_token_model(arch: str, model: nn.Module | None = None) -> bool:
     """Whether ``arch`` is a timm Vision Transformer (a probe then reads class tokens, not feature maps)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    with torch.device("meta"):  # no memory, no initialisation: only the class matters
-        return isinstance(timm.create_model(arch, pretrained=False), VisionTransformer)
+    return isinstance(model if model is not None else _meta_model(arch), VisionTransformer)
 
 
 class ProbeNet(nn.Module):
@@ -37,10 +42,10 @@ class ProbeNet(nn.Module):
     def __init__(self, arch: str, stages: tuple[int, ...], model_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.stages = tuple(stages)
-        self.tokens = is_token_model(arch)
+        meta = _meta_model(arch)
+        self.tokens = is_token_model(arch, meta)
         if self.tokens:
-            with torch.device("meta"):  # only its pretrained config is read: no memory, no initialisation
-                cfg_classes = timm.create_model(arch, pretrained=False).pretrained_cfg.get("num_classes")
+            cfg_classes = meta.pretrained_cfg.get("num_classes")
             self.backbone = timm.create_model(arch, pretrained=False, num_classes=int(cfg_classes or 0),
                                               **(model_kwargs or {}))
             depth = len(self.backbone.blocks)

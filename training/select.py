@@ -144,13 +144,13 @@ def select(pool: str | os.PathLike[str], weights: str | os.PathLike[str], output
     if strategy not in STRATEGIES:
         raise SelectError(f"unknown strategy '{strategy}' (valid: {', '.join(STRATEGIES)})")
     man = read_manifest(pool, require_labels=False)
-    done: set[str] = set()
+    done: set[Path] = set()
     for f in exclude:
         ex = read_manifest(f, require_labels=False)
-        done |= {str(ex.abspath(r)) for r in ex.rows}
+        done |= {ex.image_key(r) for r in ex.rows}
     rows, seen, duplicates = [], set(), 0
     for r in man.rows:  # a labelling budget is spent on distinct images: a repeated row is dropped
-        key = str(man.abspath(r))
+        key = man.image_key(r)
         if key in done:
             continue
         if key in seen:
@@ -197,7 +197,7 @@ def select(pool: str | os.PathLike[str], weights: str | os.PathLike[str], output
         embed_manifest(work / "pool.csv", work / "pool.npy", backbone=spec, batch_size=batch_size, workers=workers,
                        device=device, progress=progress)
         emb = np.load(work / "pool.npy")
-        labelled_paths = sorted(p for p in done if Path(p).is_file())
+        labelled_paths = sorted(str(p) for p in done if p.is_file())
         if labelled_paths:  # k-center greedy starts from what is labelled already
             write_manifest(work / "labelled.csv", [{"path": p} for p in labelled_paths])
             embed_manifest(work / "labelled.csv", work / "labelled.npy", backbone=spec, batch_size=batch_size,
