@@ -48,16 +48,20 @@ def test_two_processes_write_the_rows_one_process_writes(tiny_bundle, folder, tm
     a, b = _rows(one), _rows(two)
     assert a[0] == b[0] and [x[0] for x in a] == [x[0] for x in b]
     for x, y in zip(a[1:], b[1:]):
-        assert x[3:] == y[3:] or x[-2] == "error"
-        if x[1]:
-            assert float(x[1]) == pytest.approx(float(y[1]), abs=1e-5)
+        assert x[-2:] == y[-2:]  # status and error
+        # score and each expert's: equal up to float noise (oneDNN picks kernels by batch size and threads)
+        for u, v in zip([x[1], *x[3:-2]], [y[1], *y[3:-2]]):
+            assert (u == v == "") or float(u) == pytest.approx(float(v), abs=1e-5)
+        assert x[2] == y[2] or abs(float(x[1]) - 0.5) < 1e-4  # label (a score at a band edge may flip)
     assert not (tmp_path / "two.csv.parts").exists()
 
     s1, s2 = tmp_path / "s1.csv", tmp_path / "s2.csv"
     assert dfx("submit", str(folder), "--weights", str(tiny_bundle), "-o", str(s1), "--no-progress").returncode == 0
     r = _two_processes("submit", str(folder), "--weights", str(tiny_bundle), "-o", str(s2), "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert s1.read_text() == s2.read_text()
+    r1, r2 = _rows(s1), _rows(s2)
+    assert r1[0] == r2[0] and [x[0] for x in r1] == [x[0] for x in r2]  # same names, same order
+    assert all(float(x[1]) == pytest.approx(float(y[1]), abs=1e-5) for x, y in zip(r1[1:], r2[1:]))
 
 
 def test_a_killed_run_resumes_without_lost_or_duplicate_rows(tiny_bundle, folder, tmp_path):
