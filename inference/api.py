@@ -23,13 +23,14 @@ import os
 import re
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .detector import Detector, Prediction
+from .detector import NON_FINITE, Detector, Prediction
 from .images import DEFAULT_MAX_PIXELS, ImageError
 
 log = logging.getLogger("dfx.api")
@@ -67,6 +68,7 @@ class ApiError(Exception):
 #: Per-request options, each ``"name": true`` in JSON or ``?name=1`` (multipart/raw bodies): score faces too;
 #: explain (a heatmap picture of where the ensemble looked).
 OPTIONS = ("faces", "explain")
+QUERY_FLAGS = {"1": True, "true": True, "0": False, "false": False}  #: ``?faces=`` values
 IMAGE_ERROR_STATUS = {"empty": (400, "empty_image"), "not_image": (422, "not_an_image"),
                       "unsupported_format": (422, "not_an_image"), "corrupt": (422, "corrupt_image"),
                       "too_large": (413, "image_too_large"), "unreadable": (422, "corrupt_image")}
@@ -228,9 +230,10 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(Exception)
     def _internal(exc: Exception) -> Response:
-        log.exception("internal error on %s %s", request.method, request.path)
-        return _error(500, "internal_error", f"the model failed on this request ({type(exc).__name__}); "
-                                             "the error is logged and the service keeps running")
+        incident = uuid.uuid4().hex[:12]  # names the log entry, never the exception: internals stay in the log
+        log.exception("internal error on %s %s (incident %s)", request.method, request.path, incident)
+        return _error(500, "internal_error", f"the model failed on this request; the error is logged as incident "
+                                             f"{incident} and the service keeps running")
 
     def _score(det: Detector, payloads: list[tuple[bytes, str]], faces: bool = False,
                explain: bool = False) -> list[Prediction | ApiError]:
@@ -273,16 +276,29 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
                 at += n
             scored = iter(combined)
             results = [r if r is not None else next(scored) for r in results]
+            results = [ApiError(500, *NON_FINITE) if isinstance(r, Prediction) and not r.finite else r
+                       for r in results]
         return results
 
     def _explain_fields(det: Detector, img: Any, whole: Any, whole_pred: Prediction, pred: Prediction,
                         data: bytes) -> dict[str, Any]:
         """``heatmap`` (a PNG data URL: the image tinted by the ensemble's map, colour bar, score, label; face
         boxes when faces were scored) and ``explained_by`` (the experts with maps), or ``explain_unavailable``."""
-        from .explain import data_url, explain_prepared, original_size, overlay, png_bytes
+        from .explain import explain_prepared
 
-        with model.forward_lock:
-            expl = explain_prepared(det, img.size, whole, whole_pred)
+        try:
+            with model.forward_lock:
+                expl = explain_prepared(det, img.size, whole, whole_pred)
+            return _heatmap_fields(det, expl, img, pred, data)
+        except Exception:  # the score stands; one image's map never fails its batch (issue 26, item 2)
+            incident = uuid.uuid4().hex[:12]
+            log.exception("drawing the heatmap failed (incident %s)", incident)
+            return {"explain_unavailable": f"the heatmap of this image could not be drawn; the error is logged "
+                                           f"as incident {incident}"}
+
+    def _heatmap_fields(det: Detector, expl: Any, img: Any, pred: Prediction, data: bytes) -> dict[str, Any]:
+        from .explain import data_url, original_size, overlay, png_bytes
+
         if expl.ensemble is None:
             return {"explain_unavailable": expl.unavailable}
         expl.prediction = pred
@@ -296,12 +312,18 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
         return {"heatmap": data_url(png_bytes(picture)), "explained_by": sorted(expl.maps)}
 
     def _wants(flag: str, body: Any = None) -> bool:
-        """``"<flag>": true`` in a JSON body, or ``?<flag>=1`` for multipart and raw image bodies."""
+        """``"<flag>": true`` in a JSON body, or ``?<flag>=1`` / ``true`` (``0`` / ``false`` off) in the query
+        string. Anything else is a 400 in both places: a typo must not silently turn an option off."""
         if isinstance(body, dict) and flag in body:
             if not isinstance(body[flag], bool):
                 raise ApiError(400, "bad_field", f"'{flag}' must be true or false")
             return body[flag]
-        return request.args.get(flag, "").lower() in ("1", "true", "yes")
+        value = request.args.get(flag)
+        if value is None:
+            return False
+        if value.lower() not in QUERY_FLAGS:
+            raise ApiError(400, "bad_field", f"?{flag}= must be 1, 0, true or false")
+        return QUERY_FLAGS[value.lower()]
 
     def _json_body() -> Any:
         """The body as JSON, or None when it is not JSON; nesting deep enough to exhaust the parser's

@@ -63,6 +63,10 @@ AGGREGATES = ("mean_prob",)
 MODEL_KWARGS = {"img_size": (int, 8, 4096)}
 TEMPERATURE_RANGE = (1e-3, 1e3)  #: calibration temperatures outside this make scores NaN or constant
 MAX_NAME = 200
+#: Input pixels one image may cost the experts, summed over experts, crops and test-time views: 2048² (e.g.
+#: four 1024² crops, or a 224² CLIP probe 80 times over). Each field has its own range, but their product
+#: is the work: 64 crops of 4096² passed every field check and took 20.7 GB for one 512² photo.
+MAX_IMAGE_WORK = 2048 * 2048
 
 
 class BundleError(Exception):
@@ -321,11 +325,31 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
         raise BundleError(f"{where}: unknown TTA view '{bad[0]}' (this version knows {', '.join(VIEWS)})")
     if len(set(tta)) != len(tta):
         raise BundleError(f"{where}: tta lists a view twice: {tta}")
-    return BundleSpec(
+    spec = BundleSpec(
         name=_short_name(_req(data, "name", str, where), where), experts=experts, threshold=threshold,
         uncertain_band=(lo, hi), aggregate=aggregate,
         threshold_rule=str(data.get("threshold_rule", "")), provenance=provenance, format=fmt, tta=tuple(tta),
     )
+    check_work(spec, where)
+    return spec
+
+
+def image_work(spec: BundleSpec) -> dict[str, int]:
+    """Input pixels each expert reads per image: crops × input_size² × (1 + test-time views)."""
+    return {e.name: e.crops * e.input_size ** 2 * (1 + len(spec.tta)) for e in spec.experts}
+
+
+def check_work(spec: BundleSpec, where: str) -> None:
+    """Refuse a bundle whose experts would read more than :data:`MAX_IMAGE_WORK` input pixels per image, naming
+    what each expert costs, before any weight is read or any image decoded."""
+    work = image_work(spec)
+    if sum(work.values()) > MAX_IMAGE_WORK:
+        parts = ", ".join(f"'{name}' {px / 1e6:.1f} MP" for name, px in work.items())
+        views = f" × {1 + len(spec.tta)} test-time views" if spec.tta else ""
+        raise BundleError(f"{where}: the experts would read {sum(work.values()) / 1e6:.1f} MP of input per image "
+                          f"(crops × input_size²{views}: {parts}); the limit is {MAX_IMAGE_WORK / 1e6:.1f} MP "
+                          f"({math.isqrt(MAX_IMAGE_WORK)}²) per image. Use fewer crops, a smaller input_size or "
+                          "fewer test-time views")
 
 
 def read_spec(bundle_dir: str | os.PathLike[str]) -> BundleSpec:

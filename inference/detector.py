@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
-from .bundle import BundleSpec, bundle_digest, check_files, read_spec
+from .bundle import BundleSpec, bundle_digest, check_files, check_work, image_work, read_spec
 from .experts import fake_probs, load_expert
 from .images import DEFAULT_MAX_PIXELS, ImageError, Source
 from .preprocess import PreprocessKey, Preprocessor
@@ -48,6 +49,17 @@ class Prediction:
     whole_score: float | None = None
     #: with the API's ``explain`` only: ``heatmap`` (PNG data URL) and ``explained_by``, or ``explain_unavailable``
     explain: dict[str, Any] | None = None
+
+    @property
+    def finite(self) -> bool:
+        """False when the ensemble gave NaN or infinity (label ``invalid``): never a verdict, callers report an
+        error (:data:`NON_FINITE`) instead."""
+        return math.isfinite(self.score)
+
+
+#: The error an image gets when the model gave it no finite score (weights or activations that overflow).
+NON_FINITE = ("non_finite_score", "the model gave no finite score for this image (its weights or activations "
+                                  "overflow); it is not a verdict")
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,7 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 MAX_FACES = 16  #: faces scored per image at most (the most confident ones)
+MAX_BATCH_WORK = 4 * 2048 * 2048  #: input pixels per forward at most (four images at the bundle limit)
 
 
 def prepare_faces(pre: Preprocessor, finder: Any, src: Source | Image.Image,
@@ -148,6 +161,7 @@ class Detector:
             from .tta import parse_views
 
             spec = BundleSpec(**{**spec.__dict__, "tta": parse_views(list(tta))})
+            check_work(spec, f"{self.bundle_dir} with --tta {','.join(spec.tta) or 'none'}")
         self.spec = spec
         self.device = resolve_device(device)
         if precision not in ("fp32", "bf16", "fp16", "int8"):
@@ -157,7 +171,13 @@ class Detector:
         if precision == "int8" and self.device.type != "cpu":
             raise ValueError("int8 (dynamic quantisation of frozen ViT backbones) runs on CPUs only; use bf16 on GPUs")
         self.precision = precision
-        self.batch_size = max(1, int(batch_size))
+        #: images per forward: as asked, but never more input pixels than MAX_BATCH_WORK in one forward, so an
+        #: expensive (yet allowed) bundle scores in smaller batches instead of running out of memory
+        per_image = sum(image_work(self.spec).values())
+        self.batch_size = max(1, min(int(batch_size), MAX_BATCH_WORK // per_image))
+        if self.batch_size < int(batch_size):
+            log.info("batch size %d instead of %d: this bundle reads %.1f MP per image", self.batch_size,
+                     int(batch_size), per_image / 1e6)
         self.digest = bundle_digest(self.spec)
         loaded = {e.name: load_expert(e, self.bundle_dir).to(self.device).to(memory_format=torch.channels_last)
                   for e in self.spec.experts}
@@ -192,6 +212,8 @@ class Detector:
         return d
 
     def label_for(self, score: float) -> str:
+        if not math.isfinite(score):
+            return "invalid"
         lo, hi = self.spec.uncertain_band
         if lo < score < hi:
             return "uncertain"
@@ -221,7 +243,7 @@ class Detector:
         """Run every batch shape a server will see once (on CUDA: powers of two up to ``max_batch``), so the
         first requests do not pay for kernel selection. Call it in the thread that will score: PyTorch keeps
         cuDNN's execution plans per thread (bench/cuda_thread_warmup.py measures it)."""
-        sizes = {self._padded_size(b) for b in range(1, (max_batch or self.batch_size) + 1)}
+        sizes = {self._padded_size(b) for b in range(1, min(max_batch or self.batch_size, self.batch_size) + 1)}
         for size in sorted(sizes):
             item = {}
             for e in self.spec.experts:
@@ -271,7 +293,8 @@ class Detector:
         whole = preds[0]
         scored = [{**face.to_json(), "score": fp.score, "label": fp.label, "experts": fp.experts}
                   for face, fp in zip(faces, preds[1:])]
-        score = max([whole.score] + [f["score"] for f in scored])
+        scores = [whole.score] + [f["score"] for f in scored]
+        score = max(scores) if all(math.isfinite(v) for v in scores) else math.nan  # max() would skip a NaN
         return Prediction(score=score, label=self.label_for(score), experts=whole.experts, faces=scored,
                           whole_score=whole.score)
 
@@ -346,37 +369,40 @@ class Detector:
                 score = self.score_with_faces if faces is not None else self.score_prepared
                 scored = dict(zip((i for i, _ in good), score([p for _, p in good])))  # type: ignore[arg-type]
                 for i, _, err, code in batch:
-                    yield ItemResult(paths[i], scored.get(i), err, code)
+                    pred = scored.get(i)
+                    if pred is not None and not pred.finite:
+                        pred, (code, err) = None, NON_FINITE
+                    yield ItemResult(paths[i], pred, err, code)
                 bar.update(len(batch))
 
 
-def _file_name(value: Any) -> Any:
-    return Path(value).name if isinstance(value, str) and value else value
+def _looks_like_path(text: str) -> bool:
+    """One token holding a folder separator (``runs/m.csv``, ``../shared/data/dev``, ``C:\\data``): a path. Text
+    with spaces (a sentence naming a script) and URLs are not."""
+    return ("/" in text or "\\" in text) and "://" not in text and not any(c.isspace() for c in text)
+
+
+def _strip_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_paths(v) for v in value]
+    if isinstance(value, str) and _looks_like_path(value):
+        return PureWindowsPath(value).name if "\\" in value else Path(value).name
+    return value
 
 
 def public_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
     """A bundle's provenance as the API publishes it: where it was trained (``run_dir``, the run's output
-    folder) is dropped and every manifest or pretrained-weight path is cut to its file name, so the
-    exporter's file system is not shown to the world. Hashes and metrics stay."""
-    import copy
-
-    out = copy.deepcopy(provenance)
+    folder) is dropped and every value that is a path (manifests, data folders, replay and init-from
+    bundles, pretrained weights), absolute or relative, is cut to its last part, so the exporter's file
+    system is not shown to the world. Hashes, metrics and ``pkg:`` names stay."""
+    out = dict(provenance)
     out.pop("run_dir", None)
-    for m in out.get("manifests", []) or []:
-        if isinstance(m, dict) and "path" in m:
-            m["path"] = _file_name(m["path"])
     config = out.get("config")
     if isinstance(config, dict):
-        config.pop("output", None)
-        data = config.get("data")
-        if isinstance(data, dict) and "manifest" in data:
-            manifests = data["manifest"]
-            data["manifest"] = [_file_name(m) for m in manifests] if isinstance(manifests, list) else _file_name(manifests)
-        for e in config.get("experts", []) or []:
-            if isinstance(e, dict) and e.get("pretrained"):
-                e["pretrained"] = _file_name(e["pretrained"]) if not str(e["pretrained"]).startswith("pkg:") \
-                    else e["pretrained"]
-    return out
+        out["config"] = {k: v for k, v in config.items() if k != "output"}
+    return _strip_paths(out)
 
 
 def default_workers() -> int:

@@ -100,7 +100,9 @@ def _paint(shape: tuple[int, int], scale: float, boxes: Sequence[Box], values: S
     total = np.zeros(shape, dtype=np.float32)
     count = np.zeros(shape, dtype=np.float32)
     for (x0, y0, x1, y1), grid in zip(boxes, values):
-        l, t = int(round(x0 / scale)), int(round(y0 / scale))
+        # Every box covers at least one canvas pixel inside the canvas, however thin the image or the box (a
+        # 64000×1 image's last crops start at its right edge once scaled down).
+        l, t = min(shape[1] - 1, int(round(x0 / scale))), min(shape[0] - 1, int(round(y0 / scale)))
         r, b = min(shape[1], max(l + 1, int(round(x1 / scale)))), min(shape[0], max(t + 1, int(round(y1 / scale))))
         patch = Image.fromarray(np.asarray(grid, dtype=np.float32), mode="F").resize((r - l, b - t), Image.BILINEAR)
         total[t:b, l:r] += np.asarray(patch)

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from .predict_cli import add_detector_options, csv_path, display_name, write_atomic, write_csv
 from .weights import resolve_weights
+
+log = logging.getLogger("dfx.explain")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,11 +51,9 @@ def out_names(paths: list[Path]) -> list[str]:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    import numpy as np
     from tqdm import tqdm
 
-    from .detector import Detector, prepare_faces
-    from .explain import map16, original_size, overlay, png_bytes
+    from .detector import Detector
     from .images import ImageError, collect_images
 
     paths = collect_images(args.paths)
@@ -70,36 +72,15 @@ def _explain(args: argparse.Namespace) -> int:
     unavailable = None
     for path, name in tqdm(list(zip(paths, out_names(paths))), desc="explaining", disable=args.no_progress):
         try:
-            expl = det.explain([path])[0]
+            row, note = _explain_one(det, finder, path, name, out, args.max_side)
         except ImageError as exc:
-            rows.append([csv_path(path), "error", "", "", "", "", "", "", exc.message])
-            continue
-        unavailable = unavailable or expl.unavailable
-        pred, boxes, faces = expl.prediction, [], ""
-        size = original_size(path) or expl.image_size
-        if finder is not None:
-            # The whole image is already scored (expl.prediction): only the face crops go through the model.
-            items, found = prepare_faces(det.preprocessor, finder, path, name=str(path))
-            fp = det.combine_faces(found, [expl.prediction, *det.score_prepared(items[1:])])
-            sx = expl.image_size[0] / size[0]
-            boxes = [([v * sx for v in f["box"]], f["score"]) for f in fp.faces or []]
-            pred, faces = fp, str(len(fp.faces or []))
-        label = det.label_for(pred.score)
-        expl.prediction = pred
-        picture = overlay(None, expl, label=label, threshold=det.spec.threshold, max_side=args.max_side,
-                          boxes=boxes)
-        heat, raw = out / f"{name}.heatmap.png", out / f"{name}.map.png"
-        write_atomic(heat, png_bytes(picture))
-        area = ""
-        if expl.ensemble is not None:
-            m = expl.ensemble
-            known = np.isfinite(m)
-            area = f"{float((m[known] >= det.spec.threshold).mean()):.4f}" if known.any() else ""
-            buf = io.BytesIO()
-            map16(expl.map_at(size)).save(buf, format="PNG", compress_level=1)
-            write_atomic(raw, buf.getvalue())
-        rows.append([csv_path(path), "ok", f"{pred.score:.6f}", label, area, faces, display_name(heat.name),
-                     display_name(raw.name) if expl.ensemble is not None else "", ""])
+            row, note = [csv_path(path), "error", "", "", "", "", "", "", exc.message], None
+        except Exception as exc:  # one image's failure is its row, never the run's (issue 26, item 2)
+            log.exception("explaining %s failed", display_name(str(path)))
+            row, note = [csv_path(path), "error", "", "", "", "", "", "",
+                         f"explaining this image failed ({type(exc).__name__}: {exc})"], None
+        rows.append(row)
+        unavailable = unavailable or note
     header = ["path", "status", "score", "label", "fake_area", "faces", "heatmap", "map", "error"]
     buf = io.StringIO()
     write_csv(buf, [header] + rows)
@@ -110,3 +91,41 @@ def _explain(args: argparse.Namespace) -> int:
     if unavailable:
         print(f"note: {unavailable}", file=sys.stderr)
     return 0
+
+
+def _explain_one(det: Any, finder: Any, path: Path, name: str, out: Path,
+                 max_side: int) -> tuple[list[str], str | None]:
+    """One image's pictures and its explain.csv row, and the bundle's no-map note if it has one."""
+    import numpy as np
+
+    from .detector import NON_FINITE, prepare_faces
+    from .explain import map16, original_size, overlay, png_bytes
+
+    expl = det.explain([path])[0]
+    pred, boxes, faces = expl.prediction, [], ""
+    size = original_size(path) or expl.image_size
+    if finder is not None:
+        # The whole image is already scored (expl.prediction): only the face crops go through the model.
+        items, found = prepare_faces(det.preprocessor, finder, path, name=str(path))
+        fp = det.combine_faces(found, [expl.prediction, *det.score_prepared(items[1:])])
+        sx = expl.image_size[0] / size[0]
+        boxes = [([v * sx for v in f["box"]], f["score"]) for f in fp.faces or []]
+        pred, faces = fp, str(len(fp.faces or []))
+    if not pred.finite:
+        return [csv_path(path), "error", "", "", "", "", "", "", NON_FINITE[1]], None
+    label = det.label_for(pred.score)
+    expl.prediction = pred
+    picture = overlay(None, expl, label=label, threshold=det.spec.threshold, max_side=max_side,
+                      boxes=boxes)
+    heat, raw = out / f"{name}.heatmap.png", out / f"{name}.map.png"
+    write_atomic(heat, png_bytes(picture))
+    area = ""
+    if expl.ensemble is not None:
+        m = expl.ensemble
+        known = np.isfinite(m)
+        area = f"{float((m[known] >= det.spec.threshold).mean()):.4f}" if known.any() else ""
+        buf = io.BytesIO()
+        map16(expl.map_at(size)).save(buf, format="PNG", compress_level=1)
+        write_atomic(raw, buf.getvalue())
+    return [csv_path(path), "ok", f"{pred.score:.6f}", label, area, faces, display_name(heat.name),
+            display_name(raw.name) if expl.ensemble is not None else "", ""], expl.unavailable

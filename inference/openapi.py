@@ -34,9 +34,9 @@ def openapi_spec(config: Any) -> dict[str, Any]:
                 "operationId": "predict",
                 "summary": "Score one image",
                 "parameters": [{"name": "faces", "in": "query", "required": False, "schema": {"type": "boolean"},
-                                "description": "also score each face (for multipart and raw image bodies)"},
+                                "description": "also score each face (for multipart and raw image bodies): 1, 0, true or false; any other value is a 400"},
                                {"name": "explain", "in": "query", "required": False, "schema": {"type": "boolean"},
-                                "description": "also answer a heatmap (for multipart and raw image bodies)"}],
+                                "description": "also answer a heatmap (for multipart and raw image bodies): 1, 0, true or false; any other value is a 400"}],
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": {"type": "object", "required": ["image"],
                                                     "properties": {"image": b64, "faces": faces,

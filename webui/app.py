@@ -67,9 +67,19 @@ MAX_EXPERTS = 64
 LABELS = ("fake", "real", "uncertain")
 
 
-def _mb(n: float) -> str:
+def _mb(n: float, digits: int = 1) -> str:
     """A size people read: KB below one MB."""
-    return f"{n / 1024 / 1024:.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KB"
+    return f"{n / 1024 / 1024:.{digits}f} MB" if n >= 1024 * 1024 else f"{n / 1024:.{max(0, digits - 1)}f} KB"
+
+
+def _over(n: int, limit: int) -> tuple[str, str]:
+    """A size over the limit and the limit, written so that they differ: a 10.04 MB file was "10.0 MB" against
+    a "10.0 MB" limit. More digits until they do, then bytes."""
+    for digits in (1, 2, 3):
+        size, most = _mb(n, digits), _mb(limit, digits)
+        if size != most:
+            return size, most
+    return f"{n:,} bytes", f"{limit:,} bytes"
 
 
 class ApiClient:
@@ -251,7 +261,8 @@ def check_upload(data: bytes, cfg: WebConfig) -> tuple[int, int] | None:
     if not data:
         raise UserError(400, "empty_file", "The file is empty.")
     if len(data) > cfg.max_upload_bytes:
-        raise UserError(413, "file_too_large", f"The file is {_mb(len(data))}; the limit is {_mb(cfg.max_upload_bytes)}.")
+        size, limit = _over(len(data), cfg.max_upload_bytes)
+        raise UserError(413, "file_too_large", f"The file is {size}; the limit is {limit}.")
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
@@ -365,7 +376,10 @@ def create_app(config: WebConfig | dict[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_: Exception) -> Response:
-        return fail(UserError(413, "file_too_large", f"The upload is over the limit of {_mb(cfg.max_upload_bytes)}."))
+        # Refused from its Content-Length before a byte is read: the upload's size is that, envelope included.
+        sent = request.content_length
+        said = f"The upload is {_over(sent, cfg.max_upload_bytes)[0]}; " if sent else "The upload is over the limit: "
+        return fail(UserError(413, "file_too_large", f"{said}the limit is {_mb(cfg.max_upload_bytes)}."))
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
