@@ -74,7 +74,7 @@ def _key(path: str) -> str:
 
 def with_folds(manifest: Path, work: Path, folds: int, k: int = 20) -> Path:
     from data_prep.cluster import cluster_manifest
-    from data_prep.embed import embed_manifest
+    from inference.embed import embed_manifest
 
     feats = work / f"{manifest.parent.name}.npy"
     if not feats.exists():

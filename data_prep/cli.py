@@ -212,7 +212,7 @@ def _tiny_sd(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from .embed import embed_manifest
+    from inference.embed import embed_manifest
 
     s = embed_manifest(args.manifest, args.output, backbone=args.backbone, batch_size=args.batch_size,
                        workers=args.workers, device=args.device)

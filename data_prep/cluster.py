@@ -262,8 +262,6 @@ def balance_report(fold: np.ndarray, labels: np.ndarray, folds: int) -> dict[str
 def save_cluster_map(path: Path, feats: np.ndarray, assign: np.ndarray, fold: np.ndarray, labels: np.ndarray,
                      seed: int = 0, max_points: int = 20000) -> None:
     """A 2-D PCA projection of (a sample of) the normalised features, coloured by cluster, fold and label."""
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,11 +284,9 @@ def save_cluster_map(path: Path, feats: np.ndarray, assign: np.ndarray, fold: np
             ax.legend(*sc.legend_elements(), loc="best", fontsize=7)
     fig.suptitle(f"{n} images, PCA of L2-normalised embeddings" + (f" (sample of {len(idx)})" if len(idx) < n else ""))
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from inference.files import save_figure
+
+    save_figure(fig, path)
 
 
 def cluster_manifest(manifest: str | os.PathLike[str], features: str | os.PathLike[str], out: str | os.PathLike[str],
@@ -349,7 +345,7 @@ def cluster_manifest(manifest: str | os.PathLike[str], features: str | os.PathLi
                      for c in range(k)],
         "balance": balance_report(fold_keep, labels.astype(float), folds),
     }
-    from inference.predict_cli import write_atomic
+    from inference.files import write_atomic
 
     write_atomic(out.with_suffix(".report.json"), json.dumps(report, indent=2) + "\n")
     if make_map:

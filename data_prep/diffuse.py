@@ -170,7 +170,7 @@ def diffuse(model: str, mode: str, out_dir: str | os.PathLike[str], *, reals_man
     summary = {"planned": len(items), "made": made, "already_done": len(items) - len(pending), "skipped": skipped,
                "manifest": str(manifest)}
     if state.is_main_process:
-        from inference.predict_cli import write_atomic
+        from inference.files import write_atomic
 
         write_atomic(store.root / "skipped.json", json.dumps(skipped, indent=2))
     return summary

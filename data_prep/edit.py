@@ -206,7 +206,7 @@ def edit(reals_manifest: str, out_dir: str | os.PathLike[str], *, ops: list[str]
             loaded.clear()
     bar.close()
     manifest = store.assemble()
-    from inference.predict_cli import write_atomic
+    from inference.files import write_atomic
 
     write_atomic(store.root / "skipped.json", json.dumps(skipped, indent=2))
     return {"planned": total, "made": made, "already_done": already, "skipped": skipped, "manifest": str(manifest)}

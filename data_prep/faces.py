@@ -26,7 +26,7 @@ def prepare_faces(manifest: str | os.PathLike[str], out_dir: str | os.PathLike[s
     """Write ``out_dir/images/*.png``, ``out_dir/manifest.csv``, ``no_faces.csv`` and ``skipped.json``."""
     from tqdm import tqdm
 
-    from inference.predict_cli import write_atomic
+    from inference.files import write_atomic
 
     man = read_manifest(manifest, require_labels=False)
     out = Path(out_dir)

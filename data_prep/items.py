@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from inference.manifest import write_manifest
-from inference.predict_cli import write_atomic
+from inference.files import atomic_path, write_atomic
 
 
 def item_id(prefix: str, parent: str, k: int) -> str:
@@ -55,17 +54,11 @@ class ItemStore:
         return bool(path) and (self.root / path).is_file()
 
     def _save_image(self, img: Image.Image, path: Path, lossless: bool = False) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=path.suffix) as tmp:
             if path.suffix == ".jpg" and not lossless:
                 img.convert("RGB").save(tmp, "JPEG", quality=self.jpeg_quality)
             else:
                 img.save(tmp, "PNG")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def save(self, ident: str, image: Image.Image, row: dict[str, Any], mask: np.ndarray | Image.Image | None = None,
              image_format: str | None = None) -> None:

@@ -147,7 +147,7 @@ def _load_or_train(root: Path, kind: str, trained: bool, sample: list[np.ndarray
     """The decoder saved by an earlier run (so a resumed job uses the very same one), else a new one."""
     from safetensors.torch import load_file, save_file
 
-    from inference.predict_cli import write_atomic
+    from inference.files import write_atomic
 
     name = kind if trained else f"{kind}-random"
     wfile, ifile = root / f"{name}.safetensors", root / f"{name}.json"
@@ -174,7 +174,7 @@ def simulate(reals_manifest: str, out_dir: str | os.PathLike[str], *, decoders: 
     ``<out_dir>/manifest.csv`` with ``kind=simulated``, ``source=simulated:<decoder>``, ``parent``."""
     from tqdm import tqdm
 
-    from inference.predict_cli import write_atomic
+    from inference.files import write_atomic
 
     kinds = parse_decoders(decoders)
     reals = read_manifest(reals_manifest, require_labels=False)

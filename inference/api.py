@@ -19,12 +19,11 @@ import binascii
 import hmac
 import io
 import logging
-import os
 import re
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
@@ -433,19 +432,3 @@ def create_app(config: ApiConfig | dict[str, Any] | None = None) -> Flask:
         return jsonify(openapi_spec(config))
 
     return app
-
-
-def config_from_env(**overrides: Any) -> ApiConfig:
-    """An ApiConfig from ``DFX_*`` environment variables (used by gunicorn's app factory)."""
-    env = os.environ
-    cfg = ApiConfig(
-        weights=env.get("DFX_WEIGHTS") or None,
-        device=env.get("DFX_DEVICE", "auto"),
-        batch_size=int(env.get("DFX_BATCH_SIZE", 32)),
-        max_body_bytes=int(float(env.get("DFX_MAX_BODY_MB", 20)) * 1024 * 1024),
-        max_pixels=int(env.get("DFX_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
-        max_batch=int(env.get("DFX_MAX_BATCH", 32)),
-        api_key=env.get("DFX_API_KEY") or None,
-        batch_wait_ms=float(env["DFX_BATCH_WAIT_MS"]) if env.get("DFX_BATCH_WAIT_MS") else None,
-    )
-    return ApiConfig(**{**asdict(cfg), **{k: v for k, v in overrides.items() if v is not None}})

@@ -20,7 +20,7 @@ Layout (``weights/<name>/``)::
      "tta": ["hflip"],     # optional: test-time views added to the image as it is (inference/tta.py)
      "threshold_rule": "how the threshold was chosen", "provenance": {...}}
 
-Format 1.1 adds ``tiles`` preprocessing and the ``residual`` family (inference/residual.py) to 1.0; 1.2 adds
+Format 1.1 adds ``tiles`` preprocessing and the ``residual`` family (inference/families/residual_stem.py) to 1.0; 1.2 adds
 the ``probe`` family (``stages``; inference/families/probe.py); 1.3 adds ``tta``; 1.4 the ``patch`` family
 (inference/families/patch.py); 1.5 probes on a Vision Transformer's blocks (CLIP) and weight files whose frozen
 linear weights are stored packed as INT8 rows and scales (inference/clip_onnx.py). Older bundles read unchanged,
@@ -49,11 +49,10 @@ from typing import Any
 FORMAT = "dfx-ensemble/1.5"
 SUPPORTED_MAJOR = "dfx-ensemble/1"
 MANIFEST_NAME = "ensemble.json"
-from .families import REGISTRY as _FAMILY_REGISTRY  # noqa: E402  (torch-free: parsing only)
+from .errors import BundleError  # noqa: E402,F401  (raised here; importable from here as before)
+from .families import REGISTRY as FAMILIES  # noqa: E402  (torch-free: parsing only; a live view of the registry)
 from .families import get as family_of  # noqa: E402
-from .families.residual import STEMS  # noqa: E402
 
-FAMILIES = tuple(_FAMILY_REGISTRY)
 PREPROCESS_MODES = ("squash", "crop", "tiles")
 MAX_CROPS = 64
 AGGREGATES = ("mean_prob",)
@@ -67,10 +66,6 @@ MAX_NAME = 200
 #: four 1024² crops, or a 224² CLIP probe 80 times over). Each field has its own range, but their product
 #: is the work: 64 crops of 4096² passed every field check and took 20.7 GB for one 512² photo.
 MAX_IMAGE_WORK = 2048 * 2048
-
-
-class BundleError(Exception):
-    """A bundle that cannot be used; the message names the file and says why."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +96,9 @@ class ExpertSpec:
     def preprocess_key(self) -> tuple[int, str, tuple[float, ...], tuple[float, ...]]:
         """Experts with equal keys share one preprocessed tensor per image. The mode part is
         ``tiles:<crops>`` for tiled experts (see inference.preprocess.parse_mode)."""
-        mode = f"tiles:{self.crops}" if self.preprocess == "tiles" else self.preprocess
-        return (self.input_size, mode, tuple(self.mean), tuple(self.std))
+        from .preprocess import mode_key
+
+        return (self.input_size, mode_key(self.preprocess, self.crops), tuple(self.mean), tuple(self.std))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -149,27 +145,12 @@ class BundleSpec:
 
 
 def oldest_format(spec: BundleSpec, packed: bool = False) -> str:
-    """The oldest format version that holds ``spec``, so older readers keep reading what they can. ``packed``:
-    some weight file holds packed INT8 tensors (1.5)."""
-    if packed or any(e.family == "probe" and _reads_tokens(e.arch) for e in spec.experts):
-        return "dfx-ensemble/1.5"
-    if any(e.family == "patch" for e in spec.experts):
-        return "dfx-ensemble/1.4"
-    if spec.tta:
-        return "dfx-ensemble/1.3"
-    if any(e.family == "probe" for e in spec.experts):
-        return "dfx-ensemble/1.2"
-    return "dfx-ensemble/1.1"
-
-
-def _reads_tokens(arch: str) -> bool:
-    """Whether a probe of ``arch`` reads a Vision Transformer's tokens (1.5); imports timm, so writers only."""
-    try:
-        from .probe_net import is_token_model
-
-        return is_token_model(arch)
-    except Exception:  # an unknown architecture: the writer's own checks say so
-        return False
+    """The oldest format version that holds ``spec``, so older readers keep reading what they can: the newest that
+    any expert's family needs (inference/families/), 1.3 for ``tta``, 1.5 when some weight file holds packed INT8
+    tensors (``packed``); at least 1.1."""
+    minor = max([1, 3 if spec.tta else 1, 5 if packed else 1]
+                + [family_of(e.family).format_minor(e) for e in spec.experts])
+    return f"{SUPPORTED_MAJOR}.{minor}"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -469,13 +450,7 @@ def set_tta(bundle_dir: str | os.PathLike[str], views: tuple[str, ...]) -> Bundl
     new = BundleSpec(**{**new.__dict__, "format": oldest_format(new, _has_packed_files(root, spec))})
     manifest = root / MANIFEST_NAME
     parse_spec(new.to_json(), manifest)  # never write what could not be read back
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(new.to_json(), indent=2) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, manifest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .files import write_atomic
+
+    write_atomic(manifest, json.dumps(new.to_json(), indent=2) + "\n")
     return new

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .bundle import PREPROCESS_MODES, STEMS, BundleError, bundle_digest, check_files, read_spec
+from .bundle import PREPROCESS_MODES, BundleError, bundle_digest, check_files, family_of, read_spec
+from .families.residual import STEMS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +100,7 @@ def _info(args: argparse.Namespace) -> int:
     for e in spec.experts:
         path = root / e.file
         mb = f"{path.stat().st_size / 1e6:.1f}" if path.is_file() else "missing"
-        arch = f"{e.stem}+{e.arch}" if e.stem else f"{e.arch}/patch{e.stages[0]}" if e.family == "patch" else e.arch
+        arch = family_of(e.family).describe(e)
         mode = f"tiles{e.crops}" if e.preprocess == "tiles" else e.preprocess
         print(f"  {e.name:<24} {arch:<28} {e.input_size:>5} {mode:<7} {e.weight:>6.3g} "
               f"{e.temperature:>5.3g} {mb:>7}")

@@ -58,16 +58,7 @@ def init_bundle(
                           crops=crops if preprocess == "tiles" else 1,
                           stages=(int(patch),) if patch is not None else None)
         torch.manual_seed(seed + i)
-        model = create_expert(spec)
-        if pretrained and patch is not None:
-            from .pretrained import load_probe_backbone
-
-            load_probe_backbone(model, pretrained, arch)
-        elif pretrained:
-            from .pretrained import load_pretrained
-
-            load_pretrained(model, pretrained, arch)
-        states[ename] = model.state_dict()
+        states[ename] = create_expert(spec, pretrained).state_dict()
         experts.append(spec)
     bundle = BundleSpec(
         name=name or Path(out).name,

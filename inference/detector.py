@@ -5,7 +5,7 @@ each expert's logits divided by its calibration temperature first. The label is 
 strictly inside the bundle's uncertain band, else ``fake`` at or above the threshold, else ``real``.
 A ``tiles`` expert scores each image's grid of native-resolution crops as one batch and averages the
 crops' probabilities first (inference.experts.fake_probs); a ``residual`` expert applies its fixed stem
-inside its model (inference.residual).
+inside its model (inference.families.residual_stem).
 
 Performance follows ARCHITECTURE.md: weights are loaded once with EMA already baked in (nothing is
 swapped per call); images are decoded at reduced JPEG scale and resized before normalising, once
@@ -181,12 +181,12 @@ class Detector:
         self.digest = bundle_digest(self.spec)
         loaded = {e.name: load_expert(e, self.bundle_dir).to(self.device).to(memory_format=torch.channels_last)
                   for e in self.spec.experts}
-        from .probe_net import share_backbones
+        from .families.probe_net import share_backbones
 
         #: probes on one frozen backbone (e.g. two CLIP probes) run it once per batch and hold it once in memory
         self.shared_backbones = share_backbones(list(loaded.values()))
         if precision == "int8":
-            from .probe_net import quantize_frozen
+            from .families.probe_net import quantize_frozen
 
             quantize_frozen(list(loaded.values()))
         self.models: dict[str, torch.nn.Module] = {

@@ -5,9 +5,8 @@ The weight file of a timm expert is exactly the state dict of
 ``strict=True``. ``model_kwargs`` is empty for most architectures; fixed-size models (ViTs) record
 ``img_size`` there when they run at another size than their default.
 
-A ``residual`` expert is the same timm model behind a fixed, parameter-free residual stem
-(inference/residual.py): its weight file is still exactly the timm state dict, and :func:`load_expert`
-returns the stem and the model together.
+Other families (inference/families/) store other modules; :func:`create_expert` is the one way any part of the
+project turns a spec into a model, :func:`expert_forward` the one way it reads logits and pooled features.
 """
 
 from __future__ import annotations
@@ -20,7 +19,9 @@ import timm
 import torch
 from torch import nn
 
-from .bundle import BundleError, ExpertSpec
+from .bundle import ExpertSpec
+from .errors import BundleError
+from .families import get as family_of
 
 NUM_CLASSES = 2
 FAKE_INDEX = 1
@@ -49,13 +50,15 @@ def arch_defaults(arch: str, input_size: int | None = None) -> dict[str, Any]:
     }
 
 
-def create_expert(spec: ExpertSpec) -> nn.Module:
-    """A freshly initialised module for ``spec`` (random weights; seed torch before calling): the module whose
-    state dict the expert's file holds, as its family (inference/families/) defines it. Wrap it with
-    :func:`with_stem` to score images."""
-    from .families import get
-
-    return get(spec.family).create(spec)
+def create_expert(spec: ExpertSpec, pretrained: str | None = None, **train_kwargs: Any) -> nn.Module:
+    """The module whose state dict the expert's file holds, as its family (inference/families/) defines it: random
+    weights (seed torch first), or with ``pretrained`` backbone weights (``pkg:NAME``, a file or a folder;
+    inference/pretrained.py) and a fresh head. ``train_kwargs``: timm options used only while training
+    (``drop_path_rate``). Wrap it with :func:`with_stem` to score images. Training, probe fitting, embedding,
+    ``dfx bundle init`` and loading all build experts here."""
+    family = family_of(spec.family)
+    model = family.create(spec, **train_kwargs)
+    return family.load_pretrained(model, spec, pretrained) if pretrained else model
 
 
 def load_expert(spec: ExpertSpec, bundle_dir: str | os.PathLike[str]) -> nn.Module:
@@ -87,9 +90,7 @@ def load_expert(spec: ExpertSpec, bundle_dir: str | os.PathLike[str]) -> nn.Modu
 
 def with_stem(spec: ExpertSpec, model: nn.Module) -> nn.Module:
     """What scores images for ``spec``: ``model`` itself, or behind its family's fixed stem (residual)."""
-    from .families import get
-
-    return get(spec.family).scorer(spec, model)
+    return family_of(spec.family).scorer(spec, model)
 
 
 def fake_probs(model: nn.Module, x: torch.Tensor, temperature: float = 1.0,
@@ -113,12 +114,8 @@ def fake_probs(model: nn.Module, x: torch.Tensor, temperature: float = 1.0,
     return torch.softmax(logits / temperature, dim=1)[:, FAKE_INDEX]
 
 
-def expert_forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``(N, 2)`` and the pooled pre-logits feature ``(N, D)`` in one pass (training's NCE
-    term and the embedding stage use the feature)."""
-    if hasattr(model, "patch_outputs"):  # a patch expert classifies the feature map, not the pooled vector
-        logits, pooled, _ = model.patch_outputs(x)
-        return logits, pooled
-    features = model.forward_features(x)
-    pooled = model.forward_head(features, pre_logits=True)
-    return model.get_classifier()(pooled), pooled
+def expert_forward(spec: ExpertSpec, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(N, 2)`` and the pooled pre-logits feature ``(N, D)`` in one pass (training's NCE term and the
+    embedding stage use the feature), as the expert's family reads them."""
+    logits, pooled, _ = family_of(spec.family).outputs(model, x)
+    return logits, pooled

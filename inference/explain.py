@@ -76,7 +76,10 @@ class Explanation:
 
 
 def has_map(e: "ExpertSpec") -> bool:
-    return e.family == "patch" or e.preprocess == "tiles"
+    """Whether expert ``e`` says where: its family maps each input (patches), or it reads tiles."""
+    from .families import get as family_of
+
+    return family_of(e.family).has_map(e) or e.preprocess == "tiles"
 
 
 def input_boxes(width: int, height: int, e: "ExpertSpec") -> list[Box]:
@@ -113,15 +116,12 @@ def _paint(shape: tuple[int, int], scale: float, boxes: Sequence[Box], values: S
 
 @torch.inference_mode()
 def expert_grids(model: torch.nn.Module, e: "ExpertSpec", x: torch.Tensor) -> list[np.ndarray]:
-    """One probability grid per input of one image: ``x`` is ``(3, S, S)`` or ``(K, 3, S, S)`` (tiles). A patch
-    expert gives its patch grid, any other expert a 1×1 grid (its probability for that crop)."""
+    """One probability grid per input of one image: ``x`` is ``(3, S, S)`` or ``(K, 3, S, S)`` (tiles), as the
+    expert's family draws it (a patch expert its patch grid, others a 1×1 grid: the crop's probability)."""
+    from .families import get as family_of
+
     batch = x if x.dim() == 4 else x[None]
-    if e.family == "patch":
-        probs = torch.softmax(model.patch_logits(batch).float(), dim=1)[:, 1]
-    else:
-        logits = model(batch).float()
-        probs = torch.softmax(logits / e.temperature, dim=1)[:, 1][:, None, None]
-    return list(probs.cpu().numpy())
+    return list(family_of(e.family).map_probs(model, e, batch).cpu().numpy())
 
 
 def explain_prepared(det: "Detector", img_size: tuple[int, int], item: dict, prediction: "Prediction",

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .predict_cli import add_detector_options, csv_path, display_name, write_atomic, write_csv
+from .files import csv_path, display_name, write_atomic, write_csv
+from .predict_cli import add_detector_options
 from .weights import resolve_weights
 
 log = logging.getLogger("dfx.explain")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from .files import atomic_path
 
 COLUMNS = ("path", "label", "source", "kind", "parent", "cluster", "fold", "split")
 # Columns that name files, relative to the manifest's folder (or absolute): moving rows into another
@@ -133,17 +134,11 @@ def write_manifest(path: str | os.PathLike[str], rows: Iterable[dict[str, object
         src, dst = str(Path(root).resolve()), str(out.parent.resolve())
         for r in rows:
             reroot(r, src, dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
     return out
 
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Iterable, TextIO
+from typing import TYPE_CHECKING, Iterable, TextIO
 
-from typing import TYPE_CHECKING
-
+from .files import csv_path, display_name, write_atomic, write_csv
 from .images import DEFAULT_MAX_PIXELS, collect_images
 from .weights import resolve_weights
 
@@ -110,47 +107,6 @@ def _done(args: argparse.Namespace) -> None:
     if args.output and world_from_env().is_main:
         remove_parts(args.output)
     finish(world_from_env())
-
-
-def write_atomic(path: str | os.PathLike[str], text: str | bytes) -> None:
-    """Write ``text`` (UTF-8) or bytes to ``path`` via a temporary sibling and a rename: never a half-written
-    file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8", newline="")) as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-#: First characters that make a spreadsheet read a cell as a formula (CSV injection).
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def display_name(path: str | os.PathLike[str]) -> str:
-    """A file name as text that always encodes: bytes that are not UTF-8 (``bad\\xffname.jpg`` on Linux)
-    are written as ``\\xNN`` escapes, Python's ``backslashreplace``; everything else is kept as it is."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def csv_path(path: str | os.PathLike[str]) -> str:
-    """A path for a CSV cell: :func:`display_name`, and ``./`` in front of a relative path that a spreadsheet
-    would run as a formula (``=cmd.jpg`` → ``./=cmd.jpg``, the same file)."""
-    text = display_name(path)
-    return f"./{text}" if text.startswith(FORMULA_START) else text
-
-
-def write_csv(out: TextIO, rows: Iterable[list[str]]) -> None:
-    """CSV rows ending in ``\\n``. A row with a bare CR in a cell is written fully quoted: the csv module
-    quotes only the line terminator's own characters, and an unquoted CR splits the row in readers."""
-    plain = csv.writer(out, lineterminator="\n")
-    quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
-    for row in rows:
-        (quoted if any("\r" in cell for cell in row) else plain).writerow(row)
 
 
 def _rows_csv(results: Iterable["ItemResult"], experts: list[str], out: TextIO, faces: bool = False) -> None:

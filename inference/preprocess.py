@@ -30,6 +30,12 @@ PreprocessKey = tuple[int, str, tuple[float, ...], tuple[float, ...]]
 TILE_ALIGN = 8
 
 
+def mode_key(preprocess: str, crops: int = 1) -> str:
+    """The mode part of a preprocessing key: the mode itself, ``tiles:<crops>`` for tiles (the inverse of
+    :func:`parse_mode`)."""
+    return f"tiles:{crops}" if preprocess == "tiles" else preprocess
+
+
 def parse_mode(mode: str) -> tuple[str, int]:
     """A preprocessing key's mode part → (mode, crops): ``squash`` → (squash, 1), ``tiles:9`` → (tiles, 9)."""
     name, _, n = mode.partition(":")

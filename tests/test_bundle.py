@@ -169,7 +169,7 @@ def test_expert_forward_matches_model_logits(tiny_bundle):
         model = load_expert(e, tiny_bundle)
         x = torch.randn(2, 3, e.input_size, e.input_size)
         with torch.no_grad():
-            logits, feature = expert_forward(model, x)
+            logits, feature = expert_forward(e, model, x)
             assert torch.allclose(logits, model(x), atol=1e-5)
         assert feature.ndim == 2 and feature.shape[0] == 2
 

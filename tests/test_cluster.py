@@ -158,7 +158,7 @@ def test_drop_invalid_leaves_rows_out_of_folds(synth, tmp_path):
 
 
 def test_embed_handcrafted_resumes_and_marks_unreadable(tmp_path, odd_images, bad_images):
-    from data_prep.embed import embed_manifest
+    from inference.embed import embed_manifest
 
     rows = [{"path": str(p), "label": 0} for p in odd_images.values()]
     rows.insert(2, {"path": str(bad_images["truncated.jpg"][0]), "label": 1})

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from inference import Detector
 from inference.bundle import BundleError, parse_spec, read_spec
 from inference.explain import UNAVAILABLE, input_boxes, read_map16
-from inference.patch_net import image_log_probs
+from inference.families.patch_net import image_log_probs
 from training.losses import patch_ce
 
 from .conftest import dfx

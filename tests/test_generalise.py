@@ -16,7 +16,7 @@ from inference.bundle_init import init_bundle
 from inference.images import load_image
 from inference.manifest import read_manifest, write_manifest
 from inference.preprocess import TILE_ALIGN, Preprocessor, tile_boxes
-from inference.residual import ResidualStem, npr_residual
+from inference.families.residual_stem import ResidualStem, npr_residual
 
 from .conftest import dfx
 

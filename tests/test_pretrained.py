@@ -187,7 +187,7 @@ def test_probe_bundle_round_trip_through_dfx_train(tiny_dataset, tmp_path):
 
 def test_probe_backbone_batch_norm_never_moves():
     """A frozen backbone stays frozen in training mode: its batch-norm statistics do not follow the batches."""
-    from inference.probe_net import ProbeNet
+    from inference.families.probe_net import ProbeNet
 
     net = ProbeNet("tf_efficientnet_lite0", (1, 2))
     before = {k: v.clone() for k, v in net.backbone.state_dict().items()}

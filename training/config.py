@@ -37,7 +37,7 @@ class ExpertConfig:
     arch: str = "convnext_atto"
     name: str | None = None              #: default: arch, or arch-f<fold>
     family: str = "timm"                 #: timm | residual (fixed residual stem) | probe (frozen stages + head) | patch
-    stem: str | None = None              #: residual family: npr | srm (see inference.residual)
+    stem: str | None = None              #: residual family: npr | srm (see inference.families.residual_stem)
     input_size: int | None = None        #: default: the arch's own
     preprocess: str = "squash"           #: squash | crop | tiles (native-resolution crops; see inference.preprocess)
     crops: int = 9                       #: tiles: crops scored per image at validation and inference (square)
@@ -272,11 +272,25 @@ def replay_spec(text: str) -> tuple[str, float]:
     return path, fraction
 
 
+def check_family_fields(e: ExpertConfig, where: str) -> None:
+    """The expert's family and its own fields, checked by the family itself (the validator bundles use too)."""
+    from inference.bundle import BundleError, FAMILIES, family_of
+
+    if e.family not in FAMILIES:
+        raise ConfigError(f"{where}.family: must be one of {', '.join(FAMILIES)}")
+    owned = {k: getattr(e, k, None) for f in FAMILIES.values() for k in f.fields}
+    raw = {k: list(v) if isinstance(v, tuple) else v for k, v in owned.items()}
+    try:
+        family_of(e.family).parse(raw, where)
+    except BundleError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Everything that can fail before training, failing now with the key in the message."""
     import timm
 
-    from inference.bundle import FAMILIES, MAX_CROPS, PREPROCESS_MODES, STEMS
+    from inference.bundle import MAX_CROPS, PREPROCESS_MODES
 
     if not cfg.data.manifest:
         raise ConfigError("data.manifest: no manifest given (data.manifest=PATH)")
@@ -294,22 +308,7 @@ def check_config(cfg: TrainConfig) -> None:
         if e.preprocess == "tiles" and not (1 <= e.crops <= MAX_CROPS and math.isqrt(e.crops) ** 2 == e.crops):
             raise ConfigError(f"experts.{i}.crops: a square number of crops (1, 4, 9, ...) up to {MAX_CROPS}, "
                               f"got {e.crops}")
-        if e.family not in FAMILIES:
-            raise ConfigError(f"experts.{i}.family: must be one of {', '.join(FAMILIES)}")
-        if (e.family in ("probe", "patch")) != (e.stages is not None):
-            raise ConfigError(f"experts.{i}.stages: a probe expert needs stages (feature indices, e.g. [1, 2, 3, 4]), "
-                              f"a patch expert one (where the backbone is cut, e.g. [2]), and only these take them "
-                              f"(family {e.family}, stages {e.stages})")
-        if e.stages is not None:
-            from inference.bundle import BundleError, family_of
-
-            try:
-                family_of(e.family).parse({"stages": e.stages}, f"experts.{i}")
-            except BundleError as exc:
-                raise ConfigError(str(exc)) from None
-        if (e.family == "residual") != (e.stem is not None) or (e.stem is not None and e.stem not in STEMS):
-            raise ConfigError(f"experts.{i}.stem: a residual expert needs stem {' or '.join(STEMS)}, and only a "
-                              f"residual expert takes one (family {e.family}, stem {e.stem})")
+        check_family_fields(e, f"experts.{i}")
         if e.input_size is not None and not 16 <= e.input_size <= 2048:
             raise ConfigError(f"experts.{i}.input_size: {e.input_size} is out of range 16..2048")
         if e.weight < 0:

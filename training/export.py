@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from inference.bundle import BundleError, BundleSpec, ExpertSpec, write_bundle
+from inference.bundle import BundleError, BundleSpec, ExpertSpec, family_of, write_bundle
 
 
 def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, name: str | None = None,
@@ -36,10 +36,8 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
                                   stages=tuple(info["stages"]) if info.get("stages") is not None else None,
                                   crops=int(info.get("crops", 1)) if info["preprocess"] == "tiles" else 1))
         state = load_file(str(final / "ema.safetensors"))
-        if info.get("family") == "probe" and not half:
-            from .probe import probe_file_state
-
-            state = probe_file_state(state, info.get("pretrained"))  # a frozen INT8-sourced backbone stays INT8
+        if not half:  # the family's stored form, e.g. a probe's frozen INT8-sourced backbone stays INT8
+            state = family_of(experts[-1].family).file_state(state, info.get("pretrained"))
         states[ename] = {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     decision = run["decision"]

@@ -55,8 +55,11 @@ def check_partial(arch: str, family: str, freeze: int, layer_decay: float | None
     any training.)"""
     if not freeze and layer_decay is None:
         return None
-    if family == "probe":
-        return f"{where}: a probe's backbone is always frozen; freeze and layer_decay are for fine-tuned experts"
+    from inference.families import get as family_of
+
+    why = family_of(family).finetune_check(freeze, layer_decay, where)
+    if why:
+        return why
     if layer_decay is not None and not 0 < layer_decay <= 1:
         return f"{where}.layer_decay: a factor in (0, 1], got {layer_decay}"
     if freeze < 0:

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from inference.files import save_figure  # noqa: F401  (training.metrics.save_figure, as before)
+
 
 def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
@@ -96,7 +98,7 @@ def metrics_by_source(labels: Sequence[int], scores: Sequence[float], sources: S
 
 
 def save_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
-    from inference.predict_cli import write_atomic
+    from inference.files import write_atomic
 
     write_atomic(path, json.dumps(metrics, indent=2) + "\n")
 
@@ -136,24 +138,6 @@ def save_roc_png(path: str | Path, curves: dict[str, tuple[Sequence[int], Sequen
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def save_figure(fig: Any, path: str | Path) -> None:
-    """Write a matplotlib figure as PNG atomically (temporary sibling + rename) and close it."""
-    import os
-    import tempfile
-
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def choose_decision(labels: Sequence[int], scores: Sequence[float], rule: str = "youden",

@@ -97,7 +97,7 @@ class Perturbation:
         return pre.prepare(io.BytesIO(out) if isinstance(out, bytes) else out, name=str(path))
 
     def _save(self, out: Image.Image | bytes, path: Path) -> None:
-        from inference.predict_cli import write_atomic
+        from inference.files import write_atomic
 
         folder = Path(self.save_dir or ".") / self.slug
         folder.mkdir(parents=True, exist_ok=True)

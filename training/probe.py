@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 from inference.bundle import BundleSpec, ExpertSpec, write_bundle
-from inference.experts import arch_defaults
-from inference.families.probe import probe_net
+from inference.experts import arch_defaults, create_expert
+from inference.families import get as family_of
+from inference.families.probe_net import robust_std
 from inference.images import ImageError, load_image
 from inference.preprocess import Preprocessor, parse_mode
-from inference.pretrained import load_probe_backbone
 
 log = logging.getLogger("dfx.probe")
 
@@ -53,8 +53,7 @@ class ProbeSpec:
 
 def build_probe(spec: ProbeSpec) -> torch.nn.Module:
     """A ProbeNet whose backbone holds the pretrained weights (the head is fitted later)."""
-    net = probe_net(spec.arch, tuple(spec.stages), spec.model_kwargs)
-    return load_probe_backbone(net, spec.pretrained, spec.arch).eval()
+    return create_expert(spec.expert(), spec.pretrained).eval()
 
 
 class _Images(torch.utils.data.Dataset):
@@ -130,14 +129,6 @@ class FittedHead:
         return out
 
 
-def robust_std(std: Any) -> Any:
-    """Per-feature scales with a floor (5 % of the median scale): a channel that is nearly constant on the
-    training images must not be blown up a millionfold on an image where it moves. NumPy arrays or tensors."""
-    if isinstance(std, torch.Tensor):
-        return torch.clamp_min(std, 0.05 * float(std.median()) + 1e-6)
-    return np.maximum(std, 0.05 * float(np.median(std)) + 1e-6)
-
-
 def fit_head(feats: np.ndarray, labels: np.ndarray, *, C: float = 0.05, balanced: bool = True) -> FittedHead:
     """Standardise, then an L2 logistic regression (class-balanced by default)."""
     from sklearn.linear_model import LogisticRegression
@@ -173,10 +164,6 @@ def export_probe(out: str | os.PathLike[str], spec: ProbeSpec, net: torch.nn.Mod
 
 
 def probe_file_state(state: dict[str, torch.Tensor], pretrained: str | None) -> dict[str, torch.Tensor]:
-    """What a probe's file holds: its state dict, with a frozen backbone from an INT8 source (``pkg:clip_vit_b16``)
-    stored as that source's exact INT8 rows and scales (89 MB instead of 344 MB for CLIP ViT-B/16)."""
-    from inference.clip_onnx import pack
-    from inference.pretrained import packed_reference
-
-    reference = packed_reference(pretrained)
-    return pack(state, reference, prefix="backbone.") if reference is not None else state
+    """What a probe's file holds (the probe family's stored form: a frozen backbone from an INT8 source, e.g.
+    ``pkg:clip_vit_b16``, as that source's exact INT8 rows and scales, 89 MB instead of 344 MB)."""
+    return family_of("probe").file_state(state, pretrained)

@@ -189,7 +189,7 @@ def select(pool: str | os.PathLike[str], weights: str | os.PathLike[str], output
     emb = labelled_emb = None
     work = out.with_name(out.name + ".work")
     if strategy in ("coreset", "hybrid"):
-        from data_prep.embed import embed_manifest
+        from inference.embed import embed_manifest
 
         spec = embed or f"bundle:{weights}"
         work.mkdir(exist_ok=True)

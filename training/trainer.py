@@ -29,9 +29,11 @@ import torch
 from accelerate.tracking import GeneralTracker, on_main_process
 from torch import nn
 
-from inference.experts import arch_defaults, expert_forward, fake_probs
+from inference.bundle import ExpertSpec
+from inference.experts import arch_defaults, fake_probs
+from inference.families import get as family_of
 from inference.manifest import manifest_sha256, read_manifest, write_manifest
-from inference.predict_cli import write_atomic
+from inference.files import write_atomic
 from inference.preprocess import Preprocessor
 
 from .config import ConfigError, ExpertConfig, TrainConfig, check_config, expert_name, replay_spec
@@ -44,23 +46,20 @@ RUN_FORMAT = "dfx-run/1"
 
 
 class TrainNet(nn.Module):
-    """The timm expert plus the projection head used by the NCE term (not exported), behind the
-    expert's fixed residual stem when it has one (``nn.Identity`` otherwise)."""
+    """The expert plus the projection head used by the NCE term (not exported), behind the expert's fixed stem
+    when its family has one (``nn.Identity`` otherwise)."""
 
-    def __init__(self, backbone: nn.Module, proj: ProjectionHead | None, stem: nn.Module | None = None) -> None:
+    def __init__(self, backbone: nn.Module, proj: ProjectionHead | None, stem: nn.Module | None = None,
+                 family: str = "timm") -> None:
         super().__init__()
         self.backbone, self.proj = backbone, proj
         self.stem = stem if stem is not None else nn.Identity()
+        self.family = family
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Image logits, the NCE projection, and for a patch expert its ``(N, 2, h, w)`` patch logits (from the
-        same pass: the image logits are their mean softmax), else ``None``."""
-        x = self.stem(x)
-        patches = None
-        if hasattr(self.backbone, "patch_outputs"):
-            logits, pooled, patches = self.backbone.patch_outputs(x)
-        else:
-            logits, pooled = expert_forward(self.backbone, x)
+        """Image logits, the NCE projection, and patch logits ``(N, 2, h, w)`` when the family has them (from the
+        same pass: a patch expert's image logits are their mean softmax), else ``None``."""
+        logits, pooled, patches = family_of(self.family).outputs(self.backbone, self.stem(x))
         # No projection head when the NCE weight is 0: a parameter outside the loss's graph makes DDP fail
         # ("parameters that were not used in producing loss") on every multi-GPU run.
         return logits, self.proj(pooled) if self.proj is not None else pooled, patches
@@ -89,17 +88,24 @@ def freeze_unreachable(net: nn.Module, size: int) -> list[str]:
 
 
 def make_stem(e: ExpertConfig) -> nn.Module:
-    """The expert's fixed residual stem (no parameters), or ``nn.Identity`` for a plain timm expert."""
-    if e.family != "residual":
-        return nn.Identity()
-    from inference.residual import ResidualStem
+    """The expert's fixed stem (no parameters) as its family defines it, or ``nn.Identity``."""
+    return family_of(e.family).stem(expert_spec(e, 0, (0.0,) * 3, (1.0,) * 3, {})) or nn.Identity()
 
-    return ResidualStem(str(e.stem))
+
+def expert_spec(e: ExpertConfig, size: int, mean: Any, std: Any, model_kwargs: dict[str, Any]) -> ExpertSpec:
+    """The bundle spec of a configured expert (the file and its hash are filled in at export)."""
+    return ExpertSpec(name=expert_name(e), arch=e.arch, input_size=size, mean=tuple(mean), std=tuple(std),
+                      file=f"{expert_name(e)}.safetensors", sha256="0" * 64, family=e.family,
+                      preprocess=e.preprocess, weight=e.weight, model_kwargs=dict(model_kwargs),
+                      crops=e.crops if e.preprocess == "tiles" else 1, stem=e.stem,
+                      stages=tuple(e.stages) if e.stages is not None else None)
 
 
 def mode_key(e: ExpertConfig) -> str:
     """The preprocessing key's mode part for this expert (``tiles:<crops>`` for tiled experts)."""
-    return f"tiles:{e.crops}" if e.preprocess == "tiles" else e.preprocess
+    from inference.preprocess import mode_key as key
+
+    return key(e.preprocess, e.crops)
 
 
 class CSVTracker(GeneralTracker):
@@ -148,7 +154,7 @@ def _rows(cfg: TrainConfig) -> list[dict[str, Any]]:
                          "maskpath": str(man.abspath({"path": r["mask"]})) if r.get("mask") else None})
     if cfg.data.replay:
         rows += replay_rows(cfg.data.replay, seed=cfg.seed, exclude={r["abspath"] for r in rows})
-    if any(e.family == "patch" for e in cfg.experts):
+    if any(family_of(e.family).trains_on_masks for e in cfg.experts):
         missing = [r["maskpath"] for r in rows if r["maskpath"] and not os.path.isfile(r["maskpath"])]
         if missing:  # else every edit would be skipped as unreadable, one warning at a time
             raise ConfigError(f"{len(missing)} of the masks the manifest names are missing (first: {missing[0]}); "
@@ -217,15 +223,12 @@ def _mixed_precision(mode: str) -> str:
 
 
 def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any], index: int = 0) -> nn.Module:
-    """A timm model with a 2-class head; pretrained weights from a local file or folder if given, or exactly a
-    bundle expert's weights with ``init_from`` (training/init_from.py)."""
-    import timm
+    """The module the expert's file will hold (:func:`inference.experts.create_expert`): pretrained backbone
+    weights if given, or exactly a bundle expert's weights with ``init_from`` (training/init_from.py)."""
+    from inference.experts import create_expert
+    from inference.pretrained import PretrainedError
 
-    kwargs = dict(model_kwargs)
     if e.init_from:
-        from inference.bundle import ExpertSpec
-        from inference.experts import create_expert
-
         from .init_from import load_parent_weights, resolve_parent
 
         parent = resolve_parent(e, index)
@@ -233,65 +236,28 @@ def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any], in
         # The module the parent's file is the state dict of, built for this run's input size and options.
         spec = ExpertSpec(**{**parent.expert.__dict__, "input_size": size, "model_kwargs": dict(model_kwargs)})
         return load_parent_weights(create_expert(spec), parent)
-    if e.family in ("probe", "patch"):  # a timm features_only backbone and our own head (inference/families/)
-        from inference.families.patch import patch_net
-        from inference.families.probe import probe_net
-        from inference.pretrained import PretrainedError, load_probe_backbone
-
-        stages = tuple(e.stages or ())
-        net = probe_net(e.arch, stages, kwargs) if e.family == "probe" else patch_net(e.arch, stages[0], kwargs)
-        if e.pretrained:
-            try:
-                load_probe_backbone(net, e.pretrained, e.arch)
-            except PretrainedError as exc:
-                raise ConfigError(f"experts: pretrained '{e.pretrained}': {exc}") from exc
-        return net
-    if e.drop_path_rate:
-        kwargs["drop_path_rate"] = e.drop_path_rate
-    if not e.pretrained:
-        return timm.create_model(e.arch, pretrained=False, num_classes=2, **kwargs)
-    from inference.pretrained import PretrainedError, load_pretrained, pretrained_state
-
+    spec = expert_spec(e, size, (0.0,) * 3, (1.0,) * 3, model_kwargs)
+    train_kwargs = {"drop_path_rate": e.drop_path_rate} if e.drop_path_rate else {}
     try:
-        state = pretrained_state(e.pretrained, e.arch)
-        if state is None:  # a hub name: timm fetches it (needs a hub)
-            model = timm.create_model(e.pretrained, pretrained=True, num_classes=2, **kwargs)
-        else:  # ImageNet backbone from a package, file or folder
-            model = load_pretrained(timm.create_model(e.arch, pretrained=False, num_classes=2, **kwargs),
-                                    e.pretrained, e.arch, state=state)
+        return create_expert(spec, e.pretrained, **train_kwargs)
     except PretrainedError as exc:
         raise ConfigError(f"experts: pretrained '{e.pretrained}': {exc}") from exc
-    # A fresh 2-class head with PyTorch's default (fan-in) init. Some timm families initialise classifiers for
-    # training from scratch (EfficientNet: uniform in ±1/sqrt(classes), ±0.7 for two): on pretrained features
-    # that starts at logits in the tens and a cross-entropy near 3, whose gradients wreck the backbone's
-    # pretrained weights in the first steps.
-    model.reset_classifier(2)
-    return model
 
 
-@torch.no_grad()
-def _calibrate_probe(net: nn.Module, rows: list[dict[str, Any]], size: int, e: ExpertConfig, mean, std,
-                     max_pixels: int, limit: int = 256) -> None:
-    """Set a probe's ``feat_mean``/``feat_std`` from up to ``limit`` training images (evenly spaced, each read as
-    inference reads it), so its linear head starts on standardised features."""
+def _calibration_inputs(rows: list[dict[str, Any]], size: int, e: ExpertConfig, mean, std, max_pixels: int,
+                        limit: int = 256):
+    """Up to ``limit`` training images (evenly spaced), each read as inference reads it: what a family that
+    calibrates a new expert (a probe's feature statistics) sees."""
     from inference.images import ImageError
 
-    net.eval()
     pre = Preprocessor([(size, mode_key(e), tuple(mean), tuple(std))], max_pixels=max_pixels)
     step = max(1, len(rows) // limit)
-    feats = []
     for r in rows[::step][:limit]:
         try:
             x = next(iter(pre.prepare(r["abspath"]).values()))
         except ImageError:
             continue
-        feats.append(net.pooled(x if x.dim() == 4 else x[None]))
-    if feats:
-        f = torch.cat(feats)
-        net.feat_mean.copy_(f.mean(dim=0))
-        from .probe import robust_std
-
-        net.feat_std.copy_(robust_std(f.std(dim=0, unbiased=False)))
+        yield x if x.dim() == 4 else x[None]
 
 
 def _lr_lambda(warmup: int, total: int, schedule: str, per_step: int = 1):
@@ -366,12 +332,14 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     set_seed(expert_seed)
 
     backbone = create_backbone(e, size, model_kwargs, index)
-    if hasattr(backbone, "feat_mean") and not e.init_from:  # a new probe: standardise its frozen features with the training images'
-        _calibrate_probe(backbone, train_rows, size, e, mean, std, cfg.data.max_pixels)
+    family = family_of(e.family)
+    if family.calibrates and not e.init_from:  # e.g. a new probe: its features standardised on the training images
+        family.calibrate(backbone.eval(), _calibration_inputs(train_rows, size, e, mean, std, cfg.data.max_pixels))
     with torch.no_grad():
-        feat_dim = expert_forward(backbone.eval(), torch.zeros(1, 3, size, size))[1].shape[1]
+        feat_dim = family.outputs(backbone.eval(), torch.zeros(1, 3, size, size))[1].shape[1]
     stem = make_stem(e)
-    net = TrainNet(backbone, ProjectionHead(feat_dim, cfg.loss.proj_dim) if cfg.loss.nce else None, stem).train()
+    net = TrainNet(backbone, ProjectionHead(feat_dim, cfg.loss.proj_dim) if cfg.loss.nce else None, stem,
+                   e.family).train()
     unreachable = freeze_unreachable(net, size)
     if unreachable:
         log.info("[%s] %d parameter tensors cannot reach the outputs (e.g. %s): frozen", expert_name(e),
@@ -392,7 +360,7 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     workers = default_workers() if cfg.data.workers is None else cfg.data.workers
     train_ds = TrainDataset([to_row(r) for r in train_rows], size=size, mode=e.preprocess, mean=mean, std=std,
                             aug=cfg.augment, seed=expert_seed, max_pixels=cfg.data.max_pixels,
-                            masks=e.family == "patch")
+                            masks=family_of(e.family).trains_on_masks)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler, num_workers=workers,
                                          collate_fn=collate_views, generator=torch.Generator().manual_seed(expert_seed))
     pre = Preprocessor([(size, mode_key(e), tuple(mean), tuple(std))], max_pixels=cfg.data.max_pixels)

@@ -7,7 +7,7 @@ standard deviation (the std keeps how a texture varies, which the mean averages 
 concatenated, standardised with the training set's statistics (``feat_mean``/``feat_std`` buffers) and
 classified by a linear layer.
 
-The file is the state dict of :class:`ProbeNet`: ``backbone.*`` is exactly
+The file is the state dict of :class:`inference.families.probe_net.ProbeNet`: ``backbone.*`` is exactly
 ``timm.create_model(arch, features_only=True, out_indices=stages)``'s state dict, then ``feat_mean``,
 ``feat_std``, ``head.weight`` and ``head.bias``. ``stages`` lists timm feature indices (0 = stride 2 ...
 4 = stride 32 for EfficientNet/MobileNet).
@@ -24,17 +24,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import register
-from .timm_family import no_extra_fields
+from ..errors import BundleError
+from . import Family, no_extra_fields, register
 
 MAX_STAGE = 5            #: a CNN's timm feature indices (the patch family cuts there too)
 MAX_PROBE_STAGE = 64     #: a probe on a ViT reads blocks (ViT-B: 0..11, 12 = the embedding); checked at build
 
 
 def probe_net(arch: str, stages: tuple[int, ...], model_kwargs: dict[str, Any] | None = None) -> Any:
-    """A :class:`inference.probe_net.ProbeNet` with random weights (torch is imported only here, so reading a
-    bundle stays torch-free)."""
-    from ..probe_net import ProbeNet
+    """A :class:`inference.families.probe_net.ProbeNet` with random weights (torch is imported only here, so reading
+    a bundle stays torch-free)."""
+    from .probe_net import ProbeNet
 
     return ProbeNet(arch, stages, model_kwargs)
 
@@ -44,8 +44,6 @@ def build_features_net(spec: Any, build: Any, what: str) -> Any:
     naming the expert and ``what`` when the architecture is unknown or cannot be cut at those stages."""
     import timm
 
-    from ..bundle import BundleError
-
     if not timm.is_model(spec.arch):
         raise BundleError(f"expert '{spec.name}': unknown timm architecture '{spec.arch}'")
     try:
@@ -54,30 +52,75 @@ def build_features_net(spec: Any, build: Any, what: str) -> Any:
         raise BundleError(f"expert '{spec.name}': cannot build {what} ({exc})") from exc
 
 
-class ProbeFamily:
+def load_features_backbone(model: Any, spec: Any, pretrained: str) -> Any:
+    """Pretrained weights into a ``features_only`` backbone (probe and patch): every tensor it has must be there."""
+    from ..pretrained import load_probe_backbone
+
+    return load_probe_backbone(model, pretrained, spec.arch)
+
+
+class ProbeFamily(Family):
     name = "probe"
     plain_timm = ("timm.create_model(arch, features_only=True, out_indices=stages) loads the 'backbone.' tensors "
                   "(strict); mean+std pool each stage, concatenate, (z - feat_mean) / feat_std, then head")
+    fields = ("stages",)
+    format_since = 2
+    calibrates = True  # standardise the frozen features with the training images' statistics
+
+    def calibrate(self, model: Any, inputs: Any) -> None:
+        """``feat_mean``/``feat_std`` from the training images' pooled features, so the head starts on
+        standardised features."""
+        import torch
+
+        from .probe_net import robust_std
+
+        with torch.no_grad():
+            feats = [model.pooled(x) for x in inputs]
+            if feats:
+                f = torch.cat(feats)
+                model.feat_mean.copy_(f.mean(dim=0))
+                model.feat_std.copy_(robust_std(f.std(dim=0, unbiased=False)))
 
     def parse(self, raw: dict[str, Any], where: str) -> dict[str, Any]:
-        from ..bundle import BundleError
-
-        no_extra_fields(raw, where, self.name, allowed=("stages",))
+        no_extra_fields(raw, where, self)
         stages = raw.get("stages")
         if not isinstance(stages, list) or not stages or not all(
                 isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_PROBE_STAGE for s in stages) \
                 or sorted(set(stages)) != stages:
-            raise BundleError(f"{where}: a probe expert needs stages, increasing feature indices (CNN: 0..{MAX_STAGE}; "
+            raise BundleError(f"{where}.stages: a probe expert needs stages, increasing feature indices (CNN: 0..{MAX_STAGE}; "
                               f"ViT: blocks, up to {MAX_PROBE_STAGE}), "
                               f"got {stages!r}")
         return {"stages": tuple(stages)}
 
-    def create(self, spec: Any) -> Any:
+    def format_minor(self, spec: Any) -> int:
+        """1.5 for a probe on a Vision Transformer's tokens (CLIP), else 1.2."""
+        try:
+            from .probe_net import is_token_model
+
+            return 5 if is_token_model(spec.arch) else self.format_since
+        except Exception:  # an unknown architecture: the writer's own checks say so
+            return self.format_since
+
+    def create(self, spec: Any, **train_kwargs: Any) -> Any:
         return build_features_net(spec, lambda: probe_net(spec.arch, tuple(spec.stages), spec.model_kwargs),
                                   f"a probe of '{spec.arch}' at stages {list(spec.stages)}")
 
-    def scorer(self, spec: Any, model: Any) -> Any:
-        return model
+    def load_pretrained(self, model: Any, spec: Any, pretrained: str) -> Any:
+        return load_features_backbone(model, spec, pretrained)
+
+    def file_state(self, state: dict[str, Any], pretrained: str | None) -> dict[str, Any]:
+        """A backbone frozen from an INT8 source (CLIP) is stored as the source's exact INT8 numbers, 4x smaller."""
+        from ..pretrained import packed_reference
+
+        reference = packed_reference(pretrained)
+        if reference is None:
+            return state
+        from ..clip_onnx import pack
+
+        return pack(state, reference, prefix="backbone.")
+
+    def finetune_check(self, freeze: int, layer_decay: float | None, where: str) -> str | None:
+        return f"{where}: a probe's backbone is always frozen; freeze and layer_decay are for fine-tuned experts"
 
 
 register(ProbeFamily())

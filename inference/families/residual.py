@@ -1,37 +1,36 @@
-"""Family ``residual``: a fixed, parameter-free stem (inference/residual.py) before a timm model. The file is
-still exactly the timm state dict; ``stem`` in ``ensemble.json`` says which residual to compute first."""
+"""Family ``residual``: a fixed, parameter-free stem (inference/families/residual_stem.py) before a timm model.
+The file is still exactly the timm state dict; ``stem`` in ``ensemble.json`` says which residual to compute first."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import register
-from .timm_family import create_timm, no_extra_fields
+from ..errors import BundleError
+from . import Family, no_extra_fields, register
 
-STEMS = ("npr", "srm")  # inference.residual.STEMS (kept here so reading a bundle imports no torch)
+STEMS = ("npr", "srm")  # residual_stem.STEMS (kept here so reading a bundle imports no torch)
 
 
-class ResidualFamily:
+class ResidualFamily(Family):
     name = "residual"
     plain_timm = ("timm.create_model(arch, num_classes=2, **model_kwargs).load_state_dict(file, strict=True); "
-                  "apply inference.residual.ResidualStem(stem) to the input first")
+                  "apply inference.families.residual_stem.ResidualStem(stem) to the input first")
+    fields = ("stem",)
 
     def parse(self, raw: dict[str, Any], where: str) -> dict[str, Any]:
-        from ..bundle import BundleError
-
-        no_extra_fields(raw, where, self.name, allowed=("stem",))
+        no_extra_fields(raw, where, self)
         stem = raw.get("stem")
         if stem not in STEMS:
-            raise BundleError(f"{where}: a residual expert needs stem {' or '.join(STEMS)}, got {stem!r}")
+            raise BundleError(f"{where}.stem: a residual expert needs stem {' or '.join(STEMS)}, got {stem!r}")
         return {"stem": stem}
 
-    def create(self, spec: Any) -> Any:
-        return create_timm(spec)
+    def stem(self, spec: Any) -> Any:
+        from .residual_stem import ResidualStem
 
-    def scorer(self, spec: Any, model: Any) -> Any:
-        from ..residual import ResidualNet, ResidualStem
+        return ResidualStem(str(spec.stem))
 
-        return ResidualNet(ResidualStem(str(spec.stem)), model)
+    def describe(self, spec: Any) -> str:
+        return f"{spec.stem}+{spec.arch}"
 
 
 register(ResidualFamily())

@@ -4,45 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import register
+from ..errors import BundleError
+from . import Family, register
 
 
-def create_timm(spec: Any) -> Any:
+def create_timm(spec: Any, **train_kwargs: Any) -> Any:
+    """``timm.create_model(arch, num_classes=2, **model_kwargs)`` with random weights, as a BundleError naming the
+    expert when timm does not know the architecture or its options."""
     import timm
-
-    from ..bundle import BundleError
 
     if not timm.is_model(spec.arch):
         raise BundleError(f"expert '{spec.name}': unknown timm architecture '{spec.arch}'")
     try:
-        return timm.create_model(spec.arch, pretrained=False, num_classes=2, **spec.model_kwargs)
+        return timm.create_model(spec.arch, pretrained=False, num_classes=2, **spec.model_kwargs, **train_kwargs)
     except TypeError as exc:
         raise BundleError(f"expert '{spec.name}': bad model_kwargs {spec.model_kwargs} for '{spec.arch}' ({exc})") from exc
 
 
-def no_extra_fields(raw: dict[str, Any], where: str, family: str, allowed: tuple[str, ...] = ()) -> None:
-    from ..bundle import BundleError
-
-    owners = {"stem": "residual", "stages": "probe or patch"}
-    for key, owner in owners.items():
-        if key not in allowed and raw.get(key) is not None:
-            raise BundleError(f"{where}: {key} {raw[key]!r} is only meaningful for family '{owner}' "
-                              f"(this expert is '{family}')")
-
-
-class TimmFamily:
+class TimmFamily(Family):
     name = "timm"
-    plain_timm = "timm.create_model(arch, num_classes=2, **model_kwargs).load_state_dict(file, strict=True)"
-
-    def parse(self, raw: dict[str, Any], where: str) -> dict[str, Any]:
-        no_extra_fields(raw, where, self.name)
-        return {}
-
-    def create(self, spec: Any) -> Any:
-        return create_timm(spec)
-
-    def scorer(self, spec: Any, model: Any) -> Any:
-        return model
 
 
 register(TimmFamily())

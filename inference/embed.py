@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inference.images import ImageError, load_image
-from inference.manifest import manifest_sha256, read_manifest
-from inference.predict_cli import write_atomic
+from .files import write_atomic
+from .images import ImageError, load_image
+from .manifest import manifest_sha256, read_manifest
 
 log = logging.getLogger("dfx.prep.embed")
 HANDCRAFTED_SIZE = 256
@@ -98,7 +98,7 @@ class _TensorFn:
 
 def build_backbone(spec: str, device: torch.device):
     """(per-row function run in workers, model or None, feature dim, description)."""
-    from inference.preprocess import Preprocessor
+    from .preprocess import Preprocessor
 
     if spec == "handcrafted":
         dim = handcrafted_features(Image.new("RGB", (32, 32))).shape[0]
@@ -127,8 +127,8 @@ def build_backbone(spec: str, device: torch.device):
             dim = model(torch.zeros(1, 3, size, size, device=device)).shape[1]
         return _TensorFn(Preprocessor([key]), key), model, dim, spec
     if kind == "bundle":
-        from inference.bundle import check_files, read_spec
-        from inference.experts import expert_forward, load_expert
+        from .bundle import check_files, read_spec
+        from .experts import expert_forward, load_expert
 
         bdir, _, expert = rest.partition(":")
         bspec = read_spec(bdir)
@@ -146,8 +146,8 @@ def build_backbone(spec: str, device: torch.device):
             def forward(self, x):
                 if x.dim() == 5:  # a tiled expert: the mean of its crops' pooled features
                     n, k = x.shape[:2]
-                    return expert_forward(self.m, x.flatten(0, 1))[1].reshape(n, k, -1).mean(dim=1)
-                return expert_forward(self.m, x)[1]
+                    return expert_forward(e, self.m, x.flatten(0, 1))[1].reshape(n, k, -1).mean(dim=1)
+                return expert_forward(e, self.m, x)[1]
 
         model = _Pooled(net).eval()
         with torch.no_grad():
@@ -162,7 +162,7 @@ def embed_manifest(manifest: str | os.PathLike[str], out: str | os.PathLike[str]
     """Embed every row; resumable. Returns the summary also written to ``<out>.json``."""
     from tqdm import tqdm
 
-    from inference.detector import default_workers, resolve_device
+    from .detector import default_workers, resolve_device
 
     man = read_manifest(manifest, require_labels=False)
     paths = [man.abspath(r) for r in man.rows]

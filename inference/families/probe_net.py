@@ -216,3 +216,13 @@ def quantize_frozen(nets: list[nn.Module]) -> int:
                 done[key] = quantize_dynamic(net.backbone, qconfig, dtype=torch.qint8)
         net.backbone = done[key]
     return len(done)
+
+
+def robust_std(std: Any) -> Any:
+    """Per-feature scales with a floor (5 % of the median scale): a channel that is nearly constant on the
+    training images must not be blown up a millionfold on an image where it moves. NumPy arrays or tensors."""
+    if isinstance(std, torch.Tensor):
+        return torch.clamp_min(std, 0.05 * float(std.median()) + 1e-6)
+    import numpy as np
+
+    return np.maximum(std, 0.05 * float(np.median(std)) + 1e-6)
