@@ -192,3 +192,27 @@ def test_bundle_verbs(tmp_path):
     path.write_bytes(bytes(data))
     bad = dfx("bundle", "verify", str(out))
     assert bad.returncode == 1 and "checksum mismatch" in bad.stdout and spec.experts[1].file in bad.stdout
+
+
+def test_the_default_bundle_scores_as_the_code_that_wrote_it():
+    """Issue 25 restructured how experts are built and scored; a bundle written before must load and score as it
+    did. ``tests/data/default_scores_c389889.json`` holds what the code of commit c389889 (before the
+    restructuring) answered for four scikit-image photos with ``weights/default``: on the machine that wrote it the
+    numbers are bit-identical; elsewhere CPU kernels may differ in the last float bits, hence 1e-6."""
+    import io
+
+    from skimage import data as skdata
+
+    root = Path(__file__).resolve().parent
+    golden = json.loads((root / "data" / "default_scores_c389889.json").read_text())
+    images = []
+    for name in golden["scores"]:
+        buf = io.BytesIO()
+        Image.fromarray(getattr(skdata, name)()).save(buf, "PNG")
+        images.append(buf.getvalue())
+    det = Detector(root.parent / "weights" / "default", device="cpu")
+    assert det.model_id == golden["bundle"]
+    for (name, want), got in zip(golden["scores"].items(), det.predict(images)):
+        assert got.label == want["label"], name
+        assert got.score == pytest.approx(want["score"], abs=1e-6), name
+        assert got.experts == pytest.approx(want["experts"], abs=1e-6), name
