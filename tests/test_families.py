@@ -82,7 +82,7 @@ def test_a_new_family_trains_exports_loads_and_scores(colour_family, tiny_datase
     from inference.bundle import read_spec
     import argparse
 
-    from inference.bundle_cli import _info
+    from inference.cli.bundle import _info
     from training.config import load_config
     from training.export import export_run
     from training.trainer import train

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from .images import DEFAULT_MAX_PIXELS
+from ..images import DEFAULT_MAX_PIXELS
 
 
 def _env(name: str, default: Any) -> Any:
@@ -72,9 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from .api import ApiConfig, create_app
-    from .bundle import check_files, read_spec
-    from .weights import resolve_weights
+    from ..api import ApiConfig, create_app
+    from ..bundle import check_files, read_spec
+    from ..weights import resolve_weights
 
     weights = resolve_weights(args.weights)
     spec = read_spec(weights)  # fail fast, before any worker starts, on a bad bundle

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, TextIO
 
-from .files import csv_path, display_name, write_atomic, write_csv
-from .images import DEFAULT_MAX_PIXELS, collect_images
-from .weights import resolve_weights
+from ..files import csv_path, display_name, write_atomic, write_csv
+from ..images import DEFAULT_MAX_PIXELS, collect_images
+from ..weights import resolve_weights
 
 if TYPE_CHECKING:  # torch loads only when a verb runs, so `dfx --help` stays fast
-    from .detector import Detector, ItemResult
+    from ..detector import Detector, ItemResult
 
 
 def add_detector_options(p: argparse.ArgumentParser) -> None:
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _detector(args: argparse.Namespace, device: str | None = None) -> "Detector":
-    from .detector import Detector
+    from ..detector import Detector
 
     return Detector(resolve_weights(args.weights), device=device or args.device, batch_size=args.batch_size,
                     max_pixels=args.max_pixels, precision=args.precision)
@@ -77,7 +77,7 @@ def _score_all(args: argparse.Namespace, paths: list[Path], desc: str) -> tuple[
     """Score ``paths``: in this process alone, or as one of the processes a launcher started (torchrun,
     accelerate launch). With ``-o`` rows go to resumable shards first (inference.sharded). Returns the results
     in ``paths`` order on the main process, None on the others."""
-    from .sharded import score_to_parts, start, world_from_env
+    from ..sharded import score_to_parts, start, world_from_env
 
     world = world_from_env()
     if world.size > 1 and not args.output:
@@ -89,7 +89,7 @@ def _score_all(args: argparse.Namespace, paths: list[Path], desc: str) -> tuple[
     progress = not args.no_progress
     faces = None
     if getattr(args, "faces", False):
-        from .faces import FACE_RULE, FaceFinder
+        from ..faces import FACE_RULE, FaceFinder
 
         faces = FaceFinder()
         if world.is_main:
@@ -102,7 +102,7 @@ def _score_all(args: argparse.Namespace, paths: list[Path], desc: str) -> tuple[
 
 
 def _done(args: argparse.Namespace) -> None:
-    from .sharded import finish, remove_parts, world_from_env
+    from ..sharded import finish, remove_parts, world_from_env
 
     if args.output and world_from_env().is_main:
         remove_parts(args.output)
@@ -136,7 +136,7 @@ def _rows_jsonl(results: Iterable["ItemResult"], out: TextIO) -> None:
                "experts": p.experts if p else None, "status": "ok" if p else "error",
                "error": display_name(r.error) if r.error else None, "error_code": r.error_code}
         if p is not None and p.faces is not None:
-            from .faces import face_fields
+            from ..faces import face_fields
 
             row.update(face_fields(p.faces, p.whole_score))
         out.write(json.dumps(row) + "\n")

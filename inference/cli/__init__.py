@@ -16,11 +16,11 @@ import sys
 from importlib.metadata import entry_points
 from typing import Sequence
 
-from .bundle import BundleError
-from .images import ImageError
+from ..bundle import BundleError
+from ..images import ImageError
 
 #: Verb modules of the core, used even when the package is not installed (a bare source checkout).
-CORE_VERB_MODULES = ("inference.bundle_cli", "inference.predict_cli", "inference.explain_cli", "inference.serve_cli")
+CORE_VERB_MODULES = ("inference.cli.bundle", "inference.cli.predict", "inference.cli.explain", "inference.cli.serve")
 
 
 def _verb_modules() -> list[str]:
@@ -65,6 +65,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dfx {args.verb}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .bundle import PREPROCESS_MODES, BundleError, bundle_digest, check_files, family_of, read_spec
-from .families.residual import STEMS
+from ..bundle import PREPROCESS_MODES, BundleError, bundle_digest, check_files, family_of, read_spec
+from ..families.residual import STEMS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from .bundle_init import init_bundle
+    from ..bundle_init import init_bundle
 
     try:
         spec = init_bundle(args.arch, args.out, input_size=args.input_size, preprocess=args.preprocess,
@@ -113,8 +113,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _set_tta(args: argparse.Namespace) -> int:
-    from .bundle import set_tta
-    from .tta import parse_views
+    from ..bundle import set_tta
+    from ..tta import parse_views
 
     try:
         views = parse_views(args.views)
@@ -130,7 +130,7 @@ def _set_tta(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     import torch
 
-    from .experts import load_expert
+    from ..experts import load_expert
 
     try:
         spec = read_spec(args.bundle)

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .files import csv_path, display_name, write_atomic, write_csv
-from .predict_cli import add_detector_options
-from .weights import resolve_weights
+from ..files import csv_path, display_name, write_atomic, write_csv
+from .predict import add_detector_options
+from ..weights import resolve_weights
 
 log = logging.getLogger("dfx.explain")
 
@@ -54,8 +54,8 @@ def out_names(paths: list[Path]) -> list[str]:
 def _explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .detector import Detector
-    from .images import ImageError, collect_images
+    from ..detector import Detector
+    from ..images import ImageError, collect_images
 
     paths = collect_images(args.paths)
     if not paths:
@@ -64,7 +64,7 @@ def _explain(args: argparse.Namespace) -> int:
                    max_pixels=args.max_pixels, precision=args.precision)
     finder = None
     if args.faces:
-        from .faces import FaceFinder
+        from ..faces import FaceFinder
 
         finder = FaceFinder()
     out = Path(args.out)
@@ -99,8 +99,8 @@ def _explain_one(det: Any, finder: Any, path: Path, name: str, out: Path,
     """One image's pictures and its explain.csv row, and the bundle's no-map note if it has one."""
     import numpy as np
 
-    from .detector import NON_FINITE, prepare_faces
-    from .explain import map16, original_size, overlay, png_bytes
+    from ..detector import NON_FINITE, prepare_faces
+    from ..explain import map16, original_size, overlay, png_bytes
 
     expl = det.explain([path])[0]
     pred, boxes, faces = expl.prediction, [], ""

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .pretrained import list_backbones
+    from ..pretrained import list_backbones
 
     rows = list_backbones()
     if args.json:
