@@ -222,7 +222,7 @@ def test_residual_tiles_expert_trains_exports_and_serves(tiny_dataset, tmp_path)
 
 def test_fold_split_keeps_training_only_rows_out_of_validation_and_skips_kinds():
     from training.config import ExpertConfig
-    from training.trainer import split_rows
+    from training.rows import split_rows
 
     rows = [{"path": f"r{i}", "label": 0, "kind": "real", "fold": str(i % 2), "split": ""} for i in range(6)]
     rows += [{"path": f"g{i}", "label": 1, "kind": "generated", "fold": str(i % 2), "split": ""} for i in range(6)]

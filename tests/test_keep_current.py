@@ -87,7 +87,7 @@ def test_init_from_with_an_expert_name_and_mismatches_refused(parent, tiny_datas
 
 def test_replay_trains_on_old_rows_and_never_validates_on_them(tiny_dataset, tmp_path):
     from training.config import ConfigError, load_config
-    from training.trainer import _rows, split_rows
+    from training.rows import read_rows as _rows, split_rows
 
     man = read_manifest(tiny_dataset)
     old = tmp_path / "old"
