@@ -44,9 +44,9 @@ def main() -> int:
     from tqdm import tqdm
 
     from inference import Detector
-    from inference.detector import prepare_faces
     from inference.faces import FaceFinder
     from inference.images import ImageError, load_image
+    from inference.pipeline import decode
     from training.metrics import binary_metrics
 
     if not all((DATA / c / "manifest.csv").is_file() for c in ("dev", "more")):
@@ -70,8 +70,8 @@ def main() -> int:
         t0 = time.perf_counter()
         faces = finder.find(img)
         find_s = time.perf_counter() - t0
-        items, faces = prepare_faces(det.preprocessor, finder, img, faces=faces)  # the crops --faces scores
-        preds = det.score_prepared(items)
+        d = decode(det.preprocessor, img, faces=faces)  # the crops --faces scores
+        faces, preds = d.faces, det.score_prepared(d.items)
         found[key] = {"faces": [f.to_json() for f in faces], "find_s": find_s, "size": list(img.size),
                       "whole": preds[0].score, "face_scores": [p.score for p in preds[1:]]}
         if len(found) % 50 == 0:

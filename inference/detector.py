@@ -29,6 +29,7 @@ from PIL import Image
 from .bundle import BundleSpec, bundle_digest, check_files, check_work, image_work, read_spec
 from .experts import fake_probs, load_expert
 from .images import DEFAULT_MAX_PIXELS, ImageError, Source
+from .pipeline import Decoded, analyse, decode, whole_items
 from .preprocess import PreprocessKey, Preprocessor
 
 log = logging.getLogger(__name__)
@@ -86,29 +87,7 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-MAX_FACES = 16  #: faces scored per image at most (the most confident ones)
 MAX_BATCH_WORK = 4 * 2048 * 2048  #: input pixels per forward at most (four images at the bundle limit)
-
-
-def prepare_faces(pre: Preprocessor, finder: Any, src: Source | Image.Image,
-                  name: str | None = None, faces: list[Any] | None = None) -> tuple[list[Prepared], list[Any]]:
-    """The whole image and each face crop (inference/faces.py) preprocessed: ``([whole, face1, ...], faces)``.
-    The whole image is read exactly as a plain prediction reads it (so its score is the same), and decoded
-    in full once more for the faces (a JPEG may otherwise be decoded at reduced scale). ``faces``: faces already
-    found in this image (the finder is then not run)."""
-    from .faces import face_crop
-    from .images import load_image
-
-    if isinstance(src, Image.Image):
-        img = src if src.mode == "RGB" else src.convert("RGB")
-        whole = pre.transform(img)
-    else:
-        if hasattr(src, "read"):
-            src = src.read()  # type: ignore[union-attr]  # read twice below
-        whole = pre.prepare(src, name=name)
-        img = load_image(src, max_pixels=pre.max_pixels, name=name)
-    faces = (finder.find(img) if faces is None else faces)[:MAX_FACES]
-    return [whole] + [pre.transform(face_crop(img, f)) for f in faces], faces
 
 
 class _PathDataset(torch.utils.data.Dataset):
@@ -121,13 +100,11 @@ class _PathDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, Prepared | None, str | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, Decoded | None, str | None, str | None]:
         try:
-            if self.faces is not None:
-                return i, prepare_faces(self.pre, self.faces, self.paths[i]), None, None  # type: ignore[return-value]
             if self.prepare is not None:
-                return i, self.prepare(self.paths[i], self.pre), None, None
-            return i, self.pre.prepare(self.paths[i]), None, None
+                return i, Decoded([self.prepare(self.paths[i], self.pre)]), None, None
+            return i, decode(self.pre, self.paths[i], finder=self.faces), None, None
         except ImageError as exc:
             return i, None, exc.message, exc.code
         except Exception as exc:  # a decoder bug must not end a 100k-image run
@@ -276,16 +253,18 @@ class Detector:
                                       experts={n: float(v[i]) for n, v in experts_np.items()}))
         return results
 
-    def score_with_faces(self, items: Sequence[tuple[list[Prepared], list[Any]]]) -> list[Prediction]:
-        """Score images together with their faces (from :func:`prepare_faces`): each face is scored by the
-        ensemble as an image of its own, and the image's score is the maximum of its whole-image score and its
-        faces' (:data:`inference.faces.FACE_RULE`); an image without a face keeps its whole-image score (``faces == []``)."""
-        flat = [p for prepared, _ in items for p in prepared]
-        preds = self.score_prepared(flat)
+    def score_decoded(self, decoded: Sequence[Decoded],
+                      forward: Callable[[list[Prepared]], list[Prediction]] | None = None) -> list[Prediction]:
+        """Score decoded images (inference/pipeline.py) in one forward (``forward``: the caller's, e.g. the API's
+        micro-batcher; default :meth:`score_prepared`). An image whose faces were looked for gets the maximum of
+        its whole-image score and its faces' (:data:`inference.faces.FACE_RULE`); one without a face keeps its
+        whole-image score."""
+        preds = (forward or self.score_prepared)(whole_items(decoded))
         out, at = [], 0
-        for prepared, faces in items:
-            out.append(self.combine_faces(faces, preds[at:at + len(prepared)]))
-            at += len(prepared)
+        for d in decoded:
+            n = len(d.items)
+            out.append(preds[at] if d.faces is None else self.combine_faces(d.faces, preds[at:at + n]))
+            at += n
         return out
 
     def combine_faces(self, faces: Sequence[Any], preds: Sequence[Prediction]) -> Prediction:
@@ -299,24 +278,17 @@ class Detector:
                           whole_score=whole.score)
 
     def predict_faces(self, src: Source | Image.Image, finder: Any, name: str | None = None) -> Prediction:
-        """One image scored whole and face by face (see :meth:`score_with_faces`); raises ImageError."""
-        return self.score_with_faces([prepare_faces(self.preprocessor, finder, src, name=name)])[0]
+        """One image scored whole and face by face (see :meth:`score_decoded`); raises ImageError."""
+        return self.score_decoded([decode(self.preprocessor, src, name=name, finder=finder)])[0]
 
     def explain(self, sources: Sequence[Source | Image.Image], *, max_side: int | None = None) -> list[Any]:
         """Score images and say where: one :class:`inference.explain.Explanation` per image, with its prediction
         (exactly :meth:`predict`'s), each map-capable expert's map, the ensemble's map, and the decoded image.
         A bundle without a map-capable expert answers ``unavailable`` instead of maps. Raises ImageError."""
-        from .explain import MAX_SIDE, explain_prepared
-
         out = []
         for src in sources:
-            img = (src if src.mode == "RGB" else src.convert("RGB")) if isinstance(src, Image.Image) \
-                else self.preprocessor.load(src)
-            item = self.preprocessor.transform(img)
-            pred = self._score_batch([item])[0]
-            expl = explain_prepared(self, img.size, item, pred, max_side or MAX_SIDE)
-            expl.image = img
-            out.append(expl)
+            d = decode(self.preprocessor, src, keep_image=True)
+            out.append(analyse(self, d, self.score_decoded([d])[0], max_side).explanation)
         return out
 
     def prepare(self, src: Source | Image.Image, name: str | None = None) -> Prepared:
@@ -344,7 +316,7 @@ class Detector:
         and the run goes on. ``prepare`` replaces how a file becomes the experts' input (default: the
         bundle's preprocessing of the file as it is); ``dfx evaluate --perturb`` perturbs images there,
         in the decoding workers. It must be picklable and raise ImageError for a bad file. ``faces``: a
-        :class:`inference.faces.FaceFinder`: every image is also scored face by face (:meth:`score_with_faces`),
+        :class:`inference.faces.FaceFinder`: every image is also scored face by face (:meth:`score_decoded`),
         faces found in the decoding workers.
         """
         from tqdm import tqdm
@@ -365,9 +337,8 @@ class Detector:
         )
         with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
             for batch in loader:
-                good = [(i, prepared) for i, prepared, _, _ in batch if prepared is not None]
-                score = self.score_with_faces if faces is not None else self.score_prepared
-                scored = dict(zip((i for i, _ in good), score([p for _, p in good])))  # type: ignore[arg-type]
+                good = [(i, d) for i, d, _, _ in batch if d is not None]
+                scored = dict(zip((i for i, _ in good), self.score_decoded([d for _, d in good])))
                 for i, _, err, code in batch:
                     pred = scored.get(i)
                     if pred is not None and not pred.finite:

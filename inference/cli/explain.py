@@ -99,25 +99,20 @@ def _explain_one(det: Any, finder: Any, path: Path, name: str, out: Path,
     """One image's pictures and its explain.csv row, and the bundle's no-map note if it has one."""
     import numpy as np
 
-    from ..detector import NON_FINITE, prepare_faces
-    from ..explain import map16, original_size, overlay, png_bytes
+    from ..detector import NON_FINITE
+    from ..explain import map16, original_size, png_bytes
+    from ..pipeline import analyse, decode
 
-    expl = det.explain([path])[0]
-    pred, boxes, faces = expl.prediction, [], ""
-    size = original_size(path) or expl.image_size
-    if finder is not None:
-        # The whole image is already scored (expl.prediction): only the face crops go through the model.
-        items, found = prepare_faces(det.preprocessor, finder, path, name=str(path))
-        fp = det.combine_faces(found, [expl.prediction, *det.score_prepared(items[1:])])
-        sx = expl.image_size[0] / size[0]
-        boxes = [([v * sx for v in f["box"]], f["score"]) for f in fp.faces or []]
-        pred, faces = fp, str(len(fp.faces or []))
+    d = decode(det.preprocessor, path, finder=finder, keep_image=True)
+    [pred] = det.score_decoded([d])
     if not pred.finite:
         return [csv_path(path), "error", "", "", "", "", "", "", NON_FINITE[1]], None
     label = det.label_for(pred.score)
-    expl.prediction = pred
-    picture = overlay(None, expl, label=label, threshold=det.spec.threshold, max_side=max_side,
-                      boxes=boxes)
+    analysis = analyse(det, d, pred)
+    expl = analysis.explanation
+    size = original_size(path) or expl.image_size
+    faces = "" if pred.faces is None else str(len(pred.faces))
+    picture = analysis.picture(label=label, threshold=det.spec.threshold, max_side=max_side)
     heat, raw = out / f"{name}.heatmap.png", out / f"{name}.map.png"
     write_atomic(heat, png_bytes(picture))
     area = ""
