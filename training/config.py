@@ -1,14 +1,13 @@
 """Training configuration: a YAML file plus ``dotted.key=value`` overrides, checked before any work.
 
 Every section is a dataclass with defaults; unknown keys are errors (a typo must not silently train
-with a default). ``check_config`` verifies what can be verified before training starts: manifests
+with a default). ``training.checks.check_config`` verifies what can be verified before training starts: manifests
 exist, architectures are known to timm, loss weights make sense, pretrained files exist.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,110 +269,6 @@ def replay_spec(text: str) -> tuple[str, float]:
     if not Path(path).is_file():
         raise ConfigError(f"data.replay: {path} not found")
     return path, fraction
-
-
-def check_family_fields(e: ExpertConfig, where: str) -> None:
-    """The expert's family and its own fields, checked by the family itself (the validator bundles use too)."""
-    from inference.bundle import BundleError, FAMILIES, family_of
-
-    if e.family not in FAMILIES:
-        raise ConfigError(f"{where}.family: must be one of {', '.join(FAMILIES)}")
-    owned = {k: getattr(e, k, None) for f in FAMILIES.values() for k in f.fields}
-    raw = {k: list(v) if isinstance(v, tuple) else v for k, v in owned.items()}
-    try:
-        family_of(e.family).parse(raw, where)
-    except BundleError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Everything that can fail before training, failing now with the key in the message."""
-    import timm
-
-    from inference.bundle import MAX_CROPS, PREPROCESS_MODES
-
-    if not cfg.data.manifest:
-        raise ConfigError("data.manifest: no manifest given (data.manifest=PATH)")
-    if cfg.data.replay:
-        replay_spec(cfg.data.replay)
-    for m in cfg.data.manifest:
-        if not Path(m).is_file():
-            raise ConfigError(f"data.manifest: {m} not found")
-    names = set()
-    for i, e in enumerate(cfg.experts):
-        if not timm.is_model(e.arch):
-            raise ConfigError(f"experts.{i}.arch: unknown timm architecture '{e.arch}'")
-        if e.preprocess not in PREPROCESS_MODES:
-            raise ConfigError(f"experts.{i}.preprocess: must be one of {', '.join(PREPROCESS_MODES)}")
-        if e.preprocess == "tiles" and not (1 <= e.crops <= MAX_CROPS and math.isqrt(e.crops) ** 2 == e.crops):
-            raise ConfigError(f"experts.{i}.crops: a square number of crops (1, 4, 9, ...) up to {MAX_CROPS}, "
-                              f"got {e.crops}")
-        check_family_fields(e, f"experts.{i}")
-        if e.input_size is not None and not 16 <= e.input_size <= 2048:
-            raise ConfigError(f"experts.{i}.input_size: {e.input_size} is out of range 16..2048")
-        if e.weight < 0:
-            raise ConfigError(f"experts.{i}.weight: must be >= 0")
-        if e.lr is not None and not e.lr > 0:
-            raise ConfigError(f"experts.{i}.lr: must be a number > 0, got {e.lr}")
-        from .finetune import check_partial
-
-        why = check_partial(e.arch, e.family, e.freeze, e.layer_decay, f"experts.{i}")
-        if why:
-            raise ConfigError(why)
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-        if e.pretrained and e.pretrained.startswith("pkg:"):
-            from inference.pretrained import SOURCES, package_file
-
-            source = SOURCES.get(e.pretrained[4:])
-            if source is None:
-                raise ConfigError(f"experts.{i}.pretrained: unknown weight package {e.pretrained} (see `dfx backbones`)")
-            if source.arch != e.arch:
-                raise ConfigError(f"experts.{i}.pretrained: {e.pretrained} holds weights for {source.arch}, "
-                                  f"not {e.arch}")
-            if package_file(source) is None:
-                raise ConfigError(f"experts.{i}.pretrained: {e.pretrained} is not installed: {source.pip}")
-        elif e.pretrained and not Path(e.pretrained).exists() and offline:
-            raise ConfigError(f"experts.{i}.pretrained: {e.pretrained} is not a local file or folder, and the "
-                              "model hub is offline (HF_HUB_OFFLINE)")
-        if e.init_from:
-            from .init_from import resolve_parent
-
-            resolve_parent(e, i)
-        name = expert_name(e)
-        if name in names:
-            raise ConfigError(f"experts.{i}: two experts are named '{name}'; set experts.{i}.name")
-        names.add(name)
-    lw = cfg.loss
-    for k in ("ce", "kl", "nce"):
-        v = getattr(lw, k)
-        if not (v >= 0) or v != v:
-            raise ConfigError(f"loss.{k}: must be a number >= 0, got {v}")
-    if lw.ce + lw.kl + lw.nce <= 0 or lw.ce == 0 and lw.nce == 0:
-        raise ConfigError("loss: at least one of loss.ce or loss.nce must be > 0 (KL alone learns nothing)")
-    if not 0 <= lw.label_smoothing < 1:
-        raise ConfigError("loss.label_smoothing: must be in [0, 1)")
-    if lw.kl_temperature <= 0 or lw.nce_temperature <= 0:
-        raise ConfigError("loss.kl_temperature and loss.nce_temperature: must be > 0")
-    t = cfg.train
-    if t.epochs < 1 or t.batch_size < 2 or t.grad_accum < 1:
-        raise ConfigError("train: epochs >= 1, batch_size >= 2 and grad_accum >= 1 are required")
-    if not 0 <= t.ema_decay < 1:
-        raise ConfigError("train.ema_decay: must be in [0, 1)")
-    if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-        raise ConfigError("train.mixed_precision: auto, no, bf16 or fp16")
-    if cfg.optim.name not in ("adamw", "sgd", "adam", "lamb"):
-        raise ConfigError(f"optim.name: unknown optimiser '{cfg.optim.name}' (adamw, adam, sgd, lamb)")
-    if cfg.optim.lr <= 0:
-        raise ConfigError("optim.lr: must be > 0")
-    if cfg.optim.schedule not in ("cosine", "constant"):
-        raise ConfigError("optim.schedule: cosine or constant")
-    if cfg.decision.rule not in ("youden", "fpr"):
-        raise ConfigError("decision.rule: youden or fpr")
-    a = cfg.augment
-    if not 1 <= a.jpeg_quality[0] <= a.jpeg_quality[1] <= 100:
-        raise ConfigError("augment.jpeg_quality: [low, high] within 1..100")
-    if not 0 < a.rescale[0] <= a.rescale[1]:
-        raise ConfigError("augment.rescale: [low, high] with 0 < low <= high")
 
 
 def expert_name(e: ExpertConfig) -> str:

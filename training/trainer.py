@@ -26,7 +26,8 @@ from inference.files import write_atomic
 from inference.manifest import manifest_sha256, read_manifest, write_manifest
 
 from .checkpoint import CSVTracker
-from .config import ConfigError, TrainConfig, check_config, expert_name, replay_spec
+from .checks import check_config
+from .config import ConfigError, TrainConfig, expert_name, replay_spec
 from .loop import train_expert
 from .metrics import choose_decision, metrics_by_source, per_source_markdown, save_metrics, save_roc_png
 from .rows import read_rows, split_rows

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BundleError
-from . import Family, no_extra_fields, register
+from .base import Family, no_extra_fields, register
 from .probe import MAX_STAGE, build_features_net, load_features_backbone
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BundleError
-from . import Family, no_extra_fields, register
+from .base import Family, no_extra_fields, register
 
 MAX_STAGE = 5            #: a CNN's timm feature indices (the patch family cuts there too)
 MAX_PROBE_STAGE = 64     #: a probe on a ViT reads blocks (ViT-B: 0..11, 12 = the embedding); checked at build

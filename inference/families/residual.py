@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BundleError
-from . import Family, no_extra_fields, register
+from .base import Family, no_extra_fields, register
 
 STEMS = ("npr", "srm")  # residual_stem.STEMS (kept here so reading a bundle imports no torch)
 
