@@ -20,14 +20,9 @@ Layout (``weights/<name>/``)::
      "tta": ["hflip"],     # optional: test-time views added to the image as it is (inference/tta.py)
      "threshold_rule": "how the threshold was chosen", "provenance": {...}}
 
-Format 1.1 adds ``tiles`` preprocessing and the ``residual`` family (inference/families/residual_stem.py) to 1.0; 1.2 adds
-the ``probe`` family (``stages``; inference/families/probe.py); 1.3 adds ``tta``; 1.4 the ``patch`` family
-(inference/families/patch.py); 1.5 probes on a Vision Transformer's blocks (CLIP) and weight files whose frozen
-linear weights are stored packed as INT8 rows and scales (inference/clip_onnx.py). Older bundles read unchanged,
-and an older reader refuses a newer bundle's new mode or family by name (a 1.2 reader would ignore ``tta``
-and score without it: scores move by a little, verdicts rarely). Bundles are written in the oldest format
-that holds them. Each family's own fields are checked by its
-module in ``inference/families/``.
+Versions 1.1 to 1.5 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
+read unchanged, an older reader refuses a newer family or mode by name, and bundles are written in the oldest
+format that holds them.
 
 Loading is strict: the format version, every field's type, every file's presence and SHA-256 are
 checked, and any problem raises :class:`BundleError` with the file and the problem in its message.
