@@ -12,7 +12,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Data preparation: manifests from folders, more fakes (Stable Diffusion, image edits), "
                                    "embeddings, FAISS clustering into cluster-disjoint folds.")
     verbs = p.add_subparsers(dest="prepare_verb", metavar="STEP", required=True)
+    _add_index(verbs)
+    _add_merge(verbs)
+    _add_diffuse(verbs)
+    _add_edit(verbs)
+    _add_simulate(verbs)
+    _add_tiny_sd(verbs)
+    _add_embed(verbs)
+    _add_faces(verbs)
+    _add_cluster(verbs)
 
+
+def _add_index(verbs: argparse._SubParsersAction) -> None:
     ix = verbs.add_parser("index", help="a manifest from folders of images",
                           description="Write a manifest with one row per image file under the folders (recursive).")
     ix.add_argument("folders", nargs="+", metavar="DIR")
@@ -24,12 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     ix.add_argument("-o", "--output", required=True, help="manifest CSV to write")
     ix.set_defaults(func=_index)
 
+
+def _add_merge(verbs: argparse._SubParsersAction) -> None:
     mg = verbs.add_parser("merge", help="concatenate manifests", description="Concatenate manifests; paths are "
                           "re-rooted to the output's folder and extra columns kept.")
     mg.add_argument("inputs", nargs="+", metavar="MANIFEST")
     mg.add_argument("-o", "--output", required=True)
     mg.set_defaults(func=_merge)
 
+
+def _add_diffuse(verbs: argparse._SubParsersAction) -> None:
     df = verbs.add_parser("diffuse", help="more fakes from Stable Diffusion (txt2img, img2img, inpaint)",
                           description="Generate fakes with a diffusers pipeline loaded from a local folder (or a hub id "
                                       "where a hub is reachable). img2img and inpaint start from the reals (inpaint masks "
@@ -52,6 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     df.add_argument("--device", default="auto")
     df.set_defaults(func=_diffuse)
 
+
+def _add_edit(verbs: argparse._SubParsersAction) -> None:
     ed = verbs.add_parser("edit", help="fakes from image edits: splice, copy-move, inpaint, resample, blur_region",
                           description="Manipulate real images without a generator; each output has its mask (the only "
                                       "pixels changed) and a manifest row with kind=edit, parent and parameters.")
@@ -66,6 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("--max-side", type=int, default=1024, help="downscale larger reals first (default 1024)")
     ed.set_defaults(func=_edit)
 
+
+def _add_simulate(verbs: argparse._SubParsersAction) -> None:
     sm = verbs.add_parser("simulate", help="fakes carrying a decoder's up-sampling fingerprint (auto-encoded reals)",
                           description="Pass real images through small auto-encoders whose decoders up-sample (transposed "
                                       "convolutions, nearest or bilinear + conv, pixel-shuffle), briefly trained to "
@@ -87,6 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sm.add_argument("--max-side", type=int, default=1024, help="downscale larger reals first (default 1024)")
     sm.set_defaults(func=_simulate)
 
+
+def _add_tiny_sd(verbs: argparse._SubParsersAction) -> None:
     ts = verbs.add_parser("tiny-sd", help="write a tiny Stable Diffusion pipeline built from configs (random weights)",
                           description="Write a ~6 MB diffusers pipeline with random weights, built from configs (no "
                                       "download), loadable offline by path: for smoke tests and the demo. Its images are "
@@ -95,6 +116,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ts.add_argument("--seed", type=int, default=0)
     ts.set_defaults(func=_tiny_sd)
 
+
+def _add_embed(verbs: argparse._SubParsersAction) -> None:
     em = verbs.add_parser("embed", help="one embedding per image (resumable)",
                           description="Embed every row of a manifest into a .npy matrix aligned with its rows, in "
                                       "DataLoader workers, written in chunks through a memory map; a rerun resumes.")
@@ -107,6 +130,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     em.add_argument("--device", default="auto")
     em.set_defaults(func=_embed)
 
+
+def _add_faces(verbs: argparse._SubParsersAction) -> None:
     fc = verbs.add_parser("faces", help="a manifest of face crops (for training experts on faces)",
                           description="Find the faces in every row's image (MTCNN; OpenCV Haar without its weights), cut "
                                       "each as the upright square `dfx predict --faces` scores, save it as PNG, and write "
@@ -119,6 +144,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     fc.add_argument("--min-confidence", type=float, default=0.9, help="MTCNN confidence to keep a face (default 0.9)")
     fc.set_defaults(func=_faces)
 
+
+def _add_cluster(verbs: argparse._SubParsersAction) -> None:
     cl = verbs.add_parser("cluster", help="FAISS k-means and cluster-disjoint, balanced folds",
                           description="Spherical FAISS k-means on the features (GPU when faiss-gpu is installed), then "
                                       "whole clusters dealt to folds, keeping every fake with its parent real image, "

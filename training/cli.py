@@ -11,6 +11,14 @@ from .perturb import STANDARD
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _add_train(sub)
+    _add_export(sub)
+    _add_demo(sub)
+    _add_evaluate(sub)
+    _add_select(sub)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train the experts of a config (CE + KL + NCE, Accelerate, EMA)",
                        description="Train every expert listed in CONFIG.yaml, one after another, then choose the "
                                    "ensemble's threshold on out-of-fold predictions. Overrides are dotted keys: "
@@ -28,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "one continues from its last checkpoint")
     t.set_defaults(func=_train)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser("export", help="write a bundle from a finished training run",
                        description="Write weights/NAME from a run of `dfx train`: EMA weights, checksums, the "
                                    "out-of-fold threshold and uncertain band, and provenance (config, manifest hash, "
@@ -41,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "scores move by about 1e-3)")
     x.set_defaults(func=_export)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     dm = sub.add_parser("demo", help="the whole pipeline on real photographs, on this CPU, in minutes",
                         description="Build reals from photographs shipped by installed packages, make fakes (edits, a "
                                     "tiny Stable Diffusion built from configs), embed and cluster into folds, train two "
@@ -51,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     dm.add_argument("--quick", action="store_true", help="fewer images, 64 px, one epoch (about a minute or two)")
     dm.set_defaults(func=_demo)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="score a labelled manifest with a bundle; metrics, per-source table, ROC",
                        description="Score every row of MANIFEST with the bundle through the inference core and write "
                                    "predictions.csv, metrics.json (AUC, AP, accuracy, EER, TPR at 5/1/0.1%% FPR, ECE, "
@@ -78,6 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(comma-separated), all (the 6-view set) or none; compare with a run without it")
     e.set_defaults(func=_evaluate)
 
+
+def _add_select(sub: argparse._SubParsersAction) -> None:
     from .select import STRATEGIES
 
     sl = sub.add_parser("select", help="choose which unlabelled images to label next (active learning)",
