@@ -433,7 +433,7 @@ def test_web_page_survives_a_loading_broken_or_hostile_api(hostile_api, tiny_bun
 
 def test_web_page_refuses_cross_site_posts_and_reports_16bit_images(tiny_bundle, tmp_path, odd_images):
     from webui.app import create_app as web_app
-    from webui.app import render_report
+    from webui.report import render_report
 
     client = web_app({"api_url": "http://127.0.0.1:9"}).test_client()
     upload = {"image": (io.BytesIO(odd_images["rgb.jpg"].read_bytes()), "a.jpg")}

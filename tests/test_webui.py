@@ -272,7 +272,7 @@ def test_faces_option_lists_and_draws_each_face(client):
     drawn = Image.open(io.BytesIO(base64.b64decode(body["faces_png"].split(",", 1)[1])))
     assert drawn.size == (512, 512)
     x1, y1, x2, y2 = (round(v) for v in body["faces"][0]["box"])
-    from webui.app import COLOURS
+    from webui.report import COLOURS
 
     edge = np.asarray(drawn.convert("RGB"))[y1 + 2:y2 - 2, x1]
     assert (edge == np.array(COLOURS[body["faces"][0]["label"]])).all(), "the box is drawn in its verdict's colour"

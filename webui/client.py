@@ -1,0 +1,138 @@
+"""The API as the site sees it: a small HTTP client (standard library, with a timeout) that distrusts every answer."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import urllib.error
+import urllib.request
+from typing import Any
+
+from .config import UserError, WebConfig
+
+log = logging.getLogger("dfx.webui")
+
+
+API_ERROR_TEXT = {
+    "not_an_image": "This file is not an image the service can read (JPEG, PNG, WEBP, BMP, GIF or TIFF).",
+    "corrupt_image": "This image is damaged or incomplete, so it cannot be checked. Try the original file.",
+    "empty_image": "The file is empty.",
+    "image_too_large": "The image has too many pixels for the detection service.",
+    "payload_too_large": "The file is too large for the detection service.",
+    "unauthorized": "The site could not sign in to the detection service (API key). Tell the site's operator.",
+    "model_loading": "The detection model is still starting. Try again in a few seconds.",
+    "model_unavailable": "The detection model is not available right now. Tell the site's operator.",
+}
+
+
+#: The most the site reads of one API answer; a hostile or broken API cannot make it buffer more.
+MAX_API_ANSWER_BYTES = 8 * 1024 * 1024
+#: The most faces a verdict may list (the API scores at most 16).
+MAX_FACES = 16
+#: The most experts a verdict may list (the page and the report show each one).
+MAX_EXPERTS = 64
+LABELS = ("fake", "real", "uncertain")
+
+
+class ApiClient:
+    """POSTs to the JSON API with a timeout; turns every failure into a :class:`UserError`."""
+
+    def __init__(self, cfg: WebConfig) -> None:
+        self.cfg = cfg
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.cfg.api_url.rstrip("/") + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.cfg.api_key:
+            req.add_header("Authorization", f"Bearer {self.cfg.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.cfg.timeout) as resp:
+                raw = resp.read(MAX_API_ANSWER_BYTES + 1)
+                if len(raw) > MAX_API_ANSWER_BYTES:
+                    raise UserError(502, "api_bad_answer", "The detection service gave an answer the site cannot read.")
+                answer = json.loads(raw.decode())
+                if not isinstance(answer, dict):
+                    raise ValueError("the answer is not a JSON object")
+                return answer
+        except urllib.error.HTTPError as exc:
+            try:
+                err = json.loads(exc.read(64 * 1024).decode()).get("error", {})
+            except (ValueError, AttributeError, OSError):
+                err = {}
+            if not isinstance(err, dict):  # e.g. a string: read nothing from it
+                err = {}
+            code = err.get("code") if isinstance(err.get("code"), str) else "api_error"
+            message = err.get("message") if isinstance(err.get("message"), str) else None
+            text = API_ERROR_TEXT.get(code) or (message or "")[:300] or f"The detection service answered {exc.code}."
+            status = exc.code if exc.code in (400, 413, 415, 422) else 502
+            raise UserError(status, code, text) from exc
+        except (TimeoutError, socket.timeout) as exc:
+            raise UserError(504, "api_timeout", f"The detection service did not answer within {self.cfg.timeout:g} "
+                                                "seconds. Try again, or try a smaller image.") from exc
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, (TimeoutError, socket.timeout)):
+                raise UserError(504, "api_timeout", f"The detection service did not answer within "
+                                                    f"{self.cfg.timeout:g} seconds. Try again later.") from exc
+            raise UserError(502, "api_unreachable", "The detection service cannot be reached right now. "
+                                                    "Try again in a minute; if it persists, tell the site's operator.") from exc
+        except (ValueError, OSError) as exc:
+            raise UserError(502, "api_bad_answer", "The detection service gave an answer the site cannot read.") from exc
+
+    def predict(self, image: bytes, faces: bool = False, explain: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"image": base64.b64encode(image).decode()}
+        if faces:
+            body["faces"] = True
+        if explain:
+            body["explain"] = True
+        return clean_result(self._call("POST", "/predict", body))
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/healthcheck", timeout=min(5.0, self.cfg.timeout))
+
+
+def clean_result(answer: dict[str, Any]) -> dict[str, Any]:
+    """Only the fields the page shows, with their types and sizes checked: the site never trusts the
+    API's answer to be small or well-formed (200 000 experts would size the report at gigabytes)."""
+    bad = UserError(502, "api_bad_answer", "The detection service gave an answer the site cannot read.")
+    try:
+        score = float(answer["result"])
+    except (KeyError, TypeError, ValueError):
+        raise bad from None
+    if not 0.0 <= score <= 1.0:
+        raise bad
+    experts = answer.get("experts") or {}
+    if not isinstance(experts, dict) or len(experts) > MAX_EXPERTS:
+        raise bad
+    try:
+        experts = {str(k)[:80]: float(v) for k, v in experts.items()}
+        threshold = float(answer.get("threshold", 0.5))
+    except (TypeError, ValueError):
+        raise bad from None
+    label = answer.get("label") if answer.get("label") in LABELS else "uncertain"
+    heatmap = answer.get("heatmap")
+    if not (isinstance(heatmap, str) and heatmap.startswith("data:image/png;base64,")):
+        heatmap = None
+    faces = None
+    if answer.get("faces") is not None:
+        raw = answer["faces"]
+        if not isinstance(raw, list):
+            raise bad
+        faces = []
+        try:
+            for f in raw[:MAX_FACES]:
+                box = [float(v) for v in f["box"]][:4]
+                fscore = float(f["score"])
+                if len(box) != 4 or not 0.0 <= fscore <= 1.0:
+                    raise bad
+                faces.append({"box": box, "score": fscore, "confidence": float(f.get("confidence", 0.0)),
+                              "label": f.get("label") if f.get("label") in LABELS else "uncertain"})
+            whole = float(answer.get("whole_score", score))
+        except (KeyError, TypeError, ValueError):
+            raise bad from None
+    return {"result": score, "label": label, "experts": experts, "threshold": threshold,
+            "model": str(answer.get("model", "?"))[:200], "heatmap": heatmap, "faces": faces,
+            **({"whole_score": whole} if faces is not None else {})}

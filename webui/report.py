@@ -1,0 +1,153 @@
+"""The pictures the site draws: faces boxed on the image, and the downloadable PNG report."""
+
+from __future__ import annotations
+
+import base64
+import io
+from datetime import datetime, timezone
+from typing import Any
+
+from .client import MAX_EXPERTS
+
+
+COLOURS = {"fake": (176, 0, 32), "real": (0, 110, 55), "uncertain": (150, 90, 0)}
+
+
+def faces_image(data: bytes, faces: list[dict[str, Any]], max_side: int = 720) -> bytes | None:
+    """The image with each face's box drawn in its verdict's colour and numbered, as PNG (None when Pillow
+    cannot read the image). Boxes are in the pixels of the image as shown (EXIF rotation applied)."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as src:
+            img = ImageOps.exif_transpose(src).convert("RGB")
+    except Exception:
+        return None
+    scale = min(1.0, max_side / max(img.size))
+    if scale < 1.0:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=16)
+    width = max(2, round(max(img.size) / 200))
+    for k, f in enumerate(faces, start=1):
+        x1, y1, x2, y2 = (v * scale for v in f["box"])
+        colour = COLOURS.get(f["label"], (0, 0, 0))
+        d.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+        tag = f"{k}: {f['score']:.2f}"
+        d.rectangle([x1, max(0, y1 - 20), x1 + 8 + 9 * len(tag), max(0, y1 - 20) + 20], fill=colour)
+        d.text((x1 + 4, max(0, y1 - 20) + 1), tag, font=font, fill=(255, 255, 255))
+    out = io.BytesIO()
+    img.save(out, "PNG", optimize=True)
+    return out.getvalue()
+
+
+def _heatmap_image(url: Any, max_side: int) -> Any:
+    """The API's heatmap (a PNG data URL, already checked by :func:`clean_result`) as an RGB image at most
+    ``max_side`` wide, or None when there is none or it does not decode."""
+    from PIL import Image
+
+    if not (isinstance(url, str) and url.startswith("data:image/png;base64,")):
+        return None
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1], validate=True))) as src:
+            if src.format != "PNG" or src.width * src.height > 4_000_000:
+                return None
+            img = src.convert("RGB")
+    except Exception:  # an answer the report cannot use: the report goes without it
+        return None
+    if img.width > max_side:
+        img = img.resize((max_side, max(1, round(img.height * max_side / img.width))))
+    return img
+
+
+def _thumbnail(data: bytes) -> Any:
+    """A 360-px RGB thumbnail, or None when Pillow cannot read the image. High-bit-depth images (16-bit,
+    float) are scaled to 8 bits first; a plain ``convert("RGB")`` clips them to white."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as src:
+        src.seek(0)
+        img = ImageOps.exif_transpose(src)
+        img.thumbnail((360, 360))
+        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            hi = img.getextrema()[1] if img.mode == "I" else 65535
+            img = img.convert("I").point(lambda v: v * (255 / 65535) if hi > 255 else v).convert("L")
+        elif img.mode == "F":
+            hi = img.getextrema()[1]
+            img = img.point(lambda v: v * 255 if hi <= 1.0 else v).convert("L")
+        return img.convert("RGB")
+
+
+def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: str) -> bytes:
+    """A one-page PNG report: thumbnail, verdict, score bar, experts, model, date and SHA-256."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    W, pad = 900, 32
+    font = ImageFont.load_default(size=18)
+    big = ImageFont.load_default(size=34)
+    small = ImageFont.load_default(size=15)
+    try:
+        thumb = _thumbnail(data)
+    except Exception:  # the API read it; if Pillow cannot, the report goes without a thumbnail
+        thumb = None
+    experts = dict(list(result.get("experts", {}).items())[:MAX_EXPERTS])
+    faces = result.get("faces") or []
+    if faces and thumb is not None:  # the boxes, drawn on the thumbnail as on the page
+        from PIL import ImageDraw as _Draw
+
+        with Image.open(io.BytesIO(data)) as src:
+            from PIL import ImageOps
+
+            shown = ImageOps.exif_transpose(src).size
+        sx = thumb.width / shown[0]
+        td = _Draw.Draw(thumb)
+        for k, f in enumerate(faces, start=1):
+            td.rectangle([v * sx for v in f["box"]], outline=COLOURS.get(f["label"], (0, 0, 0)), width=3)
+            td.text((f["box"][0] * sx + 3, f["box"][1] * sx + 2), str(k), fill=COLOURS.get(f["label"], (0, 0, 0)))
+    heat = _heatmap_image(result.get("heatmap"), max_side=W - 2 * pad)
+    H = 760 + 28 * len(experts) + 24 * len(faces) + (heat.height + 60 if heat is not None else 0)
+    page = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(page)
+    colours = {"fake": (176, 0, 32), "real": (0, 110, 55), "uncertain": (150, 90, 0)}
+    label = result.get("label", "uncertain")
+    d.text((pad, pad), "deepfake-experts report", font=font, fill=(40, 40, 40))
+    if thumb is not None:
+        page.paste(thumb, (pad, pad + 40))
+    x = pad + 380
+    d.text((x, pad + 36), str(label).upper(), font=big, fill=colours.get(label, (0, 0, 0)))
+    d.text((x, pad + 80), {"fake": "Likely generated or manipulated", "real": "Likely a real photograph",
+                           "uncertain": "The detector is not sure"}.get(label, ""), font=font, fill=(20, 20, 20))
+    score = float(result.get("result", 0.0))
+    d.text((x, pad + 110), f"fake probability {score:.3f} (threshold {float(result.get('threshold', 0.5)):.3f})",
+           font=font, fill=(20, 20, 20))
+    d.rectangle([x, pad + 140, x + 440, pad + 160], outline=(60, 60, 60))
+    d.rectangle([x, pad + 140, x + int(440 * score), pad + 160], fill=colours.get(label, (0, 0, 0)))
+    y = pad + 185
+    d.text((x, y), "experts", font=font, fill=(40, 40, 40))
+    for name, p in experts.items():
+        y += 28
+        d.text((x, y), f"{name}: {float(p):.3f}", font=small, fill=(40, 40, 40))
+    if result.get("faces") is not None:
+        y += 40
+        d.text((x, y), f"faces: {len(faces)}" + (" (none found: scored whole)" if not faces else
+                                                  f" (score = max of whole image "
+                                                  f"{float(result.get('whole_score', score)):.3f} and faces)"),
+               font=small, fill=(40, 40, 40))
+        for k, f in enumerate(faces, start=1):
+            y += 24
+            d.text((x, y), f"face {k}: {f['score']:.3f} {f['label']}  box {', '.join(str(round(v)) for v in f['box'])}",
+                   font=small, fill=COLOURS.get(f["label"], (40, 40, 40)))
+    y = max(y + 40, pad + 420)
+    if heat is not None:  # where the detector looked, as the page shows it
+        d.text((pad, y), "where the detector looked (tint: fake-probability of each region)", font=small,
+               fill=(40, 40, 40))
+        page.paste(heat, (pad, y + 24))
+        y += heat.height + 48
+    for line in (f"file: {filename}", f"SHA-256: {sha256}", f"model: {result.get('model', '?')}",
+                 f"date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}",
+                 "A score is a model's estimate, not proof. Detectors miss generators they never saw."):
+        d.text((pad, y), line, font=small, fill=(60, 60, 60))
+        y += 24
+    out = io.BytesIO()
+    page.crop((0, 0, W, min(H, y + pad))).save(out, "PNG", optimize=True)  # y: below the last line
+    return out.getvalue()
