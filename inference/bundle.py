@@ -82,6 +82,9 @@ class ExpertSpec:
     crops: int = 1                       #: ``tiles`` only: crops per image (a g×g grid)
     stem: str | None = None              #: ``residual`` family only: ``npr`` or ``srm``
     stages: tuple[int, ...] | None = None  #: ``probe``: the backbone's feature indices it reads; ``patch``: its cut
+    #: any other fields the expert's family declares (``Family.fields``), as its ``parse`` returned them; written at
+    #: the expert's top level in ``ensemble.json``, like ``stem`` and ``stages``
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def temperature(self) -> float:
@@ -106,6 +109,7 @@ class ExpertSpec:
             d.pop("stages")
         else:
             d["stages"] = list(self.stages)
+        d.update(d.pop("options"))
         return d
 
 
@@ -198,6 +202,7 @@ def _parse_expert(raw: Any, index: int, manifest: Path) -> ExpertSpec:
     if family not in FAMILIES:
         raise BundleError(f"{where}: unknown family '{family}' (this version knows {', '.join(FAMILIES)})")
     family_fields = family_of(family).parse(raw, where)
+    typed = {k: family_fields.pop(k) for k in ("stem", "stages") if k in family_fields}
     preprocess = _req(raw, "preprocess", str, where)
     if preprocess not in PREPROCESS_MODES:
         raise BundleError(f"{where}: unknown preprocess mode '{preprocess}' "
@@ -248,7 +253,7 @@ def _parse_expert(raw: Any, index: int, manifest: Path) -> ExpertSpec:
         name=name, family=family, arch=_req(raw, "arch", str, where), input_size=input_size,
         preprocess=preprocess, mean=_triple(raw, "mean", where), std=std, file=file, sha256=sha,
         weight=weight, model_kwargs=dict(model_kwargs),
-        calibration={"temperature": float(temperature)}, crops=int(crops), **family_fields,
+        calibration={"temperature": float(temperature)}, crops=int(crops), **typed, options=family_fields,
     )
 
 
@@ -362,7 +367,7 @@ def bundle_digest(spec: BundleSpec) -> str:
     """A short, stable identity of an ensemble: its experts' checksums, weights and decision rule."""
     ident = json.dumps(
         {"experts": [[e.name, e.sha256, e.weight, e.preprocess_key, e.calibration] + ([e.stem] if e.stem else [])
-                     + ([list(e.stages)] if e.stages else [])
+                     + ([list(e.stages)] if e.stages else []) + ([e.options] if e.options else [])
                      for e in spec.experts],
          "aggregate": spec.aggregate, "threshold": spec.threshold, "band": spec.uncertain_band,
          **({"tta": list(spec.tta)} if spec.tta else {})},  # TTA changes the scores, so it is part of the identity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from inference.errors import BundleError
 from inference.families import REGISTRY, Family, register
 
 from .test_train import write_config
@@ -37,14 +39,17 @@ def test_no_shared_module_branches_on_a_family():
 
 
 class ColourNet(nn.Module):
-    """A family's network in a few lines: each channel's mean and standard deviation, then a linear head."""
+    """A family's network in a few lines: each channel's mean (and, with ``moments=2``, its standard deviation),
+    then a linear head."""
 
-    def __init__(self) -> None:
+    def __init__(self, moments: int = 2) -> None:
         super().__init__()
-        self.head = nn.Linear(6, 2)
+        self.moments = moments
+        self.head = nn.Linear(3 * moments, 2)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+        stats = [x.mean(dim=(2, 3)), x.std(dim=(2, 3))][:self.moments]
+        return torch.cat(stats, dim=1)
 
     def forward_head(self, z: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return z if pre_logits else self.head(z)
@@ -58,10 +63,17 @@ class ColourNet(nn.Module):
 
 class ColourFamily(Family):
     name = "colour-test"
-    plain_timm = "not a timm model: per-channel mean and std, then 'head' (Linear(6, 2))"
+    plain_timm = "not a timm model: per-channel mean (and std with moments 2), then 'head' (Linear(3 * moments, 2))"
+    fields = ("moments",)  # a field of its own, in ensemble.json and in training configs (experts.N.options)
+
+    def parse(self, raw, where):
+        moments = raw.get("moments", 2)
+        if moments not in (1, 2):
+            raise BundleError(f"{where}.moments: 1 (mean) or 2 (mean and std), got {moments!r}")
+        return {"moments": moments}
 
     def create(self, spec, **train_kwargs):
-        return ColourNet()
+        return ColourNet(spec.options["moments"])
 
     def describe(self, spec) -> str:
         return "colour statistics"
@@ -83,18 +95,24 @@ def test_a_new_family_trains_exports_loads_and_scores(colour_family, tiny_datase
     import argparse
 
     from inference.cli.bundle import _info
-    from training.config import load_config
+    from training.config import ConfigError, load_config
     from training.export import export_run
     from training.trainer import train
 
+    expert = {"arch": "convnext_atto", "family": "colour-test", "input_size": 64, "val_fold": 0}
+    for options, message in (({"moments": 5}, "experts.0.moments: 1 (mean) or 2"),
+                             ({"bins": 3}, "family 'colour-test' takes no field bins")):
+        bad = write_config(tmp_path / "bad.yaml", tiny_dataset, tmp_path / "bad", experts=[{**expert, "options": options}])
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            train(load_config(bad))
     cfg_path = write_config(tmp_path / "cfg.yaml", tiny_dataset, tmp_path / "run",
-                            experts=[{"arch": "convnext_atto", "family": "colour-test", "input_size": 64,
-                                      "val_fold": 0}], train__epochs=2)
+                            experts=[{**expert, "options": {"moments": 1}}], train__epochs=2)
     run = train(load_config(cfg_path))
     bundle = tmp_path / "bundle"
     export_run(run, bundle)
     spec = read_spec(bundle)
-    assert [e.family for e in spec.experts] == ["colour-test"]
+    assert [(e.family, e.options) for e in spec.experts] == [("colour-test", {"moments": 1})]
+    assert json.loads((bundle / "ensemble.json").read_text())["experts"][0]["moments"] == 1
     det = Detector(bundle, device="cpu")
     assert isinstance(det.models[spec.experts[0].name], ColourNet)
     images = [odd_images["rgb.jpg"], odd_images["rgb.bmp"]]
@@ -103,7 +121,7 @@ def test_a_new_family_trains_exports_loads_and_scores(colour_family, tiny_datase
     # the same numbers as the family's module read by hand from the file
     from safetensors.torch import load_file
 
-    net = ColourNet()
+    net = ColourNet(moments=1)
     net.load_state_dict(load_file(str(bundle / spec.experts[0].file)))
     x = det.preprocessor.prepare(images[0])[spec.experts[0].preprocess_key][None]
     with torch.no_grad():

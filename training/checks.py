@@ -16,10 +16,17 @@ def check_family_fields(e: ExpertConfig, where: str) -> None:
 
     if e.family not in FAMILIES:
         raise ConfigError(f"{where}.family: must be one of {', '.join(FAMILIES)}")
-    owned = {k: getattr(e, k, None) for f in FAMILIES.values() for k in f.fields}
-    raw = {k: list(v) if isinstance(v, tuple) else v for k, v in owned.items()}
+    if not isinstance(e.options, dict):
+        raise ConfigError(f"{where}.options: must be a mapping of the family's own fields, got {e.options!r}")
+    family = family_of(e.family)
+    unknown = sorted(set(e.options) - set(family.fields))
+    if unknown:
+        raise ConfigError(f"{where}.options: family '{e.family}' takes no field {', '.join(unknown)} "
+                          f"(its fields: {', '.join(family.fields) or 'none'})")
+    owned = {k: getattr(e, k, None) for f in FAMILIES.values() for k in f.fields if hasattr(e, k)}
+    raw = {k: list(v) if isinstance(v, tuple) else v for k, v in {**owned, **e.options}.items()}
     try:
-        family_of(e.family).parse(raw, where)
+        family.parse(raw, where)
     except BundleError as exc:
         raise ConfigError(str(exc)) from None
 

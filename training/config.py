@@ -37,6 +37,7 @@ class ExpertConfig:
     name: str | None = None              #: default: arch, or arch-f<fold>
     family: str = "timm"                 #: timm | residual (fixed residual stem) | probe (frozen stages + head) | patch
     stem: str | None = None              #: residual family: npr | srm (see inference.families.residual_stem)
+    options: dict[str, Any] = field(default_factory=dict)  #: any other fields the family declares (Family.fields)
     input_size: int | None = None        #: default: the arch's own
     preprocess: str = "squash"           #: squash | crop | tiles (native-resolution crops; see inference.preprocess)
     crops: int = 9                       #: tiles: crops scored per image at validation and inference (square)

@@ -34,6 +34,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
                                   model_kwargs=info.get("model_kwargs", {}), family=info.get("family", "timm"),
                                   stem=info.get("stem"),
                                   stages=tuple(info["stages"]) if info.get("stages") is not None else None,
+                                  options=dict(info.get("options") or {}),
                                   crops=int(info.get("crops", 1)) if info["preprocess"] == "tiles" else 1))
         state = load_file(str(final / "ema.safetensors"))
         if not half:  # the family's stored form, e.g. a probe's frozen INT8-sourced backbone stays INT8

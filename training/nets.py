@@ -68,7 +68,7 @@ def expert_spec(e: ExpertConfig, size: int, mean: Any, std: Any, model_kwargs: d
                       file=f"{expert_name(e)}.safetensors", sha256="0" * 64, family=e.family,
                       preprocess=e.preprocess, weight=e.weight, model_kwargs=dict(model_kwargs),
                       crops=e.crops if e.preprocess == "tiles" else 1, stem=e.stem,
-                      stages=tuple(e.stages) if e.stages is not None else None)
+                      stages=tuple(e.stages) if e.stages is not None else None, options=dict(e.options))
 
 
 def mode_key(e: ExpertConfig) -> str:
