@@ -20,15 +20,16 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
 from .bundle import BundleSpec, bundle_digest, check_files, check_work, image_work, read_spec
-from .experts import fake_probs, load_expert
+from .experts import fake_probs, read_expert, stored_state, with_stem
 from .images import DEFAULT_MAX_PIXELS, ImageError, Source
+from .publish import public_provenance
 from .pipeline import Decoded, analyse, decode, whole_items
 from .preprocess import PreprocessKey, Preprocessor
 
@@ -156,8 +157,10 @@ class Detector:
             log.info("batch size %d instead of %d: this bundle reads %.1f MP per image", self.batch_size,
                      int(batch_size), per_image / 1e6)
         self.digest = bundle_digest(self.spec)
-        loaded = {e.name: load_expert(e, self.bundle_dir).to(self.device).to(memory_format=torch.channels_last)
-                  for e in self.spec.experts}
+        #: each expert's stored module and what its file held, so :meth:`save_pretrained` writes the same files
+        self._stored = {e.name: read_expert(e, self.bundle_dir) for e in self.spec.experts}
+        loaded = {e.name: with_stem(e, module).eval().to(self.device).to(memory_format=torch.channels_last)
+                  for e, (module, _) in zip(self.spec.experts, self._stored.values())}
         from .families.probe_net import share_backbones
 
         #: probes on one frozen backbone (e.g. two CLIP probes) run it once per batch and hold it once in memory
@@ -173,6 +176,22 @@ class Detector:
         self._weights = {e.name: e.weight / total for e in self.spec.experts}
         log.info("loaded bundle %s (%s) with %d experts on %s", self.spec.name, self.digest,
                  len(self.models), self.device)
+
+    @classmethod
+    def from_pretrained(cls, bundle_dir: str | os.PathLike[str], **options: Any) -> "Detector":
+        """The Detector of a bundle folder (as diffusers' ``from_pretrained``; the same as ``Detector(dir)``)."""
+        return cls(bundle_dir, **options)
+
+    def save_pretrained(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> BundleSpec:
+        """Write the ensemble as it is loaded (its spec, with the test-time views in effect, and each expert's file
+        as read: dtypes and INT8 packing kept), atomically: ``Detector.from_pretrained(out_dir)`` scores exactly as
+        this one does, and an unchanged bundle is written byte for byte."""
+        from .bundle import write_bundle
+
+        if self.precision == "int8":
+            raise ValueError("a Detector quantised at load (precision int8) cannot be saved: load it in fp32")
+        states = {name: stored_state(module, stored) for name, (module, stored) in self._stored.items()}
+        return write_bundle(out_dir, self.spec, states, overwrite=overwrite)
 
     # -- description -------------------------------------------------------------------------
     @property
@@ -345,35 +364,6 @@ class Detector:
                         pred, (code, err) = None, NON_FINITE
                     yield ItemResult(paths[i], pred, err, code)
                 bar.update(len(batch))
-
-
-def _looks_like_path(text: str) -> bool:
-    """One token holding a folder separator (``runs/m.csv``, ``../shared/data/dev``, ``C:\\data``): a path. Text
-    with spaces (a sentence naming a script) and URLs are not."""
-    return ("/" in text or "\\" in text) and "://" not in text and not any(c.isspace() for c in text)
-
-
-def _strip_paths(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip_paths(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strip_paths(v) for v in value]
-    if isinstance(value, str) and _looks_like_path(value):
-        return PureWindowsPath(value).name if "\\" in value else Path(value).name
-    return value
-
-
-def public_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
-    """A bundle's provenance as the API publishes it: where it was trained (``run_dir``, the run's output
-    folder) is dropped and every value that is a path (manifests, data folders, replay and init-from
-    bundles, pretrained weights), absolute or relative, is cut to its last part, so the exporter's file
-    system is not shown to the world. Hashes, metrics and ``pkg:`` names stay."""
-    out = dict(provenance)
-    out.pop("run_dir", None)
-    config = out.get("config")
-    if isinstance(config, dict):
-        out["config"] = {k: v for k, v in config.items() if k != "output"}
-    return _strip_paths(out)
 
 
 def default_workers() -> int:

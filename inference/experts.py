@@ -12,6 +12,7 @@ project turns a spec into a model, :func:`expert_forward` the one way it reads l
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +62,33 @@ def create_expert(spec: ExpertSpec, pretrained: str | None = None, **train_kwarg
     return family.load_pretrained(model, spec, pretrained) if pretrained else model
 
 
-def load_expert(spec: ExpertSpec, bundle_dir: str | os.PathLike[str]) -> nn.Module:
-    """Build the expert and load its safetensors file strictly (never a pickle). Eval mode."""
+@dataclass
+class StoredFile:
+    """What an expert's file held, beyond the values now in its module: each tensor's dtype (a ``--half`` file is
+    float16), and the packed INT8 tensors of a file that had them. Enough to write the same file again."""
+
+    dtypes: dict[str, torch.dtype]
+    packed: dict[str, torch.Tensor] | None = None
+
+
+def read_expert(spec: ExpertSpec, bundle_dir: str | os.PathLike[str]) -> tuple[nn.Module, StoredFile]:
+    """Build the module the expert's file holds (:func:`create_expert`) and load the safetensors file into it
+    strictly (never a pickle); a frozen backbone stored packed as INT8 is unpacked. Eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from .clip_onnx import is_packed, unpack
 
     path = Path(bundle_dir) / spec.file
     model = create_expert(spec)
     try:
-        state = load_file(str(path), device="cpu")
+        raw = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"{path}: not a readable safetensors file ({exc})") from exc
-    from .clip_onnx import is_packed, unpack
-
-    if is_packed(state):  # a frozen backbone from an INT8 source, stored as its exact INT8 numbers
+    state = raw
+    if is_packed(raw):  # a frozen backbone from an INT8 source, stored as its exact INT8 numbers
         try:
-            state = unpack(state)
+            state = unpack(raw)
         except ValueError as exc:
             raise BundleError(f"{path}: {exc}") from exc
     try:
@@ -85,7 +97,22 @@ def load_expert(spec: ExpertSpec, bundle_dir: str | os.PathLike[str]) -> nn.Modu
         first = str(exc).strip().splitlines()
         raise BundleError(f"{path}: weights do not fit '{spec.arch}' "
                           f"({' '.join(first[:3])[:400]})") from exc
-    return with_stem(spec, model).eval()
+    return model.eval(), StoredFile({k: v.dtype for k, v in state.items()}, raw if state is not raw else None)
+
+
+def stored_state(model: nn.Module, stored: StoredFile) -> dict[str, torch.Tensor]:
+    """The file :func:`read_expert` read, from the module's current values: the same tensors, dtypes and packing
+    (a frozen backbone whose values are unchanged is packed again, bit for bit)."""
+    from .clip_onnx import pack
+
+    own = model.state_dict()
+    state = {k: own[k].detach().to("cpu", dtype) for k, dtype in stored.dtypes.items()}
+    return pack(state, stored.packed) if stored.packed is not None else state
+
+
+def load_expert(spec: ExpertSpec, bundle_dir: str | os.PathLike[str]) -> nn.Module:
+    """What scores images for ``spec`` (:func:`with_stem` of :func:`read_expert`), loaded from its file. Eval mode."""
+    return with_stem(spec, read_expert(spec, bundle_dir)[0]).eval()
 
 
 def with_stem(spec: ExpertSpec, model: nn.Module) -> nn.Module:

@@ -216,3 +216,23 @@ def test_the_default_bundle_scores_as_the_code_that_wrote_it():
         assert got.label == want["label"], name
         assert got.score == pytest.approx(want["score"], abs=1e-6), name
         assert got.experts == pytest.approx(want["experts"], abs=1e-6), name
+
+
+def test_save_pretrained_writes_what_from_pretrained_reads(tiny_bundle, tmp_path, odd_images):
+    """Load and save are symmetric (as diffusers' from_pretrained / save_pretrained): the default bundle (a CLIP probe
+    stored as packed INT8) is written back byte for byte, and a bundle saved with test-time views in effect scores
+    as the Detector that saved it."""
+    root = Path(__file__).resolve().parent.parent / "weights" / "default"
+    det = Detector.from_pretrained(root, device="cpu")
+    again = det.save_pretrained(tmp_path / "default")
+    assert [e.sha256 for e in again.experts] == [e.sha256 for e in read_spec(root).experts]
+    assert again.to_json() == read_spec(root).to_json()
+
+    views = Detector(tiny_bundle, device="cpu", tta=["hflip"])
+    views.save_pretrained(tmp_path / "tta")
+    assert read_spec(tmp_path / "tta").tta == ("hflip",)
+    images = [odd_images["rgb.jpg"], odd_images["rgb.bmp"]]
+    assert [p.score for p in Detector(tmp_path / "tta", device="cpu").predict(images)] == \
+        [p.score for p in views.predict(images)]
+    with pytest.raises(BundleError, match="already exists"):
+        views.save_pretrained(tmp_path / "tta")
