@@ -29,9 +29,9 @@ from PIL import Image
 from .bundle import BundleSpec, bundle_digest, check_files, check_work, image_work, read_spec
 from .experts import fake_probs, read_expert, stored_state, with_stem
 from .images import DEFAULT_MAX_PIXELS, ImageError, Source
-from .publish import public_provenance
-from .pipeline import Decoded, analyse, decode, whole_items
+from .pipeline import Decoded, analyse, decode, flat_items
 from .preprocess import PreprocessKey, Preprocessor
+from .publish import public_provenance
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class Detector:
         micro-batcher; default :meth:`score_prepared`). An image whose faces were looked for gets the maximum of
         its whole-image score and its faces' (:data:`inference.faces.FACE_RULE`); one without a face keeps its
         whole-image score."""
-        preds = (forward or self.score_prepared)(whole_items(decoded))
+        preds = (forward or self.score_prepared)(flat_items(decoded))
         out, at = [], 0
         for d in decoded:
             n = len(d.items)

@@ -100,6 +100,6 @@ def analyse(det: "Detector", decoded: Decoded, prediction: "Prediction", max_sid
     return Analysis(prediction, expl, decoded)
 
 
-def whole_items(decoded: Sequence[Decoded]) -> list["Prepared"]:
+def flat_items(decoded: Sequence[Decoded]) -> list["Prepared"]:
     """Every input of ``decoded``, flat, in order (whole image, then its faces, per image)."""
     return [item for d in decoded for item in d.items]

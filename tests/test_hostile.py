@@ -73,6 +73,15 @@ print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) /
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _worker_hwm_mb(server: Server) -> int:
+    """The API worker's peak resident memory so far (MB): the serving process's first child."""
+    worker = int(Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()[0])
+    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no VmHWM")
+
+
 def test_thin_png_and_16bit_png_cost_bounded_memory(tiles_bundle, tmp_path):
     """A 193-byte 1×58000 PNG was up-scaled to 224×13M pixels (2.3 GB) before its crops were cut; a 7999²
     16-bit PNG went through a float64 copy (+1.8 GB). Now the thin one costs next to nothing and the 16-bit
@@ -108,20 +117,12 @@ def test_thin_png_through_the_api_keeps_the_worker_small(tiles_bundle, tmp_path)
     Image.new("L", (1, 58000), 128).save(thin)
     s = Server(tiles_bundle, tmp_path / "serve.log")
     try:
-        worker = int(Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split()[0])
-
-        def hwm() -> int:
-            for line in Path(f"/proc/{worker}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) // 1024
-            raise AssertionError("no VmHWM")
-
         requests.post(f"{s.url}/predict", json={"image": base64.b64encode(
             _png((300, 200))).decode()}, timeout=60).raise_for_status()
-        before = hwm()
+        before = _worker_hwm_mb(s)
         r = requests.post(f"{s.url}/predict", data=thin.read_bytes(), headers={"Content-Type": "image/png"}, timeout=60)
         assert r.status_code == 200 and 0 <= r.json()["result"] <= 1
-        assert hwm() - before < 300
+        assert _worker_hwm_mb(s) - before < 300
     finally:
         s.stop()
 
@@ -451,15 +452,6 @@ def test_web_page_refuses_cross_site_posts_and_reports_16bit_images(tiny_bundle,
     assert thumb.min() < 30 and thumb.max() > 220  # a ramp, not a blank white square
 
 
-def _worker_hwm_mb(server: Server) -> int:
-    """The API worker's peak resident memory so far (MB): the serving process's first child."""
-    worker = int(Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()[0])
-    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) // 1024
-    raise AssertionError("no VmHWM")
-
-
 def test_a_collage_of_faces_costs_what_a_photo_costs(tiny_bundle, tmp_path):
     """Issue 26, item 1: a 1920² JPEG tiled with 1600 tiny faces made MTCNN pass 12 700 candidates to R-Net and
     4 700 to O-Net in single batches: ~15 s and +2.5 GB per request. Now each stage keeps its most confident
@@ -569,7 +561,9 @@ def test_work_per_image_is_bounded_at_verify(tiles_bundle, tmp_path):
         read_spec(whole)
     # at the bound: allowed; one test-time view more: refused, also when asked for at load time
     edge = _edited(tiles_bundle, tmp_path / "edge", tiled(16, 512))
-    assert read_spec(edge).experts[0].crops * 512 ** 2 == 2048 ** 2
+    from inference.bundle import MAX_IMAGE_WORK, image_work
+
+    assert sum(image_work(read_spec(edge)).values()) == MAX_IMAGE_WORK  # read without error, at the bound exactly
     with pytest.raises(BundleError, match="× 2 test-time views"):
         read_spec(_edited(tiles_bundle, tmp_path / "edge-tta", tiled(16, 512, ["hflip"])))
     from inference import Detector

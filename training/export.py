@@ -38,7 +38,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
                                   crops=int(info.get("crops", 1)) if info["preprocess"] == "tiles" else 1))
         state = load_file(str(final / "ema.safetensors"))
         if not half:  # the family's stored form, e.g. a probe's frozen INT8-sourced backbone stays INT8
-            state = family_of(experts[-1].family).file_state(state, info.get("pretrained"))
+            state = family_of(info.get("family", "timm")).file_state(state, info.get("pretrained"))
         states[ename] = {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     decision = run["decision"]

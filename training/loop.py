@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from inference.bundle import ExpertSpec
 from inference.experts import arch_defaults, fake_probs
 from inference.families import get as family_of
 from inference.manifest import write_manifest
@@ -26,7 +27,7 @@ from .config import ExpertConfig, TrainConfig, expert_name
 from .data import EpochSampler, EvalDataset, Row, TrainDataset, collate_eval, collate_views
 from .losses import ProjectionHead, combined_loss
 from .metrics import metrics_by_source, save_metrics, save_roc_png
-from .nets import TrainNet, calibration_inputs, create_backbone, freeze_unreachable, make_stem, mode_key
+from .nets import TrainNet, calibration_inputs, create_backbone, expert_spec, freeze_unreachable, make_stem
 from .rows import split_rows
 
 log = logging.getLogger("dfx.train")
@@ -37,6 +38,7 @@ class ExpertRun:
     """What one expert's training holds between its steps."""
 
     e: ExpertConfig
+    spec: ExpertSpec  #: the expert as its bundle will describe it (file and hash filled in at export)
     index: int
     name: str
     edir: Path
@@ -93,17 +95,17 @@ def _model(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[str, A
     edir.mkdir(parents=True, exist_ok=True)
     d = arch_defaults(e.arch, e.input_size)
     train_rows, val_rows = split_rows(rows, e, index)
-    run = ExpertRun(e, index, name, edir, d["input_size"], tuple(d["mean"]), tuple(d["std"]), d["model_kwargs"],
-                    train_rows, val_rows)
+    spec = expert_spec(e, d["input_size"], d["mean"], d["std"], d["model_kwargs"])
+    run = ExpertRun(e, spec, index, name, edir, d["input_size"], tuple(d["mean"]), tuple(d["std"]),
+                    d["model_kwargs"], train_rows, val_rows)
     set_seed(cfg.seed + 1000 * index)
-    backbone = create_backbone(e, run.size, run.model_kwargs, index)
+    backbone = create_backbone(e, spec, index)
     family = family_of(e.family)
     if family.calibrates and not e.init_from:  # e.g. a new probe: its features standardised on the training images
-        family.calibrate(backbone.eval(), calibration_inputs(train_rows, run.size, e, run.mean, run.std,
-                                                             cfg.data.max_pixels))
+        family.calibrate(backbone.eval(), calibration_inputs(train_rows, spec, cfg.data.max_pixels))
     with torch.no_grad():
         feat_dim = family.outputs(backbone.eval(), torch.zeros(1, 3, run.size, run.size))[1].shape[1]
-    stem = make_stem(e)
+    stem = make_stem(spec)
     net = TrainNet(backbone, ProjectionHead(feat_dim, cfg.loss.proj_dim) if cfg.loss.nce else None, stem,
                    e.family).train()
     unreachable = freeze_unreachable(net, run.size)
@@ -137,7 +139,7 @@ def _data(cfg: TrainConfig, run: ExpertRun, max_size: int | None) -> None:
     run.loader = torch.utils.data.DataLoader(train_ds, batch_size=tc.batch_size, sampler=run.sampler,
                                              num_workers=workers, collate_fn=collate_views,
                                              generator=torch.Generator().manual_seed(seed))
-    pre = Preprocessor([(run.size, mode_key(e), run.mean, run.std)], max_pixels=cfg.data.max_pixels)
+    pre = Preprocessor([run.spec.preprocess_key], max_pixels=cfg.data.max_pixels)
     pre.min_decode_size = max_size  # decode exactly as the exported ensemble's Detector will (None: in full)
     run.val_loader = torch.utils.data.DataLoader(EvalDataset([to_row(r) for r in run.val_rows], pre),
                                                  batch_size=tc.batch_size * 2, num_workers=workers,

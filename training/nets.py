@@ -57,9 +57,9 @@ def freeze_unreachable(net: nn.Module, size: int) -> list[str]:
     return frozen
 
 
-def make_stem(e: ExpertConfig) -> nn.Module:
+def make_stem(spec: ExpertSpec) -> nn.Module:
     """The expert's fixed stem (no parameters) as its family defines it, or ``nn.Identity``."""
-    return family_of(e.family).stem(expert_spec(e, 0, (0.0,) * 3, (1.0,) * 3, {})) or nn.Identity()
+    return family_of(spec.family).stem(spec) or nn.Identity()
 
 
 def expert_spec(e: ExpertConfig, size: int, mean: Any, std: Any, model_kwargs: dict[str, Any]) -> ExpertSpec:
@@ -71,14 +71,7 @@ def expert_spec(e: ExpertConfig, size: int, mean: Any, std: Any, model_kwargs: d
                       stages=tuple(e.stages) if e.stages is not None else None, options=dict(e.options))
 
 
-def mode_key(e: ExpertConfig) -> str:
-    """The preprocessing key's mode part for this expert (``tiles:<crops>`` for tiled experts)."""
-    from inference.preprocess import mode_key as key
-
-    return key(e.preprocess, e.crops)
-
-
-def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any], index: int = 0) -> nn.Module:
+def create_backbone(e: ExpertConfig, spec: ExpertSpec, index: int = 0) -> nn.Module:
     """The module the expert's file will hold (:func:`inference.experts.create_expert`): pretrained backbone
     weights if given, or exactly a bundle expert's weights with ``init_from`` (training/init_from.py)."""
     from inference.experts import create_expert
@@ -90,9 +83,9 @@ def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any], in
         parent = resolve_parent(e, index)
         assert parent is not None
         # The module the parent's file is the state dict of, built for this run's input size and options.
-        spec = ExpertSpec(**{**parent.expert.__dict__, "input_size": size, "model_kwargs": dict(model_kwargs)})
-        return load_parent_weights(create_expert(spec), parent)
-    spec = expert_spec(e, size, (0.0,) * 3, (1.0,) * 3, model_kwargs)
+        build = ExpertSpec(**{**parent.expert.__dict__, "input_size": spec.input_size,
+                              "model_kwargs": dict(spec.model_kwargs)})
+        return load_parent_weights(create_expert(build), parent)
     train_kwargs = {"drop_path_rate": e.drop_path_rate} if e.drop_path_rate else {}
     try:
         return create_expert(spec, e.pretrained, **train_kwargs)
@@ -100,13 +93,12 @@ def create_backbone(e: ExpertConfig, size: int, model_kwargs: dict[str, Any], in
         raise ConfigError(f"experts: pretrained '{e.pretrained}': {exc}") from exc
 
 
-def calibration_inputs(rows: list[dict[str, Any]], size: int, e: ExpertConfig, mean, std, max_pixels: int,
-                        limit: int = 256):
+def calibration_inputs(rows: list[dict[str, Any]], spec: ExpertSpec, max_pixels: int, limit: int = 256):
     """Up to ``limit`` training images (evenly spaced), each read as inference reads it: what a family that
     calibrates a new expert (a probe's feature statistics) sees."""
     from inference.images import ImageError
 
-    pre = Preprocessor([(size, mode_key(e), tuple(mean), tuple(std))], max_pixels=max_pixels)
+    pre = Preprocessor([spec.preprocess_key], max_pixels=max_pixels)
     step = max(1, len(rows) // limit)
     for r in rows[::step][:limit]:
         try:

@@ -23,16 +23,16 @@ class UserError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def _mb(n: float, digits: int = 1) -> str:
+def mb(n: float, digits: int = 1) -> str:
     """A size people read: KB below one MB."""
     return f"{n / 1024 / 1024:.{digits}f} MB" if n >= 1024 * 1024 else f"{n / 1024:.{max(0, digits - 1)}f} KB"
 
 
-def _over(n: int, limit: int) -> tuple[str, str]:
+def sizes_that_differ(n: int, limit: int) -> tuple[str, str]:
     """A size over the limit and the limit, written so that they differ: a 10.04 MB file was "10.0 MB" against
     a "10.0 MB" limit. More digits until they do, then bytes."""
     for digits in (1, 2, 3):
-        size, most = _mb(n, digits), _mb(limit, digits)
+        size, most = mb(n, digits), mb(limit, digits)
         if size != most:
             return size, most
     return f"{n:,} bytes", f"{limit:,} bytes"
@@ -47,7 +47,7 @@ def check_upload(data: bytes, cfg: WebConfig) -> tuple[int, int] | None:
     if not data:
         raise UserError(400, "empty_file", "The file is empty.")
     if len(data) > cfg.max_upload_bytes:
-        size, limit = _over(len(data), cfg.max_upload_bytes)
+        size, limit = sizes_that_differ(len(data), cfg.max_upload_bytes)
         raise UserError(413, "file_too_large", f"The file is {size}; the limit is {limit}.")
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -61,4 +61,4 @@ def check_upload(data: bytes, cfg: WebConfig) -> tuple[int, int] | None:
 
 
 def limits(cfg: WebConfig) -> dict[str, str]:
-    return {"bytes": _mb(cfg.max_upload_bytes), "megapixels": f"{cfg.max_pixels / 1e6:.0f}"}
+    return {"bytes": mb(cfg.max_upload_bytes), "megapixels": f"{cfg.max_pixels / 1e6:.0f}"}

@@ -12,7 +12,7 @@ from flask import Blueprint, Response, current_app, jsonify, render_template, re
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .client import ApiClient
-from .config import UserError, WebConfig, _mb, _over, check_upload, limits
+from .config import UserError, WebConfig, check_upload, limits, mb, sizes_that_differ
 from .report import faces_image, render_report
 
 log = logging.getLogger("dfx.webui")
@@ -48,8 +48,9 @@ def _too_large(_: Exception) -> Response:
     # Refused from its Content-Length before a byte is read: the upload's size is that, envelope included.
     cfg, _ = _site()
     sent = request.content_length
-    said = f"The upload is {_over(sent, cfg.max_upload_bytes)[0]}; " if sent else "The upload is over the limit: "
-    return fail(UserError(413, "file_too_large", f"{said}the limit is {_mb(cfg.max_upload_bytes)}."))
+    said = (f"The upload is {sizes_that_differ(sent, cfg.max_upload_bytes)[0]}; " if sent
+            else "The upload is over the limit: ")
+    return fail(UserError(413, "file_too_large", f"{said}the limit is {mb(cfg.max_upload_bytes)}."))
 
 
 @bp.app_errorhandler(HTTPException)

@@ -69,10 +69,11 @@ def _explain_fields(det: Detector, decoded: Any, pred: Prediction) -> dict[str, 
     try:
         with model.forward_lock:
             analysis = analyse(det, decoded, pred)
-        if analysis.explanation is None or analysis.explanation.ensemble is None:
-            return {"explain_unavailable": analysis.explanation.unavailable if analysis.explanation else None}
+        expl = analysis.explanation
+        if expl.ensemble is None:
+            return {"explain_unavailable": expl.unavailable}
         picture = analysis.picture(label=pred.label, threshold=det.spec.threshold, max_side=config.explain_max_side)
-        return {"heatmap": data_url(png_bytes(picture)), "explained_by": sorted(analysis.explanation.maps)}
+        return {"heatmap": data_url(png_bytes(picture)), "explained_by": sorted(expl.maps)}
     except Exception:  # the score stands; one image's map never fails its batch (issue 26, item 2)
         incident = uuid.uuid4().hex[:12]
         log.exception("drawing the heatmap failed (incident %s)", incident)
