@@ -33,6 +33,11 @@ def _add_index(verbs: argparse._SubParsersAction) -> None:
     ix.add_argument("--source", default=None, help="source name (default: the folder's name)")
     ix.add_argument("--kind", default=None, help="kind (default: real or fake)")
     ix.add_argument("-o", "--output", required=True, help="manifest CSV to write")
+    ix.add_argument("--strip-metadata", metavar="COPY_DIR", default=None,
+                    help="for images that will be trained on: write copies without metadata (EXIF but its "
+                         "orientation, XMP, C2PA, PNG text, ICC; the coded pixels byte for byte, JPEG not "
+                         "re-encoded) under COPY_DIR and point the manifest at them; files in other formats than "
+                         "JPEG, PNG and WebP are left out and named")
     ix.set_defaults(func=_index)
 
 
@@ -180,7 +185,7 @@ def _index(args: argparse.Namespace) -> int:
 
     label = None if args.label is None else int(args.label == "fake")
     n = index_folders(args.folders, args.output, label=label, source=args.source, kind=args.kind,
-                      from_competition=args.from_competition)
+                      from_competition=args.from_competition, strip_to=args.strip_metadata)
     print(f"wrote {args.output}: {n} images", file=sys.stderr)
     return 0
 

@@ -11,9 +11,12 @@ from inference.manifest import COLUMNS, ManifestError, read_manifest, reroot, wr
 
 
 def index_folders(folders: list[str], out: str | os.PathLike[str], *, label: int | None, source: str | None = None,
-                  kind: str | None = None, from_competition: str | None = None) -> int:
+                  kind: str | None = None, from_competition: str | None = None,
+                  strip_to: str | os.PathLike[str] | None = None) -> int:
     """Rows for every image file under ``folders``. Labels come from ``label`` or, for the competition's
-    ``img_name,target`` files, from ``from_competition`` (matched by file name). Returns the row count."""
+    ``img_name,target`` files, from ``from_competition`` (matched by file name). ``strip_to``: the rows point at
+    metadata-free copies written under this folder (data_prep/strip.py); files that cannot be stripped without
+    re-encoding are left out and named on stderr. Returns the row count."""
     labels_by_name: dict[str, int] = {}
     if from_competition:
         with open(from_competition, newline="", encoding="utf-8") as f:
@@ -26,7 +29,7 @@ def index_folders(folders: list[str], out: str | os.PathLike[str], *, label: int
                 labels_by_name[r["img_name"]] = int(r["target"])
     elif label is None:
         raise ManifestError("give --label real|fake, or --from-competition LABEL_FILE")
-    rows = []
+    rows, found = [], []
     for folder in folders:
         root = Path(folder)
         for p in collect_images([root]):
@@ -36,8 +39,18 @@ def index_folders(folders: list[str], out: str | os.PathLike[str], *, label: int
                 lab = labels_by_name[p.name]
             else:
                 lab = int(label)  # type: ignore[arg-type]
+            found.append((p, root))
             rows.append({"path": str(p.resolve()), "label": lab, "source": source or root.name,
                          "kind": kind or ("real" if lab == 0 else "fake")})
+    if strip_to is not None and rows:
+        import sys
+
+        from .strip import strip_copies
+
+        copies, skipped = strip_copies(found, strip_to)
+        for path, why in skipped:
+            print(f"left out (metadata not stripped): {path}: {why}", file=sys.stderr)
+        rows = [{**r, "path": str(copies[p].resolve())} for r, (p, _) in zip(rows, found) if p in copies]
     if not rows:
         raise ManifestError(f"no image files found in {', '.join(folders)}")
     write_manifest(out, rows, root="/")

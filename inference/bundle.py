@@ -20,7 +20,7 @@ Layout (``weights/<name>/``)::
      "tta": ["hflip"],     # optional: test-time views added to the image as it is (inference/tta.py)
      "threshold_rule": "how the threshold was chosen", "provenance": {...}}
 
-Versions 1.1 to 1.5 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
+Versions 1.1 to 1.6 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
 read unchanged, an older reader refuses a newer family or mode by name, and bundles are written in the oldest
 format that holds them.
 
@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "dfx-ensemble/1.5"
+FORMAT = "dfx-ensemble/1.6"
 SUPPORTED_MAJOR = "dfx-ensemble/1"
 MANIFEST_NAME = "ensemble.json"
 from .errors import BundleError  # noqa: E402,F401  (raised here; importable from here as before)
@@ -126,6 +126,9 @@ class BundleSpec:
     provenance: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     tta: tuple[str, ...] = ()  #: test-time views added to the image itself (inference/tta.py); () = none
+    #: whether a file's own evidence may decide its label (inference/provenance ``RULES``): "none" (the label is
+    #: always the pixels') or "trusted_c2pa" (a valid C2PA AI declaration by a signer the operator trusts)
+    provenance_rule: str = "none"
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -139,15 +142,17 @@ class BundleSpec:
         if self.tta:
             d["tta"] = list(self.tta)
         d["threshold_rule"] = self.threshold_rule
+        if self.provenance_rule != "none":
+            d["provenance_rule"] = self.provenance_rule
         d["provenance"] = self.provenance
         return d
 
 
 def oldest_format(spec: BundleSpec, packed: bool = False) -> str:
     """The oldest format version that holds ``spec``, so older readers keep reading what they can: the newest that
-    any expert's family needs (inference/families/), 1.3 for ``tta``, 1.5 when some weight file holds packed INT8
+    any expert's family needs (inference/families/), 1.3 for ``tta``, 1.6 for a ``provenance_rule``, 1.5 when some weight file holds packed INT8
     tensors (``packed``); at least 1.1."""
-    minor = max([1, 3 if spec.tta else 1, 5 if packed else 1]
+    minor = max([1, 3 if spec.tta else 1, 5 if packed else 1, 6 if spec.provenance_rule != "none" else 1]
                 + [family_of(e.family).format_minor(e) for e in spec.experts])
     return f"{SUPPORTED_MAJOR}.{minor}"
 
@@ -306,10 +311,16 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
         raise BundleError(f"{where}: unknown TTA view '{bad[0]}' (this version knows {', '.join(VIEWS)})")
     if len(set(tta)) != len(tta):
         raise BundleError(f"{where}: tta lists a view twice: {tta}")
+    from .provenance import RULES
+
+    rule = data.get("provenance_rule", "none")
+    if rule not in RULES:
+        raise BundleError(f"{where}: unknown provenance_rule {str(rule)[:40]!r} (known: {', '.join(RULES)})")
     spec = BundleSpec(
         name=_short_name(_req(data, "name", str, where), where), experts=experts, threshold=threshold,
         uncertain_band=(lo, hi), aggregate=aggregate,
         threshold_rule=str(data.get("threshold_rule", "")), provenance=provenance, format=fmt, tta=tuple(tta),
+        provenance_rule=rule,
     )
     check_work(spec, where)
     return spec

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -51,6 +51,10 @@ class Prediction:
     whole_score: float | None = None
     #: with the API's ``explain`` only: ``heatmap`` (PNG data URL) and ``explained_by``, or ``explain_unavailable``
     explain: dict[str, Any] | None = None
+    #: what the file says about its origin (inference/provenance ``Provenance.to_json``), when it was read
+    provenance: dict[str, Any] | None = None
+    #: who decided ``label``: "model" (the pixels), or "provenance" (the operator's rule and a trusted C2PA claim)
+    label_by: str = "model"
 
     @property
     def finite(self) -> bool:
@@ -95,8 +99,10 @@ class _PathDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses one file per item; a bad file becomes an error item, never an exception."""
 
     def __init__(self, paths: Sequence[Path], pre: Preprocessor,
-                 prepare: Callable[[Path, Preprocessor], Prepared] | None = None, faces: Any = None) -> None:
+                 prepare: Callable[[Path, Preprocessor], Prepared] | None = None, faces: Any = None,
+                 provenance: Any = None) -> None:
         self.paths, self.pre, self.prepare, self.faces = list(paths), pre, prepare, faces
+        self.provenance = provenance
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -105,7 +111,7 @@ class _PathDataset(torch.utils.data.Dataset):
         try:
             if self.prepare is not None:
                 return i, Decoded([self.prepare(self.paths[i], self.pre)]), None, None
-            return i, decode(self.pre, self.paths[i], finder=self.faces), None, None
+            return i, decode(self.pre, self.paths[i], finder=self.faces, provenance=self.provenance), None, None
         except ImageError as exc:
             return i, None, exc.message, exc.code
         except Exception as exc:  # a decoder bug must not end a 100k-image run
@@ -129,9 +135,11 @@ class Detector:
         precision: str = "fp32",
         compile: bool = False,
         tta: Sequence[str] | None = None,
+        provenance_rule: str | None = None,
     ) -> None:
         """``tta``: test-time views to use instead of the bundle's own (``()`` turns TTA off; None keeps the
-        bundle's); the model id then names the views actually used, since the scores are theirs."""
+        bundle's); the model id then names the views actually used, since the scores are theirs.
+        ``provenance_rule``: the operator's rule instead of the bundle's (inference/provenance ``RULES``)."""
         self.bundle_dir = Path(bundle_dir)
         spec: BundleSpec = read_spec(self.bundle_dir)
         check_files(self.bundle_dir, spec)
@@ -140,6 +148,12 @@ class Detector:
 
             spec = BundleSpec(**{**spec.__dict__, "tta": parse_views(list(tta))})
             check_work(spec, f"{self.bundle_dir} with --tta {','.join(spec.tta) or 'none'}")
+        if provenance_rule is not None:
+            from .provenance import RULES
+
+            if provenance_rule not in RULES:
+                raise ValueError(f"provenance rule must be one of {', '.join(RULES)}, got '{provenance_rule}'")
+            spec = BundleSpec(**{**spec.__dict__, "provenance_rule": provenance_rule})
         self.spec = spec
         self.device = resolve_device(device)
         if precision not in ("fp32", "bf16", "fp16", "int8"):
@@ -282,9 +296,21 @@ class Detector:
         out, at = [], 0
         for d in decoded:
             n = len(d.items)
-            out.append(preds[at] if d.faces is None else self.combine_faces(d.faces, preds[at:at + n]))
+            pred = preds[at] if d.faces is None else self.combine_faces(d.faces, preds[at:at + n])
+            out.append(pred if d.provenance is None else self.with_provenance(pred, d.provenance))
             at += n
         return out
+
+    def with_provenance(self, pred: Prediction, prov: Any) -> Prediction:
+        """``pred`` with the file's evidence about itself beside it. The score is always the pixels'; the label
+        too, unless the bundle's (or operator's) ``provenance_rule`` lets a valid, trusted C2PA declaration of AI
+        generation decide it (inference/provenance ``decides_label``): then the label is ``fake`` and
+        ``label_by`` says so. A non-finite score stays an error whatever the file says."""
+        from .provenance import decides_label
+
+        if pred.finite and decides_label(self.spec.provenance_rule, prov):
+            return replace(pred, label="fake", label_by="provenance", provenance=prov.to_json())
+        return replace(pred, provenance=prov.to_json())
 
     def combine_faces(self, faces: Sequence[Any], preds: Sequence[Prediction]) -> Prediction:
         """One image's prediction from its whole-image prediction ``preds[0]`` and its faces' ``preds[1:]``."""
@@ -299,6 +325,15 @@ class Detector:
     def predict_faces(self, src: Source | Image.Image, finder: Any, name: str | None = None) -> Prediction:
         """One image scored whole and face by face (see :meth:`score_decoded`); raises ImageError."""
         return self.score_decoded([decode(self.preprocessor, src, name=name, finder=finder)])[0]
+
+    def predict_with_provenance(self, src: Source, reader: Any = None, name: str | None = None) -> Prediction:
+        """One file scored, with what it says about itself beside the score (see :meth:`with_provenance`);
+        ``reader``: an :class:`inference.provenance.ProvenanceReader` (default: no trust anchors). Raises
+        ImageError."""
+        from .provenance import ProvenanceReader
+
+        return self.score_decoded([decode(self.preprocessor, src, name=name,
+                                          provenance=reader or ProvenanceReader())])[0]
 
     def explain(self, sources: Sequence[Source | Image.Image], *, max_side: int | None = None) -> list[Any]:
         """Score images and say where: one :class:`inference.explain.Explanation` per image, with its prediction
@@ -328,6 +363,7 @@ class Detector:
         desc: str = "scoring",
         prepare: Callable[[Path, Preprocessor], Prepared] | None = None,
         faces: Any = None,
+        provenance: Any = None,
     ) -> Iterator[ItemResult]:
         """Score files in order, decoding them in ``workers`` DataLoader processes.
 
@@ -336,7 +372,8 @@ class Detector:
         bundle's preprocessing of the file as it is); ``dfx evaluate --perturb`` perturbs images there,
         in the decoding workers. It must be picklable and raise ImageError for a bad file. ``faces``: a
         :class:`inference.faces.FaceFinder`: every image is also scored face by face (:meth:`score_decoded`),
-        faces found in the decoding workers.
+        faces found in the decoding workers. ``provenance``: an :class:`inference.provenance.ProvenanceReader`:
+        each file's evidence about itself is read (in the workers) and set beside its prediction.
         """
         from tqdm import tqdm
 
@@ -346,7 +383,7 @@ class Detector:
         if workers is None:
             workers = default_workers()
         loader = torch.utils.data.DataLoader(
-            _PathDataset(paths, self.preprocessor, prepare, faces),
+            _PathDataset(paths, self.preprocessor, prepare, faces, provenance),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=workers,

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .detector import Detector, Prediction
     from .explain import Explanation
     from .preprocess import Prepared, Preprocessor
+    from .provenance import Provenance, ProvenanceReader
 
 MAX_FACES = 16  #: faces scored per image at most (the most confident ones)
 
@@ -35,14 +36,18 @@ class Decoded:
     faces: list[Any] | None = None   #: None: faces were not looked for; [] none found
     image: Image.Image | None = None
     faces_size: tuple[int, int] | None = None
+    #: what the file says about its origin (inference/provenance), read from its bytes; None: not read
+    provenance: "Provenance | None" = None
 
 
 def decode(pre: "Preprocessor", src: Source | Image.Image, *, name: str | None = None, finder: Any = None,
-           keep_image: bool = False, faces: list[Any] | None = None) -> Decoded:
+           keep_image: bool = False, faces: list[Any] | None = None,
+           provenance: "ProvenanceReader | None" = None) -> Decoded:
     """Decode and preprocess one image; raises ImageError. The whole image is read exactly as a plain prediction
     reads it (a JPEG may be decoded at reduced scale), so its score is the same. ``finder`` (inference/faces.py):
     also its face crops, found on the image decoded in full (at most :data:`MAX_FACES`; ``faces``: already found,
-    the finder is not run). ``keep_image``: keep the decoded picture, for maps."""
+    the finder is not run). ``keep_image``: keep the decoded picture, for maps. ``provenance``: also read what the
+    file says about itself, from its bytes (never from the pixels the experts read, and never into them)."""
     from .faces import face_crop
     from .images import load_image
 
@@ -60,7 +65,9 @@ def decode(pre: "Preprocessor", src: Source | Image.Image, *, name: str | None =
     if want_faces and full is not None:
         found = (finder.find(full) if faces is None else faces)[:MAX_FACES]
     items = [whole] + [pre.transform(face_crop(full, f)) for f in found or []]  # type: ignore[arg-type]
-    return Decoded(items, found, picture if keep_image else None, full.size if found is not None and full else None)
+    prov = provenance.read(src) if provenance is not None and not isinstance(src, Image.Image) else None
+    return Decoded(items, found, picture if keep_image else None, full.size if found is not None and full else None,
+                   prov)
 
 
 @dataclass

@@ -100,21 +100,25 @@ def _row(r: ItemResult) -> dict[str, Any]:
            "experts": p.experts if p else None, "error": r.error, "error_code": r.error_code}
     if p is not None and p.faces is not None:
         row["faces"], row["whole_score"] = p.faces, p.whole_score
+    if p is not None and p.provenance is not None:
+        row["provenance"], row["label_by"] = p.provenance, p.label_by
     return row
 
 
 def to_result(row: dict[str, Any]) -> ItemResult:
     pred = Prediction(row["score"], row["label"], row["experts"], faces=row.get("faces"),
-                      whole_score=row.get("whole_score")) if row.get("score") is not None else None
+                      whole_score=row.get("whole_score"), provenance=row.get("provenance"),
+                      label_by=row.get("label_by", "model")) if row.get("score") is not None else None
     return ItemResult(Path(row["key"]), pred, row.get("error"), row.get("error_code"))
 
 
 def score_to_parts(det: Detector, paths: Sequence[Path], output: str | os.PathLike[str], *, world: World,
                    resume: bool, workers: int | None, progress: bool, desc: str,
-                   prepare: Callable[[Path, Any], Any] | None = None, faces: Any = None) -> list[ItemResult] | None:
+                   prepare: Callable[[Path, Any], Any] | None = None, faces: Any = None,
+                   provenance: Any = None) -> list[ItemResult] | None:
     """Score this process's share of ``paths`` into its shard; on the main process return every file's
-    result in ``paths`` order once all processes are done (None on the others). ``prepare``: see
-    :meth:`Detector.predict_paths`."""
+    result in ``paths`` order once all processes are done (None on the others). ``prepare``, ``faces``,
+    ``provenance``: see :meth:`Detector.predict_paths`."""
     folder = parts_dir(output)
     if folder.exists() and not resume:
         raise ValueError(f"{folder} holds the rows of an unfinished run: pass --resume to continue it, or "
@@ -133,7 +137,8 @@ def score_to_parts(det: Detector, paths: Sequence[Path], output: str | os.PathLi
                 f.write("\n")
     with open(shard, "a", encoding="utf-8") as f:
         for batch in _batches(det.predict_paths(mine, workers=workers, progress=progress and world.is_main,
-                                                desc=desc, prepare=prepare, faces=faces),
+                                                desc=desc, prepare=prepare, faces=faces,
+                                                provenance=provenance),
                                     det.batch_size):
             f.write("".join(json.dumps(_row(r)) + "\n" for r in batch))
             f.flush()

@@ -47,11 +47,13 @@ def test_two_processes_write_the_rows_one_process_writes(tiny_bundle, folder, tm
     assert r.stderr.count("scored 40 of 41 images") == 1  # the main process reports; world size 2 split the work
     a, b = _rows(one), _rows(two)
     assert a[0] == b[0] and [x[0] for x in a] == [x[0] for x in b]
+    numeric = [i for i, c in enumerate(a[0]) if c == "score" or c.startswith("expert_")]
     for x, y in zip(a[1:], b[1:]):
         assert x[-2:] == y[-2:]  # status and error
+        assert x[-5:-2] == y[-5:-2]  # label_by, provenance, provenance_evidence: read from the file, the same
         # score and each expert's: equal up to float noise (oneDNN picks kernels by batch size and threads)
-        for u, v in zip([x[1], *x[3:-2]], [y[1], *y[3:-2]]):
-            assert (u == v == "") or float(u) == pytest.approx(float(v), abs=1e-5)
+        for i in numeric:
+            assert (x[i] == y[i] == "") or float(x[i]) == pytest.approx(float(y[i]), abs=1e-5)
         assert x[2] == y[2] or abs(float(x[1]) - 0.5) < 1e-4  # label (a score at a band edge may flip)
     assert not (tmp_path / "two.csv.parts").exists()
 
@@ -92,9 +94,10 @@ def test_a_killed_run_resumes_without_lost_or_duplicate_rows(tiny_bundle, folder
     assert r.returncode == 0, r.stderr
     a, b = _rows(out), _rows(full)
     assert [x[0] for x in a] == [x[0] for x in b] and len(a) == 42  # every file once, in order
+    numeric = [i for i, c in enumerate(a[0]) if c == "score" or c.startswith("expert_")]
     for x, y in zip(a[1:], b[1:]):  # batch size 2 against 32: equal up to float summation order
-        assert x[-2:] == y[-2:] and x[2] == y[2]
-        assert all(float(u) == pytest.approx(float(v), abs=1e-5) for u, v in zip(x[1:-2], y[1:-2]) if u != x[2])
+        assert x[-5:] == y[-5:] and x[2] == y[2]  # provenance columns, status and error; label
+        assert all(x[i] == y[i] == "" or float(x[i]) == pytest.approx(float(y[i]), abs=1e-5) for i in numeric)
     assert not (tmp_path / "out.csv.parts").exists()
 
 

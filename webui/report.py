@@ -78,6 +78,26 @@ def _thumbnail(data: bytes) -> Any:
         return img.convert("RGB")
 
 
+def provenance_lines(prov: Any, label_by: Any = None, width: int = 110) -> list[str]:
+    """The report's lines for what the file says about itself (webui/client.clean_provenance's form)."""
+    import textwrap
+
+    if not isinstance(prov, dict):
+        return []
+    lines = [f"What the file says about itself: it {prov.get('says', 'says nothing about its origin')}"]
+    if prov.get("signed"):
+        lines.append(f"C2PA: signed by {prov.get('signer') or '?'}, {'valid' if prov.get('valid') else 'NOT VALID'}, "
+                     f"{'trusted signer' if prov.get('trusted') else 'signer not trusted (a claim)'}")
+    for f in prov.get("evidence", []):
+        lines += textwrap.wrap(f"- {f['fact']} ({f['source']}, {'signed' if f['signed'] else 'unsigned'})", width)
+    for u in prov.get("unreadable", []):
+        lines += textwrap.wrap(f"- not read: {u}", width)
+    if label_by == "provenance":
+        lines.append("The label comes from this evidence (the service's trusted_c2pa rule), not from the pixels.")
+    lines.append("Metadata is easily removed or forged: absence proves nothing; a signature proves who signed.")
+    return lines
+
+
 def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: str) -> bytes:
     """A one-page PNG report: thumbnail, verdict, score bar, experts, model, date and SHA-256."""
     from PIL import Image, ImageDraw, ImageFont
@@ -105,7 +125,9 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
             td.rectangle([v * sx for v in f["box"]], outline=COLOURS.get(f["label"], (0, 0, 0)), width=3)
             td.text((f["box"][0] * sx + 3, f["box"][1] * sx + 2), str(k), fill=COLOURS.get(f["label"], (0, 0, 0)))
     heat = _heatmap_image(result.get("heatmap"), max_side=W - 2 * pad)
-    H = 760 + 28 * len(experts) + 24 * len(faces) + (heat.height + 60 if heat is not None else 0)
+    prov_lines = provenance_lines(result.get("provenance"), result.get("label_by"))
+    H = (760 + 28 * len(experts) + 24 * len(faces) + (heat.height + 60 if heat is not None else 0)
+         + 22 * len(prov_lines) + 40)
     page = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(page)
     colours = {"fake": (176, 0, 32), "real": (0, 110, 55), "uncertain": (150, 90, 0)}
@@ -138,6 +160,11 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
             d.text((x, y), f"face {k}: {f['score']:.3f} {f['label']}  box {', '.join(str(round(v)) for v in f['box'])}",
                    font=small, fill=COLOURS.get(f["label"], (40, 40, 40)))
     y = max(y + 40, pad + 420)
+    if prov_lines:  # what the file says about itself, beside (never inside) the model's verdict
+        for k, line in enumerate(prov_lines):
+            d.text((pad, y), line, font=font if k == 0 else small, fill=(40, 40, 40))
+            y += 26 if k == 0 else 22
+        y += 18
     if heat is not None:  # where the detector looked, as the page shows it
         d.text((pad, y), "where the detector looked (tint: fake-probability of each region)", font=small,
                fill=(40, 40, 40))

@@ -98,6 +98,7 @@ def check() -> Response:
         "experts": result.get("experts", {}), "model": result.get("model"), "sha256": sha,
         "filename": upload.filename, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1),
         "heatmap": result.get("heatmap"),  # a data: URL when the API offers one
+        "provenance": result.get("provenance"), "label_by": result.get("label_by", "model"),
         "faces": result.get("faces"), "whole_score": result.get("whole_score"),
         "faces_png": "data:image/png;base64," + base64.b64encode(annotated).decode() if annotated else None,
         "report_png": "data:image/png;base64," + base64.b64encode(report).decode(),

@@ -26,6 +26,9 @@ class ApiConfig:
     #: it costs a lone client up to 16 % and gains 1.2-1.45x only at 16 clients; README "Micro-batching")
     batch_wait_ms: float | None = None
     explain_max_side: int = 512      #: long side of the heatmap picture an ``explain`` answer carries (pixels)
+    #: the operator's provenance rule instead of the bundle's (inference/provenance ``RULES``; None: the bundle's)
+    provenance_rule: str | None = None
+    trust_anchors: str | None = None  #: a PEM file of CA certificates whose C2PA signers are trusted; None: none
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -38,8 +41,9 @@ class ApiError(Exception):
 
 
 #: Per-request options, each ``"name": true`` in JSON or ``?name=1`` (multipart/raw bodies): score faces too;
-#: explain (a heatmap picture of where the ensemble looked).
-OPTIONS = ("faces", "explain")
+#: explain (a heatmap picture of where the ensemble looked); read what the file says about its origin (on unless
+#: ``false``/``0``). Each option's value when the request does not name it:
+OPTIONS = {"faces": False, "explain": False, "provenance": True}
 QUERY_FLAGS = {"1": True, "true": True, "0": False, "false": False}  #: ``?faces=`` values
 IMAGE_ERROR_STATUS = {"empty": (400, "empty_image"), "not_image": (422, "not_an_image"),
                       "unsupported_format": (422, "not_an_image"), "corrupt": (422, "corrupt_image"),

@@ -23,9 +23,14 @@ EXPLAIN = {"type": "boolean", "description": "also answer 'heatmap': a PNG data 
                                             "'explain_unavailable' when no expert has a map"}
 
 
+PROVENANCE = {"type": "boolean", "default": True,
+              "description": "read what the file says about its origin (C2PA, IPTC/XMP, generator records) and "
+                             "answer it as 'provenance' (default true; false skips it)"}
+
+
 def _paths(config: Any) -> dict[str, Any]:
     """The endpoints; the batch limit comes from the running configuration."""
-    b64, faces, explain = B64, FACES, EXPLAIN
+    b64, faces, explain, provenance = B64, FACES, EXPLAIN, PROVENANCE
     return {
         "/predict": {"post": {
             "operationId": "predict",
@@ -33,11 +38,14 @@ def _paths(config: Any) -> dict[str, Any]:
             "parameters": [{"name": "faces", "in": "query", "required": False, "schema": {"type": "boolean"},
                             "description": "also score each face (for multipart and raw image bodies): 1, 0, true or false; any other value is a 400"},
                            {"name": "explain", "in": "query", "required": False, "schema": {"type": "boolean"},
-                            "description": "also answer a heatmap (for multipart and raw image bodies): 1, 0, true or false; any other value is a 400"}],
+                            "description": "also answer a heatmap (for multipart and raw image bodies): 1, 0, true or false; any other value is a 400"},
+                           {"name": "provenance", "in": "query", "required": False,
+                            "schema": {"type": "boolean", "default": True},
+                            "description": "read the file's evidence about itself (default 1; 0 skips it): 1, 0, true or false; any other value is a 400"}],
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": {"type": "object", "required": ["image"],
                                                 "properties": {"image": b64, "faces": faces,
-                                                               "explain": explain}}},
+                                                               "explain": explain, "provenance": provenance}}},
                 "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
                                                    "properties": {"image": {"type": "string", "format": "binary"}}}},
                 "image/png": {"schema": {"type": "string", "format": "binary"}},
@@ -54,7 +62,7 @@ def _paths(config: Any) -> dict[str, Any]:
                 "type": "object", "required": ["images"],
                 "properties": {"images": {"type": "array", "items": b64, "minItems": 1,
                                           "maxItems": config.max_batch}, "faces": faces,
-                               "explain": explain}}}}},
+                               "explain": explain, "provenance": provenance}}}}},
             "responses": {"200": {"description": "one entry per image, in order", "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/BatchResult"}}}},
                 **_errors(400, 401, 413, 415, 500, 503)},
@@ -82,6 +90,36 @@ def _paths(config: Any) -> dict[str, Any]:
     }
 
 
+FACT = {"type": "object", "required": ["declares", "fact", "source", "signed"], "properties": {
+    "declares": {"type": "string", "enum": ["ai_generated", "ai_edited", "edited", "captured", "none"]},
+    "fact": {"type": "string", "description": "for people: what was found"},
+    "source": {"type": "string", "description": "where: 'C2PA manifest', 'XMP (IPTC)', \"PNG text 'parameters'\", "
+                                                "'EXIF Software', ..."},
+    "signed": {"type": "boolean", "description": "read from a signed C2PA manifest (see valid, trusted)"}}}
+PROVENANCE_SCHEMA = {
+    "type": "object", "required": ["declared", "evidence", "signed", "valid", "trusted"],
+    "description": "What the file says about its own origin. Absence proves nothing (metadata is easily stripped); "
+                   "a valid signature proves who signed, not that the content is true; an untrusted signer is only "
+                   "a claim. The label is the pixels' unless label_by says 'provenance'.",
+    "properties": {
+        "declared": {"type": "string", "enum": ["ai_generated", "ai_edited", "edited", "captured", "none"],
+                     "description": "the strongest class any evidence declares"},
+        "declared_by": {"type": "string", "nullable": True, "description": "the source of that declaration"},
+        "evidence": {"type": "array", "items": FACT},
+        "signed": {"type": "boolean", "description": "a C2PA manifest is embedded"},
+        "valid": {"type": "boolean", "nullable": True,
+                  "description": "its signature and hashes hold (null: no manifest)"},
+        "trusted": {"type": "boolean", "description": "its signer chains to a trust anchor the operator gave"},
+        "c2pa": {"type": "object", "nullable": True, "properties": {
+            "validation_state": {"type": "string", "enum": ["Trusted", "Valid", "Invalid"]},
+            "claim_generator": {"type": "string"}, "signer": {"type": "string"},
+            "signed_at": {"type": "string", "nullable": True},
+            "failures": {"type": "array", "items": {"type": "string"}},
+            "actions": {"type": "array", "items": {"type": "object"}},
+            "ingredients": {"type": "array", "items": {"type": "object"}}}},
+        "unreadable": {"type": "array", "items": {"type": "string"},
+                       "description": "what could not be read, and why (bounds, damaged metadata)"}}}
+
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
@@ -98,6 +136,10 @@ SCHEMAS: dict[str, Any] = {
         "explained_by": {"type": "array", "items": {"type": "string"},
                          "description": "with explain: the experts whose maps the heatmap averages"},
         "explain_unavailable": {"type": "string", "description": "with explain: why there is no heatmap"},
+        "label_by": {"type": "string", "enum": ["model", "provenance"],
+                     "description": "with provenance: who decided the label; 'provenance' only under the operator's "
+                                    "rule trusted_c2pa, for a valid AI declaration by a trusted signer"},
+        "provenance": PROVENANCE_SCHEMA,
         "faces": {"type": "array", "items": {"type": "object", "properties": {
             "box": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4,
                     "description": "x1, y1, x2, y2 in pixels of the image as shown (EXIF rotation applied)"},

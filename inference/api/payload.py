@@ -34,17 +34,31 @@ def decode_base64_image(value: Any, what: str) -> bytes:
 
 def wants(flag: str, body: Any = None) -> bool:
     """``"<flag>": true`` in a JSON body, or ``?<flag>=1`` / ``true`` (``0`` / ``false`` off) in the query
-    string. Anything else is a 400 in both places: a typo must not silently turn an option off."""
+    string; else the option's default (:data:`OPTIONS`). Anything else is a 400 in both places: a typo must not
+    silently turn an option off."""
     if isinstance(body, dict) and flag in body:
         if not isinstance(body[flag], bool):
             raise ApiError(400, "bad_field", f"'{flag}' must be true or false")
         return body[flag]
     value = request.args.get(flag)
     if value is None:
-        return False
+        return OPTIONS[flag]
     if value.lower() not in QUERY_FLAGS:
         raise ApiError(400, "bad_field", f"?{flag}= must be 1, 0, true or false")
     return QUERY_FLAGS[value.lower()]
+
+
+def _form_flag(flag: str) -> bool:
+    """A multipart form field ``<flag>`` (1/true/yes/on or 0/false/no/off), else the query string's answer."""
+    value = request.form.get(flag)
+    if value is None or value == "":
+        return wants(flag)
+    low = value.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ApiError(400, "bad_field", f"form field '{flag}' must be 1, 0, true or false")
 
 def json_body() -> Any:
     """The body as JSON, or None when it is not JSON; nesting deep enough to exhaust the parser's
@@ -66,8 +80,7 @@ def single_payload() -> tuple[bytes, dict[str, bool]]:
         upload = request.files.get("image")
         if upload is None:
             raise ApiError(400, "missing_field", "multipart request needs a file field named 'image'")
-        return upload.read(), {f: wants(f) or request.form.get(f, "").lower() in ("1", "true", "yes", "on")
-                               for f in OPTIONS}
+        return upload.read(), {f: _form_flag(f) for f in OPTIONS}
     if ctype in ("application/json", "") or ctype.endswith("+json") or ctype == "text/plain":
         # Old clients sometimes send JSON without a content type; try it before refusing.
         body = json_body()

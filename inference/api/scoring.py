@@ -22,16 +22,19 @@ def prediction_json(det: Detector, pred: Prediction) -> dict[str, Any]:
         from ..faces import face_fields
 
         body.update(face_fields(pred.faces, pred.whole_score))
+    if pred.provenance is not None:
+        body.update(label_by=pred.label_by, provenance=pred.provenance)
     body.update(pred.explain or {})
     return body
 
 
 def score(det: Detector, payloads: list[tuple[bytes, str]], faces: bool = False,
-          explain: bool = False) -> list[Prediction | ApiError]:
+          explain: bool = False, provenance: bool = True) -> list[Prediction | ApiError]:
     """Decode each payload in this thread (errors kept per item; inference/pipeline.py), then score the good ones
     through the micro-batcher, together with whatever other requests are ready (inference/microbatch.py): face
     crops in the same forward, combined by the Detector. With ``explain``, each prediction gains ``explain``
-    fields (:func:`_explain_fields`): its maps are computed after the score, under the forward lock."""
+    fields (:func:`_explain_fields`): its maps are computed after the score, under the forward lock. With
+    ``provenance``, what each file says about itself is read from its bytes and set beside its score."""
     from ..pipeline import decode
 
     model, _ = current()
@@ -41,7 +44,8 @@ def score(det: Detector, payloads: list[tuple[bytes, str]], faces: bool = False,
         for data, what in payloads:
             try:
                 decoded.append(decode(det.preprocessor, data, name=what, keep_image=explain,
-                                      finder=model.face_finder() if faces else None))
+                                      finder=model.face_finder() if faces else None,
+                                      provenance=model.provenance if provenance else None))
                 results.append(None)
             except ImageError as exc:
                 status, code = IMAGE_ERROR_STATUS.get(exc.code, (422, "invalid_image"))

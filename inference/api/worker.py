@@ -27,6 +27,7 @@ class ModelWorker:
         self.forward_lock = threading.Lock()
         self.finder_lock = threading.Lock()
         self.finder: Any = None
+        self.provenance: Any = None  #: the ProvenanceReader (the operator's trust anchors), set at load
         threading.Thread(target=self._load, name="dfx-load-model", daemon=True).start()
 
     def _load(self) -> None:
@@ -37,8 +38,12 @@ class ModelWorker:
 
             if self.config.torch_threads:
                 torch.set_num_threads(self.config.torch_threads)
+            from ..provenance import ProvenanceReader, load_anchors
+
+            self.provenance = ProvenanceReader(load_anchors(self.config.trust_anchors))
             self.detector = Detector(resolve_weights(self.config.weights), device=self.config.device,
-                                     batch_size=self.config.batch_size, max_pixels=self.config.max_pixels)
+                                     batch_size=self.config.batch_size, max_pixels=self.config.max_pixels,
+                                     provenance_rule=self.config.provenance_rule)
             from ..microbatch import MicroBatcher
 
             det, sizes = self.detector, max(self.config.batch_size, self.config.max_batch)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..files import csv_path, display_name, write_atomic, write_csv
-from .predict import add_detector_options
+from .predict import PROVENANCE_COLUMNS, add_detector_options, add_provenance_options, provenance_cells, \
+    provenance_reader
 from ..weights import resolve_weights
 
 log = logging.getLogger("dfx.explain")
@@ -37,7 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="long side of the overlay picture in pixels (default 1600; the 16-bit map is always at "
                         "the image's own size)")
     add_detector_options(p)
+    add_provenance_options(p)
     p.set_defaults(func=_explain)
+
+
+HEADER = ["path", "status", "score", "label", "fake_area", "faces", "heatmap", "map", *PROVENANCE_COLUMNS, "error"]
+
+
+def _error_row(path: Path, message: str) -> list[str]:
+    return [csv_path(path), "error", *[""] * (len(HEADER) - 3), message]
 
 
 def out_names(paths: list[Path]) -> list[str]:
@@ -61,7 +70,8 @@ def _explain(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError("no image files found in the given paths")
     det = Detector(resolve_weights(args.weights), device=args.device, batch_size=args.batch_size,
-                   max_pixels=args.max_pixels, precision=args.precision)
+                   max_pixels=args.max_pixels, precision=args.precision, provenance_rule=args.provenance_rule)
+    reader = provenance_reader(args)
     finder = None
     if args.faces:
         from ..faces import FaceFinder
@@ -73,18 +83,16 @@ def _explain(args: argparse.Namespace) -> int:
     unavailable = None
     for path, name in tqdm(list(zip(paths, out_names(paths))), desc="explaining", disable=args.no_progress):
         try:
-            row, note = _explain_one(det, finder, path, name, out, args.max_side)
+            row, note = _explain_one(det, finder, path, name, out, args.max_side, reader)
         except ImageError as exc:
-            row, note = [csv_path(path), "error", "", "", "", "", "", "", exc.message], None
+            row, note = _error_row(path, exc.message), None
         except Exception as exc:  # one image's failure is its row, never the run's (issue 26, item 2)
             log.exception("explaining %s failed", display_name(str(path)))
-            row, note = [csv_path(path), "error", "", "", "", "", "", "",
-                         f"explaining this image failed ({type(exc).__name__}: {exc})"], None
+            row, note = _error_row(path, f"explaining this image failed ({type(exc).__name__}: {exc})"), None
         rows.append(row)
         unavailable = unavailable or note
-    header = ["path", "status", "score", "label", "fake_area", "faces", "heatmap", "map", "error"]
     buf = io.StringIO()
-    write_csv(buf, [header] + rows)
+    write_csv(buf, [HEADER] + rows)
     write_atomic(out / "explain.csv", buf.getvalue())
     ok = sum(r[1] == "ok" for r in rows)
     print(f"explained {ok} of {len(rows)} images into {out}" + (f" ({len(rows) - ok} failed: see explain.csv)"
@@ -95,7 +103,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _explain_one(det: Any, finder: Any, path: Path, name: str, out: Path,
-                 max_side: int) -> tuple[list[str], str | None]:
+                 max_side: int, reader: Any = None) -> tuple[list[str], str | None]:
     """One image's pictures and its explain.csv row, and the bundle's no-map note if it has one."""
     import numpy as np
 
@@ -103,11 +111,11 @@ def _explain_one(det: Any, finder: Any, path: Path, name: str, out: Path,
     from ..explain import map16, original_size, png_bytes
     from ..pipeline import analyse, decode
 
-    d = decode(det.preprocessor, path, finder=finder, keep_image=True)
+    d = decode(det.preprocessor, path, finder=finder, keep_image=True, provenance=reader)
     [pred] = det.score_decoded([d])
     if not pred.finite:
-        return [csv_path(path), "error", "", "", "", "", "", "", NON_FINITE[1]], None
-    label = det.label_for(pred.score)
+        return _error_row(path, NON_FINITE[1]), None
+    label = pred.label
     analysis = analyse(det, d, pred)
     expl = analysis.explanation
     size = original_size(path) or expl.image_size
@@ -124,4 +132,5 @@ def _explain_one(det: Any, finder: Any, path: Path, name: str, out: Path,
         map16(expl.map_at(size)).save(buf, format="PNG", compress_level=1)
         write_atomic(raw, buf.getvalue())
     return [csv_path(path), "ok", f"{pred.score:.6f}", label, area, faces, display_name(heat.name),
-            display_name(raw.name) if expl.ensemble is not None else "", ""], expl.unavailable
+            display_name(raw.name) if expl.ensemble is not None else "",
+            *(provenance_cells(pred) if pred.provenance is not None else ["", "", ""]), ""], expl.unavailable

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
 from ..files import csv_path, display_name, write_atomic, write_csv
 from ..images import DEFAULT_MAX_PIXELS, collect_images
@@ -38,6 +38,28 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
                         "Rows gain the face count (and, in JSONL, every face's box and score)")
 
 
+def add_provenance_options(p: argparse.ArgumentParser) -> None:
+    """What a file says about itself (inference/provenance): read by default, shown beside the score."""
+    p.add_argument("--no-provenance", action="store_true",
+                   help="do not read what each file says about its origin (C2PA, IPTC/XMP, generator records)")
+    p.add_argument("--trust-anchors", metavar="PEM", default=None,
+                   help="CA certificates (PEM, the C2PA trust list format) whose C2PA signers you trust; "
+                        "default $DFX_TRUST_ANCHORS, else none: no signer is trusted")
+    p.add_argument("--provenance-rule", choices=("none", "trusted_c2pa"), default=None,
+                   help="none: the label is always the pixels'; trusted_c2pa: a valid C2PA manifest declaring AI "
+                        "generation, signed by a trusted signer, makes the label fake (the row says so). "
+                        "Default: the bundle's own rule (none unless it sets one)")
+
+
+def provenance_reader(args: argparse.Namespace) -> Any:
+    """The reader the options ask for, or None (``--no-provenance``)."""
+    if getattr(args, "no_provenance", True):
+        return None
+    from ..provenance import ProvenanceReader, load_anchors
+
+    return ProvenanceReader(load_anchors(args.trust_anchors or os.environ.get("DFX_TRUST_ANCHORS")))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score image files and folders",
                        description="Score images with an ensemble bundle. Folders are searched recursively "
@@ -51,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run: skip the files whose rows OUTPUT.parts/ already holds")
     add_detector_options(p)
+    add_provenance_options(p)
     p.set_defaults(func=_predict)
 
     s = sub.add_parser("submit", help="write a competition submission CSV",
@@ -70,7 +93,8 @@ def _detector(args: argparse.Namespace, device: str | None = None) -> "Detector"
     from ..detector import Detector
 
     return Detector(resolve_weights(args.weights), device=device or args.device, batch_size=args.batch_size,
-                    max_pixels=args.max_pixels, precision=args.precision)
+                    max_pixels=args.max_pixels, precision=args.precision,
+                    provenance_rule=getattr(args, "provenance_rule", None))
 
 
 def _score_all(args: argparse.Namespace, paths: list[Path], desc: str) -> tuple["Detector", list["ItemResult"] | None]:
@@ -87,6 +111,7 @@ def _score_all(args: argparse.Namespace, paths: list[Path], desc: str) -> tuple[
         workers = max(0, min(4, (os.cpu_count() or 1) // world.size - 1))
     det = _detector(args, device=start(world, args.device))
     progress = not args.no_progress
+    reader = provenance_reader(args)
     faces = None
     if getattr(args, "faces", False):
         from ..faces import FACE_RULE, FaceFinder
@@ -97,8 +122,9 @@ def _score_all(args: argparse.Namespace, paths: list[Path], desc: str) -> tuple[
                   file=sys.stderr)
     if args.output:
         return det, score_to_parts(det, paths, args.output, world=world, resume=args.resume, workers=workers,
-                                   progress=progress, desc=desc, faces=faces)
-    return det, list(det.predict_paths(paths, workers=workers, progress=progress, desc=desc, faces=faces))
+                                   progress=progress, desc=desc, faces=faces, provenance=reader)
+    return det, list(det.predict_paths(paths, workers=workers, progress=progress, desc=desc, faces=faces,
+                                       provenance=reader))
 
 
 def _done(args: argparse.Namespace) -> None:
@@ -109,10 +135,24 @@ def _done(args: argparse.Namespace) -> None:
     finish(world_from_env())
 
 
-def _rows_csv(results: Iterable["ItemResult"], experts: list[str], out: TextIO, faces: bool = False) -> None:
+PROVENANCE_COLUMNS = ["label_by", "provenance", "provenance_evidence"]
+
+
+def provenance_cells(pred: Any) -> list[str]:
+    """``label_by``, ``provenance`` (the class the file declares) and ``provenance_evidence`` (each fact and where
+    it was read, ``; ``-separated) of a prediction whose file's evidence was read."""
+    from ..provenance import summary_of
+
+    prov = pred.provenance or {}
+    return [pred.label_by, str(prov.get("declared", "")), summary_of(prov)]
+
+
+def _rows_csv(results: Iterable["ItemResult"], experts: list[str], out: TextIO, faces: bool = False,
+              provenance: bool = False) -> None:
     def rows() -> Iterable[list[str]]:
         extra = ["faces", "whole_score", "max_face_score"] if faces else []
-        yield ["path", "score", "label", *[f"expert_{n}" for n in experts], *extra, "status", "error"]
+        pcols = PROVENANCE_COLUMNS if provenance else []
+        yield ["path", "score", "label", *[f"expert_{n}" for n in experts], *extra, *pcols, "status", "error"]
         for r in results:
             if r.prediction:
                 p = r.prediction
@@ -121,10 +161,10 @@ def _rows_csv(results: Iterable["ItemResult"], experts: list[str], out: TextIO, 
                     fs = p.faces or []
                     fcols = [str(len(fs)), repr(p.whole_score), repr(max(f["score"] for f in fs)) if fs else ""]
                 yield [csv_path(r.path), repr(p.score), p.label, *[repr(p.experts[n]) for n in experts], *fcols,
-                       "ok", ""]
+                       *(provenance_cells(p) if provenance else []), "ok", ""]
             else:
-                yield [csv_path(r.path), "", "", *["" for _ in experts], *(["", "", ""] if faces else []), "error",
-                       display_name(r.error or "")]
+                yield [csv_path(r.path), "", "", *["" for _ in experts], *(["", "", ""] if faces else []),
+                       *([""] * len(pcols)), "error", display_name(r.error or "")]
 
     write_csv(out, rows())
 
@@ -139,6 +179,8 @@ def _rows_jsonl(results: Iterable["ItemResult"], out: TextIO) -> None:
             from ..faces import face_fields
 
             row.update(face_fields(p.faces, p.whole_score))
+        if p is not None and p.provenance is not None:
+            row.update(label_by=p.label_by, provenance=p.provenance)
         out.write(json.dumps(row) + "\n")
 
 
@@ -154,7 +196,8 @@ def _predict(args: argparse.Namespace) -> int:
     experts = [e.name for e in det.spec.experts]
     fmt = "jsonl" if args.output and Path(args.output).suffix.lower() in (".jsonl", ".json") else "csv"
     buf = io.StringIO()
-    _rows_jsonl(results, buf) if fmt == "jsonl" else _rows_csv(results, experts, buf, faces=args.faces)
+    _rows_jsonl(results, buf) if fmt == "jsonl" else _rows_csv(results, experts, buf, faces=args.faces,
+                                                               provenance=not args.no_provenance)
     if args.output:
         write_atomic(args.output, buf.getvalue())
     else:

@@ -66,6 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="open connections per worker, read by its event loop (slow clients cost no thread) "
                         "[DFX_CONNECTIONS] (default 1000)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning [DFX_LOG_LEVEL]")
+    p.add_argument("--trust-anchors", metavar="PEM", default=_env("TRUST_ANCHORS", None),
+                   help="CA certificates (PEM, the C2PA trust list format) whose C2PA signers are trusted "
+                        "[DFX_TRUST_ANCHORS] (default: none; no signer is trusted)")
+    p.add_argument("--provenance-rule", choices=("none", "trusted_c2pa"), default=_env("PROVENANCE_RULE", None),
+                   help="none: labels are always the pixels'; trusted_c2pa: a valid C2PA manifest declaring AI "
+                        "generation by a trusted signer makes the label fake (the answer says so) "
+                        "[DFX_PROVENANCE_RULE] (default: the bundle's rule)")
     p.set_defaults(func=_serve)
 
 
@@ -79,18 +86,24 @@ def _serve(args: argparse.Namespace) -> int:
     weights = resolve_weights(args.weights)
     spec = read_spec(weights)  # fail fast, before any worker starts, on a bad bundle
     check_files(weights, spec)
+    from ..provenance import load_anchors
+
+    load_anchors(args.trust_anchors)  # fail fast on a file that holds no certificate
     cores = os.cpu_count() or 1
     config = ApiConfig(weights=str(weights), device=args.device, batch_size=args.batch_size,
                        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_pixels,
                        max_batch=args.max_batch, api_key=os.environ.get("DFX_API_KEY") or None,
                        torch_threads=args.torch_threads or max(1, cores // max(1, args.workers)), 
-                       batch_wait_ms=None if args.batch_wait_ms is None else float(args.batch_wait_ms))
+                       batch_wait_ms=None if args.batch_wait_ms is None else float(args.batch_wait_ms),
+                       provenance_rule=args.provenance_rule, trust_anchors=args.trust_anchors)
     level = getattr(logging, str(args.log_level).upper(), logging.INFO)
     logging.getLogger("dfx").setLevel(level)
     logging.getLogger("inference").setLevel(level)
 
     print(f"serving {spec.name} from {weights} on http://{args.host}:{args.port} "
-          f"({args.workers} worker(s) x {args.threads} threads; auth {'on' if config.api_key else 'off'})",
+          f"({args.workers} worker(s) x {args.threads} threads; auth {'on' if config.api_key else 'off'}; "
+          f"provenance rule {args.provenance_rule or spec.provenance_rule}"
+          f"{'' if args.trust_anchors else ', no trust anchors'})",
           file=sys.stderr, flush=True)
     from serving.server import run
 

@@ -41,8 +41,44 @@
     status.textContent = "";
   }
 
+  function renderProvenance(r) {
+    const box = document.getElementById("provenance-box");
+    const p = r.provenance;
+    if (!p) { box.hidden = true; return; }
+    document.getElementById("provenance-says").replaceChildren();
+    const strong = document.createElement("strong");
+    strong.textContent = "The file " + p.says + ".";
+    document.getElementById("provenance-says").append(strong);
+    const c2pa = document.getElementById("provenance-c2pa");
+    c2pa.hidden = !p.signed;
+    document.getElementById("provenance-signer").textContent = p.signer || "an unreadable signer";
+    const validity = document.getElementById("provenance-validity");
+    validity.textContent = p.valid ? "valid" : "NOT valid: the file changed after signing, or the manifest is damaged";
+    validity.className = p.valid ? "valid" : "invalid";
+    document.getElementById("provenance-trust").textContent = !p.valid
+      ? "so whoever signed it, its claims do not hold for this file"
+      : p.trusted ? "signer trusted by this service" : "signer not on this service's trust list (only a claim)";
+    const list = document.getElementById("provenance-evidence");
+    list.replaceChildren();
+    p.evidence.forEach((f) => {
+      const li = document.createElement("li");
+      li.textContent = f.fact + " ";
+      const src = document.createElement("span");
+      src.className = "source";
+      src.textContent = "(" + f.source + (f.signed ? ", signed" : ", unsigned") + ")";
+      li.append(src); list.append(li);
+    });
+    p.unreadable.forEach((u) => {
+      const li = document.createElement("li");
+      li.className = "unreadable"; li.textContent = "Not read: " + u; list.append(li);
+    });
+    document.getElementById("provenance-label").hidden = r.label_by !== "provenance";
+    box.hidden = false;
+  }
+
   function render(r) {
     errorBox.hidden = true;
+    renderProvenance(r);
     const verdict = document.getElementById("verdict");
     verdict.textContent = r.label;
     verdict.className = "verdict verdict-" + r.label;
