@@ -61,6 +61,7 @@ MAX_NAME = 200
 #: four 1024² crops, or a 224² CLIP probe 80 times over). Each field has its own range, but their product
 #: is the work: 64 crops of 4096² passed every field check and took 20.7 GB for one 512² photo.
 MAX_IMAGE_WORK = 2048 * 2048
+MAX_DESCRIPTION = 200  #: characters of an expert's description (shown to people beside its score)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class ExpertSpec:
     #: any other fields the expert's family declares (``Family.fields``), as its ``parse`` returned them; written at
     #: the expert's top level in ``ensemble.json``, like ``stem`` and ``stages``
     options: dict[str, Any] = field(default_factory=dict)
+    #: for people: what the expert reads (shown beside its score); None: its family's summary (``Family.summary``)
+    description: str | None = None
 
     @property
     def temperature(self) -> float:
@@ -109,6 +112,8 @@ class ExpertSpec:
             d.pop("stages")
         else:
             d["stages"] = list(self.stages)
+        if self.description is None:
+            d.pop("description")
         d.update(d.pop("options"))
         return d
 
@@ -254,11 +259,16 @@ def _parse_expert(raw: Any, index: int, manifest: Path) -> ExpertSpec:
     elif crops != 1:
         raise BundleError(f"{where}: crops is only meaningful with preprocess 'tiles' (got {crops!r} with "
                           f"'{preprocess}')")
+    description = raw.get("description")
+    if description is not None and (not isinstance(description, str) or not 0 < len(description) <= MAX_DESCRIPTION
+                                    or not description.isprintable()):
+        raise BundleError(f"{where}: description must be 1..{MAX_DESCRIPTION} printable characters")
     return ExpertSpec(
         name=name, family=family, arch=_req(raw, "arch", str, where), input_size=input_size,
         preprocess=preprocess, mean=_triple(raw, "mean", where), std=std, file=file, sha256=sha,
         weight=weight, model_kwargs=dict(model_kwargs),
         calibration={"temperature": float(temperature)}, crops=int(crops), **typed, options=family_fields,
+        description=description,
     )
 
 

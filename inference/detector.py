@@ -215,7 +215,11 @@ class Detector:
 
     def describe(self) -> dict[str, Any]:
         """The bundle's description for people and clients (no weights, no paths: see :func:`public_provenance`)."""
+        from .families import get as family_of
+
         d = self.spec.to_json()
+        for e, out in zip(self.spec.experts, d["experts"]):  # what each expert reads, for people
+            out["description"] = e.description or family_of(e.family).summary(e)
         d["provenance"] = public_provenance(d.get("provenance", {}))
         d["model"] = self.model_id
         d["digest"] = self.digest

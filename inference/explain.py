@@ -223,6 +223,24 @@ def overlay(img: Image.Image | None, expl: Explanation, *, label: str, threshold
     return canvas
 
 
+def map_layer(expl: Explanation, max_side: int = 1024) -> Image.Image | None:
+    """The ensemble's map alone, coloured (:data:`COLOURS`), at the size :func:`overlay` draws the image (long side
+    at most ``max_side``): opaque where an expert looked, transparent elsewhere. For viewers that lay it over the
+    image themselves, at an opacity the reader picks; None when no expert draws a map."""
+    if expl.ensemble is None:
+        return None
+    iw, ih = expl.image.size if expl.image is not None else expl.image_size
+    scale = min(1.0, max_side / max(iw, ih))
+    w, h = max(1, round(iw * scale)), max(1, round(ih * scale))
+    m = expl.map_at((w, h))
+    alpha = np.where(np.isfinite(m), 255, 0).astype(np.uint8)[..., None]
+    return Image.fromarray(np.concatenate([colourise(m), alpha], axis=2), mode="RGBA")
+
+
+#: the colour map's anchors as CSS colours, 0 (real) to 1 (fake): what a viewer's colour scale is drawn from
+COLOUR_STOPS = ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in _ANCHORS]
+
+
 def original_size(src) -> tuple[int, int] | None:
     """(width, height) of an image file (path or stream) as a viewer shows it (EXIF rotation applied), read from
     its header only; None when it cannot be read (the detector's own decoding reports why)."""

@@ -236,3 +236,25 @@ def test_save_pretrained_writes_what_from_pretrained_reads(tiny_bundle, tmp_path
         [p.score for p in views.predict(images)]
     with pytest.raises(BundleError, match="already exists"):
         views.save_pretrained(tmp_path / "tta")
+
+
+def test_expert_descriptions_are_the_bundles_own_or_their_familys(tiny_bundle, tmp_path):
+    """What each expert reads, for people (issue 28): a bundle may say it; otherwise its family does. It changes
+    nothing a score depends on (the model id stays), and it is checked like every other field."""
+    det = Detector(tiny_bundle, device="cpu")
+    described = {e["name"]: e["description"] for e in det.describe()["experts"]}
+    assert described["convnext_atto"] == "the whole image (resized to 64 px): convnext_atto trained end to end"
+    assert described["vit_tiny_patch16_224"].startswith("the whole image (centre crop at 64 px)")
+    copy = tmp_path / "described"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / "ensemble.json").read_text())
+    manifest["experts"][0]["description"] = "texture of the whole picture"
+    (copy / "ensemble.json").write_text(json.dumps(manifest))
+    other = Detector(copy, device="cpu")
+    assert other.describe()["experts"][0]["description"] == "texture of the whole picture"
+    assert other.model_id == det.model_id
+    for bad in ("", "two\nlines", "x" * 201, 7):
+        manifest["experts"][0]["description"] = bad
+        (copy / "ensemble.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match="description"):
+            read_spec(copy)

@@ -441,6 +441,9 @@ def test_web_page_refuses_cross_site_posts_and_reports_16bit_images(tiny_bundle,
     r = client.post("/check", data=upload, headers={"Accept": "application/json", "Origin": "https://evil.example",
                                                      "Sec-Fetch-Site": "cross-site"})
     assert r.status_code == 403 and r.json["error"]["code"] == "cross_site"
+    upload = {"image": (io.BytesIO(odd_images["rgb.jpg"].read_bytes()), "a.jpg")}
+    r = client.post("/check", data=upload, headers={"Accept": "application/json", "Origin": "https://evil.example"})
+    assert r.status_code == 403, "a browser without Sec-Fetch-Site: the Origin decides"
     csp = client.get("/").headers["Content-Security-Policy"]
     assert "form-action 'self'" in csp and "base-uri 'none'" in csp
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import csv
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -151,9 +153,27 @@ def test_limits_are_enforced_before_the_api(odd_images):
     r = upload(site, os.urandom(20_500))
     assert r.status_code == 413
     assert r.get_json()["error"]["message"] == "The file is 20.0 KB; the limit is 19.5 KB."
-    r = upload(site, os.urandom(200_000))  # over the whole-request limit too
+    r = upload(site, os.urandom(200_000))  # one file over its limit: that file's message
+    assert r.status_code == 413 and r.get_json()["error"]["message"] == "The file is 195 KB; the limit is 20 KB."
+    # a check's whole upload is bounded too, refused from its Content-Length before a byte is read (with its size)
+    small = create_app(WebConfig(api_url=f"http://127.0.0.1:{free_port()}", max_upload_bytes=20_000,
+                                 max_total_bytes=100_000)).test_client()
+    r = upload(small, os.urandom(200_000))
     assert r.status_code == 413
-    assert r.get_json()["error"]["message"].startswith("The upload is 196 KB; the limit is 20 KB")  # with its envelope, r.get_json()
+    assert r.get_json()["error"]["message"] == ("The upload is 196 KB; the limit for one check is 98 KB "
+                                                "(each file up to 20 KB).")
+    # and the number of files: a check of 21 images is refused before any reaches the API
+    r = site.post("/check", data={"image": [(io.BytesIO(b"x"), f"{k}.jpg") for k in range(21)]},
+                  headers={"Accept": "application/json"}, content_type="multipart/form-data")
+    assert r.status_code == 413 and r.get_json()["error"]["message"].startswith("21 files is over the limit of 20")
+    # several files, one over its limit: that file's own error, the others still tried (the API is down here)
+    r = site.post("/check", data={"image": [(io.BytesIO(os.urandom(30_000)), "big.jpg"),
+                                            (io.BytesIO(odd_images["rgb.jpg"].read_bytes()), "ok.jpg")]},
+                  headers={"Accept": "application/json"}, content_type="multipart/form-data")
+    assert r.status_code == 200
+    [big_row, ok_row] = r.get_json()["results"]
+    assert big_row["error"]["message"] == "The file is 29 KB; the limit is 20 KB."
+    assert "cannot be reached" in ok_row["error"]["message"]
     r = upload(site, png_bomb_header(5000, 5000), "huge.png")
     assert r.status_code == 413 and "megapixels" in r.get_json()["error"]["message"]
 
@@ -369,3 +389,145 @@ def test_real_browser_shows_the_heatmap(map_api, odd_images, tmp_path):
         page.uncheck("#explain-input")
         page.click("#check-button")
         expect(page.locator("#heatmap-box")).to_be_hidden(timeout=60_000)
+
+
+# -- the page as a reviewer's tool (issue 28) ----------------------------------------------------------------------
+TEN = ["rgb.jpg", "gray_L.png", "gray_alpha_LA.png", "palette_P.png", "rgba.png", "cmyk.jpg", "rgb.webp", "rgb.bmp",
+       "exif_rotated.jpg"]
+
+
+def test_real_browser_ten_images_dropped_at_once(api, odd_images, tmp_path):
+    """Ten files dropped on the page, one of them not an image: nine results and one clear error row; the
+    table sorts, a row opens its result, and the table downloads as CSV and JSON."""
+    from playwright.sync_api import expect
+
+    files = [(name, odd_images[name].read_bytes()) for name in TEN] + [("broken.jpg", b"\xff\xd8not a jpeg" * 40)]
+    payload = [{"name": n, "b64": base64.b64encode(d).decode()} for n, d in files]
+    with webui_browser(api, tmp_path) as (browser, url):
+        page = browser.new_page(viewport={"width": 1100, "height": 900}, accept_downloads=True)
+        page.goto(url)
+        page.evaluate("""(files) => {
+            const dt = new DataTransfer();
+            for (const f of files) {
+                const bytes = Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0));
+                dt.items.add(new File([bytes], f.name));
+            }
+            document.getElementById("drop-zone").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true}));
+        }""", payload)
+        assert "10 images chosen" in page.locator("#chosen").inner_text()
+        page.click("#check-button")
+        expect(page.locator("#status")).to_contain_text("Checked 9 of 10 images", timeout=120_000)
+        rows = page.locator("#results-table tbody tr")
+        assert rows.count() == 10
+        errors = page.locator("#results-table tbody tr.error-row")
+        assert errors.count() == 1 and "broken.jpg" in errors.inner_text() and "not an image" in errors.inner_text()
+        # sort by score: ascending, then descending (the error row, without a score, last)
+        page.click("#results-table th[data-key=score] button")
+        scores = [float(v) for v in page.eval_on_selector_all(
+            "#results-table tbody tr:not(.error-row)", "rows => rows.map(r => r.dataset.score)")]
+        assert len(scores) == 9 and scores == sorted(scores)
+        assert page.get_attribute("#results-table th[data-key=score]", "aria-sort") == "ascending"
+        page.click("#results-table th[data-key=score] button")
+        scores = [float(v) for v in page.eval_on_selector_all(
+            "#results-table tbody tr:not(.error-row)", "rows => rows.map(r => r.dataset.score)")]
+        assert scores == sorted(scores, reverse=True)
+        # a row opens its own result
+        row = page.locator("#results-table tbody tr", has_text="rgb.bmp")
+        row.click()
+        expect(page.locator("#result .result-file")).to_have_text("rgb.bmp")
+        assert row.get_attribute("aria-selected") == "true"
+        assert float(page.locator("#score-text").inner_text()) == pytest.approx(float(row.get_attribute("data-score")),
+                                                                                abs=1e-3)
+        page.screenshot(path=str(tmp_path / "ten-images.png"), full_page=True)
+        with page.expect_download() as dl:
+            page.click("#download-csv")
+        table = list(csv.DictReader(io.StringIO(open(dl.value.path()).read())))
+        assert len(table) == 10 and sum(1 for t in table if t["error"]) == 1
+        assert {t["file"] for t in table} == {n for n, _ in files}
+        assert all(t["label"] in {"fake", "real", "uncertain"} and 0 <= float(t["score"]) <= 1
+                   for t in table if not t["error"])
+        with page.expect_download() as dl:
+            page.click("#download-json")
+        rows_json = json.loads(open(dl.value.path()).read())
+        assert len(rows_json) == 10 and {r["file"] for r in rows_json} == {n for n, _ in files}
+    print(f"screenshot: {tmp_path / 'ten-images.png'}")
+
+
+def test_several_images_without_javascript(client, odd_images):
+    """The form posts every file at once: a table, each result in full, and the downloads, with a bad file as
+    its own row."""
+    files = [(io.BytesIO(odd_images["rgb.jpg"].read_bytes()), "a.jpg"), (io.BytesIO(b"no image here" * 20), "b.jpg"),
+             (io.BytesIO(odd_images["rgb.webp"].read_bytes()), "c.webp")]
+    r = client.post("/check", data={"image": files}, headers={"Accept": "text/html"},
+                    content_type="multipart/form-data")
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    assert html.count('<tr data-index=') == 2 and html.count('class="error-row"') == 1
+    assert 'id="result"' in html and 'id="result-2"' in html and 'href="#result-2"' in html
+    urls = re.findall(r'id="download-csv" href="data:text/csv;charset=utf-8;base64,([^"]+)"', html)
+    table = list(csv.DictReader(io.StringIO(base64.b64decode(urls[0]).decode())))
+    assert [t["file"] for t in table] == ["a.jpg", "b.jpg", "c.webp"] and table[1]["error"] and not table[0]["error"]
+
+
+def test_experts_are_described_and_the_verdict_explained(map_api, odd_images):
+    """Each expert's description comes from the bundle (/model), falling back to its family's; the verdict has a
+    scale with the threshold and the band, and says how they were chosen."""
+    model = requests.get(f"{map_api.url}/model", timeout=10).json()
+    [expert] = model["experts"]
+    assert expert["description"].startswith("local patches") and "edit masks" in expert["description"]
+    web = create_app(WebConfig(api_url=map_api.url, timeout=60)).test_client()
+    r = web.post("/check", data={"image": (io.BytesIO(odd_images["rgb.jpg"].read_bytes()), "p.jpg"), "explain": "on"},
+                 headers={"Accept": "application/json"}, content_type="multipart/form-data")
+    body = r.get_json()
+    assert body["experts_info"][0]["description"] == expert["description"]
+    assert body["band"] == model["uncertain_band"] and body["threshold_rule"] == model["threshold_rule"]
+    html = body["html"]
+    assert expert["description"] in html and 'class="scale-threshold"' in html
+    assert f"How they were chosen: {model['threshold_rule']}" in html
+    # the overlay: the map alone (transparent where nothing looked) and the image, at exactly the same size
+    layer = Image.open(io.BytesIO(base64.b64decode(body["heatmap_layer"].split(",", 1)[1])))
+    shown = Image.open(io.BytesIO(base64.b64decode(body["display"].split(",", 1)[1])))
+    src = Image.open(odd_images["rgb.jpg"])
+    assert layer.mode == "RGBA" and shown.size == src.size  # shown at its own size (up to 1024 px)
+    assert abs(layer.width / layer.height - src.width / src.height) < 0.03, "the map has the image's aspect"
+    assert len(body["heatmap_colours"]) >= 2 and 'id="colour-scale"' in html
+
+
+def test_real_browser_overlay_toggle_opacity_and_no_javascript(map_api, odd_images, tmp_path):
+    from playwright.sync_api import expect
+
+    with webui_browser(map_api, tmp_path) as (browser, url):
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(url)
+        page.set_input_files("#image-input", str(odd_images["rgb.jpg"]))
+        page.click("#check-button")
+        expect(page.locator("#heatmap")).to_be_visible(timeout=60_000)
+        assert "overlaid" in page.get_attribute("#map-view", "class")
+        base, layer = page.locator("#heatmap-base").bounding_box(), page.locator("#heatmap").bounding_box()
+        assert all(abs(base[k] - layer[k]) < 1.5 for k in ("x", "y", "width", "height")), "the map lies on the image"
+        assert page.evaluate("getComputedStyle(document.getElementById('heatmap')).opacity") == "0.6"
+        page.fill("#overlay-opacity", "20")
+        page.dispatch_event("#overlay-opacity", "input")
+        assert page.evaluate("getComputedStyle(document.getElementById('heatmap')).opacity") == "0.2"
+        page.screenshot(path=str(tmp_path / "overlay-20.png"), full_page=True)
+        page.uncheck("#overlay-toggle")
+        expect(page.locator("#heatmap")).to_be_hidden()
+        page.check("#overlay-toggle")
+        expect(page.locator("#heatmap")).to_be_visible()
+        assert "local patches" in page.locator("#experts .expert-description").first.inner_text()
+        expect(page.locator("#scale")).to_be_visible()
+        expect(page.locator("#colour-scale")).to_be_visible()
+        # JavaScript off: one image still works; the map is shown beside the image, not over it
+        plain = browser.new_context(java_script_enabled=False, viewport={"width": 1100, "height": 900}).new_page()
+        plain.goto(url)
+        plain.set_input_files("#image-input", str(odd_images["rgb.jpg"]))
+        plain.click("#check-button")
+        plain.wait_for_load_state()
+        expect(plain.locator("#verdict")).to_be_visible(timeout=60_000)
+        assert plain.locator("#results-table tbody tr").count() == 1
+        expect(plain.locator(".map-controls")).to_be_hidden()
+        base, layer = plain.locator("#heatmap-base").bounding_box(), plain.locator("#heatmap").bounding_box()
+        assert layer["x"] >= base["x"] + base["width"] - 1, "side by side"
+        assert "local patches" in plain.locator("#experts .expert-description").first.inner_text()
+        plain.screenshot(path=str(tmp_path / "no-js.png"), full_page=True)
+    print(f"screenshots: {tmp_path / 'overlay-20.png'}, {tmp_path / 'no-js.png'}")

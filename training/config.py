@@ -52,6 +52,8 @@ class ExpertConfig:
     #: partial fine-tuning (training/finetune.py): freeze the first N of timm's coarse layer groups (stem = 1)
     freeze: int = 0
     layer_decay: float | None = None     #: layer-wise lr decay: group i of n trains at lr * layer_decay ** (n - i)
+    #: for people: what this expert reads, shown beside its score (default: its family's summary)
+    description: str | None = None
 
 
 @dataclass

@@ -35,6 +35,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
                                   stem=info.get("stem"),
                                   stages=tuple(info["stages"]) if info.get("stages") is not None else None,
                                   options=dict(info.get("options") or {}),
+                                  description=info.get("description") or None,
                                   crops=int(info.get("crops", 1)) if info["preprocess"] == "tiles" else 1))
         state = load_file(str(final / "ema.safetensors"))
         if not half:  # the family's stored form, e.g. a probe's frozen INT8-sourced backbone stays INT8

@@ -323,7 +323,7 @@ def _expert_info(run: ExpertRun, metrics: dict[str, Any]) -> dict[str, Any]:
     e, p = run.e, run.progress
     parent = resolve_parent(e, run.index)
     return {"name": run.name, "arch": e.arch, "family": e.family, "stem": e.stem, "stages": e.stages,
-            "options": e.options,
+            "options": e.options, "description": e.description,
             "crops": e.crops, "input_size": run.size, "preprocess": e.preprocess, "mean": list(run.mean),
             "std": list(run.std), "model_kwargs": run.model_kwargs, "weight": e.weight, "val_fold": e.val_fold,
             "pretrained": e.pretrained, "n_train": len(run.train_rows), "n_val": len(run.val_rows),

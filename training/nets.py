@@ -68,7 +68,8 @@ def expert_spec(e: ExpertConfig, size: int, mean: Any, std: Any, model_kwargs: d
                       file=f"{expert_name(e)}.safetensors", sha256="0" * 64, family=e.family,
                       preprocess=e.preprocess, weight=e.weight, model_kwargs=dict(model_kwargs),
                       crops=e.crops if e.preprocess == "tiles" else 1, stem=e.stem,
-                      stages=tuple(e.stages) if e.stages is not None else None, options=dict(e.options))
+                      stages=tuple(e.stages) if e.stages is not None else None, options=dict(e.options),
+                      description=e.description)
 
 
 def create_backbone(e: ExpertConfig, spec: ExpertSpec, index: int = 0) -> nn.Module:

@@ -28,8 +28,9 @@ def create_app(config: WebConfig | dict[str, Any] | None = None) -> Flask:
     cfg = config if isinstance(config, WebConfig) else WebConfig(**(config or {}))
     app = Flask("dfx-webui", template_folder=os.path.join(os.path.dirname(__file__), "templates"),
                 static_folder=os.path.join(os.path.dirname(__file__), "static"))
-    # A little room above the file limit for the multipart envelope; the exact limit is checked per file.
-    app.config["MAX_CONTENT_LENGTH"] = cfg.max_upload_bytes + 64 * 1024
+    # One check's files together, with a little room for the multipart envelope; each file's limit is checked
+    # on its own (one file over it is that file's error, not the check's).
+    app.config["MAX_CONTENT_LENGTH"] = cfg.max_total_bytes + 64 * 1024
     app.extensions["dfx_webui"] = cfg
     app.extensions["dfx_webui_client"] = ApiClient(cfg)
     app.register_blueprint(bp)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -34,6 +37,8 @@ MAX_FACES = 16
 #: The most experts a verdict may list (the page and the report show each one).
 MAX_EXPERTS = 64
 LABELS = ("fake", "real", "uncertain")
+MODEL_TTL_S = 60.0  #: how long the site keeps the API's ``/model`` answer
+HEX_COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
 
 
 class ApiClient:
@@ -41,6 +46,9 @@ class ApiClient:
 
     def __init__(self, cfg: WebConfig) -> None:
         self.cfg = cfg
+        self._model: dict[str, Any] | None = None
+        self._model_at = 0.0
+        self._model_lock = threading.Lock()
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
@@ -93,6 +101,21 @@ class ApiClient:
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/healthcheck", timeout=min(5.0, self.cfg.timeout))
 
+    def model(self) -> dict[str, Any]:
+        """The bundle's description (:func:`clean_model`), asked of ``/model`` at most once a minute; ``{}`` when
+        the API cannot say (the verdicts still show, without expert descriptions)."""
+        with self._model_lock:
+            if self._model is not None and time.monotonic() - self._model_at < MODEL_TTL_S:
+                return self._model
+        try:
+            info = clean_model(self._call("GET", "/model", timeout=min(10.0, self.cfg.timeout)))
+        except UserError as err:
+            log.info("no model description from the API: %s", err.code)
+            return {}
+        with self._model_lock:
+            self._model, self._model_at = info, time.monotonic()
+        return info
+
 
 def clean_result(answer: dict[str, Any]) -> dict[str, Any]:
     """Only the fields the page shows, with their types and sizes checked: the site never trusts the
@@ -113,9 +136,12 @@ def clean_result(answer: dict[str, Any]) -> dict[str, Any]:
     except (TypeError, ValueError):
         raise bad from None
     label = answer.get("label") if answer.get("label") in LABELS else "uncertain"
-    heatmap = answer.get("heatmap")
-    if not (isinstance(heatmap, str) and heatmap.startswith("data:image/png;base64,")):
-        heatmap = None
+    heatmap, layer = (v if isinstance(v, str) and v.startswith("data:image/png;base64,") else None
+                      for v in (answer.get("heatmap"), answer.get("heatmap_layer")))
+    colours = answer.get("heatmap_colours")
+    if not (isinstance(colours, list) and 2 <= len(colours) <= 16 and all(isinstance(c, str) and HEX_COLOUR.match(c)
+                                                                       for c in colours)):
+        colours = None
     faces = None
     if answer.get("faces") is not None:
         raw = answer["faces"]
@@ -135,9 +161,31 @@ def clean_result(answer: dict[str, Any]) -> dict[str, Any]:
             raise bad from None
     return {"result": score, "label": label, "experts": experts, "threshold": threshold,
             "model": str(answer.get("model", "?"))[:200], "heatmap": heatmap, "faces": faces,
+            "heatmap_layer": layer, "heatmap_colours": colours,
             **({"whole_score": whole} if faces is not None else {}),
             "provenance": clean_provenance(answer.get("provenance")),
             "label_by": "provenance" if answer.get("label_by") == "provenance" else "model"}
+
+
+def clean_model(answer: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows of ``/model``: each expert's description (by name), the threshold, the uncertain band
+    and how they were chosen; every string and list bounded."""
+    out: dict[str, Any] = {"descriptions": {}}
+    experts = answer.get("experts")
+    if isinstance(experts, list):
+        for e in experts[:MAX_EXPERTS]:
+            if isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("description"), str):
+                out["descriptions"][e["name"][:80]] = e["description"][:300]
+    try:
+        lo, hi = (float(v) for v in answer.get("uncertain_band", [])[:2])
+        threshold = float(answer["threshold"])
+        if 0.0 <= lo <= threshold <= hi <= 1.0:
+            out["band"], out["threshold"] = [lo, hi], threshold
+    except (KeyError, TypeError, ValueError):
+        pass
+    if isinstance(answer.get("threshold_rule"), str):
+        out["threshold_rule"] = answer["threshold_rule"][:300]
+    return out
 
 
 MAX_FACTS = 20

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -13,6 +14,9 @@ class WebConfig:
     timeout: float = 30.0
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
+    max_files: int = 20                       #: images per check at most
+    max_total_bytes: int = 64 * 1024 * 1024   #: one check's upload at most (all its files together)
+    concurrency: int = 3                      #: API calls at once for one check (each image is its own call)
 
 
 class UserError(Exception):
@@ -60,5 +64,6 @@ def check_upload(data: bytes, cfg: WebConfig) -> tuple[int, int] | None:
     return w, h
 
 
-def limits(cfg: WebConfig) -> dict[str, str]:
-    return {"bytes": mb(cfg.max_upload_bytes), "megapixels": f"{cfg.max_pixels / 1e6:.0f}"}
+def limits(cfg: WebConfig) -> dict[str, Any]:
+    return {"bytes": mb(cfg.max_upload_bytes), "megapixels": f"{cfg.max_pixels / 1e6:.0f}",
+            "files": cfg.max_files, "total": mb(cfg.max_total_bytes), "concurrency": cfg.concurrency}

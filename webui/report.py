@@ -60,15 +60,49 @@ def _heatmap_image(url: Any, max_side: int) -> Any:
     return img
 
 
-def _thumbnail(data: bytes) -> Any:
-    """A 360-px RGB thumbnail, or None when Pillow cannot read the image. High-bit-depth images (16-bit,
-    float) are scaled to 8 bits first; a plain ``convert("RGB")`` clips them to white."""
+def layer_image(url: Any) -> Any:
+    """The API's map layer (an RGBA PNG data URL) as an image, or None when there is none or it does not decode."""
+    from PIL import Image
+
+    if not (isinstance(url, str) and url.startswith("data:image/png;base64,")):
+        return None
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1], validate=True))) as src:
+            if src.format != "PNG" or src.width * src.height > 4_000_000:
+                return None
+            return src.convert("RGBA")
+    except Exception:  # noqa: BLE001 - an answer the site cannot use
+        return None
+
+
+def overlay_image(data: bytes, layer_url: Any, max_side: int, opacity: float = 0.55) -> Any:
+    """The image (long side at most ``max_side``) with the map layer laid over it at ``opacity``, as the page
+    shows it; None when either cannot be read."""
+    from PIL import Image
+
+    layer = layer_image(layer_url)
+    if layer is None:
+        return None
+    try:
+        base = thumbnail(data, max_side).convert("RGBA")
+    except Exception:  # noqa: BLE001
+        return None
+    layer = layer.resize(base.size, Image.BILINEAR)
+    alpha = layer.getchannel("A").point(lambda a: int(a * opacity))
+    layer.putalpha(alpha)
+    return Image.alpha_composite(base, layer).convert("RGB")
+
+
+def thumbnail(data: bytes, side: int = 360) -> Any:
+    """The image as shown (EXIF rotation applied) in RGB, its long side at most ``side``; raises when Pillow
+    cannot read it. High-bit-depth images (16-bit, float) are scaled to 8 bits first; a plain ``convert("RGB")``
+    clips them to white."""
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as src:
         src.seek(0)
         img = ImageOps.exif_transpose(src)
-        img.thumbnail((360, 360))
+        img.thumbnail((side, side))
         if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
             hi = img.getextrema()[1] if img.mode == "I" else 65535
             img = img.convert("I").point(lambda v: v * (255 / 65535) if hi > 255 else v).convert("L")
@@ -99,7 +133,9 @@ def provenance_lines(prov: Any, label_by: Any = None, width: int = 110) -> list[
 
 
 def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: str) -> bytes:
-    """A one-page PNG report: thumbnail, verdict, score bar, experts, model, date and SHA-256."""
+    """A one-page PNG report: thumbnail, verdict, the score on its scale (threshold, uncertain band, how they were
+    chosen), experts with what each reads, faces, the file's evidence about itself, heatmap, model, date and
+    SHA-256. ``result``: the page's result (webui/results.check_one)."""
     from PIL import Image, ImageDraw, ImageFont
 
     W, pad = 900, 32
@@ -107,10 +143,18 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
     big = ImageFont.load_default(size=34)
     small = ImageFont.load_default(size=15)
     try:
-        thumb = _thumbnail(data)
+        thumb = thumbnail(data)
     except Exception:  # the API read it; if Pillow cannot, the report goes without a thumbnail
         thumb = None
+    import textwrap
+
     experts = dict(list(result.get("experts", {}).items())[:MAX_EXPERTS])
+    described = {e["name"]: e.get("description") for e in result.get("experts_info") or []}
+    notes = {n: textwrap.wrap(described[n], 62)[:3] for n in experts if described.get(n)}
+    threshold = float(result.get("threshold", 0.5))
+    lo, hi = (float(v) for v in (result.get("band") or [threshold, threshold])[:2])
+    rule = textwrap.wrap(f"How the threshold was chosen: {result['threshold_rule']}", 62)[:3] \
+        if result.get("threshold_rule") else []
     faces = result.get("faces") or []
     if faces and thumb is not None:  # the boxes, drawn on the thumbnail as on the page
         from PIL import ImageDraw as _Draw
@@ -124,10 +168,11 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
         for k, f in enumerate(faces, start=1):
             td.rectangle([v * sx for v in f["box"]], outline=COLOURS.get(f["label"], (0, 0, 0)), width=3)
             td.text((f["box"][0] * sx + 3, f["box"][1] * sx + 2), str(k), fill=COLOURS.get(f["label"], (0, 0, 0)))
-    heat = _heatmap_image(result.get("heatmap"), max_side=W - 2 * pad)
+    heat = overlay_image(data, result.get("heatmap_layer"), max_side=W - 2 * pad) \
+        or _heatmap_image(result.get("heatmap"), max_side=W - 2 * pad)
     prov_lines = provenance_lines(result.get("provenance"), result.get("label_by"))
-    H = (760 + 28 * len(experts) + 24 * len(faces) + (heat.height + 60 if heat is not None else 0)
-         + 22 * len(prov_lines) + 40)
+    H = (800 + 28 * len(experts) + 20 * sum(map(len, notes.values())) + 20 * len(rule) + 24 * len(faces)
+         + (heat.height + 60 if heat is not None else 0) + 22 * len(prov_lines) + 40)
     page = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(page)
     colours = {"fake": (176, 0, 32), "real": (0, 110, 55), "uncertain": (150, 90, 0)}
@@ -139,16 +184,30 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
     d.text((x, pad + 36), str(label).upper(), font=big, fill=colours.get(label, (0, 0, 0)))
     d.text((x, pad + 80), {"fake": "Likely generated or manipulated", "real": "Likely a real photograph",
                            "uncertain": "The detector is not sure"}.get(label, ""), font=font, fill=(20, 20, 20))
-    score = float(result.get("result", 0.0))
-    d.text((x, pad + 110), f"fake probability {score:.3f} (threshold {float(result.get('threshold', 0.5)):.3f})",
-           font=font, fill=(20, 20, 20))
-    d.rectangle([x, pad + 140, x + 440, pad + 160], outline=(60, 60, 60))
-    d.rectangle([x, pad + 140, x + int(440 * score), pad + 160], fill=colours.get(label, (0, 0, 0)))
-    y = pad + 185
+    score = float(result.get("score", result.get("result", 0.0)))
+    d.text((x, pad + 110), f"fake probability {score:.3f} (threshold {threshold:.3f})", font=font, fill=(20, 20, 20))
+    # the verdict's scale, as the page draws it: the uncertain band shaded, the threshold a tick, the score a dot
+    d.rectangle([x, pad + 140, x + 440, pad + 160], fill=(223, 227, 234))
+    if hi > lo:
+        d.rectangle([x + int(440 * lo), pad + 140, x + int(440 * hi), pad + 160], fill=(243, 210, 154))
+    d.line([x + int(440 * threshold), pad + 132, x + int(440 * threshold), pad + 168], fill=(20, 20, 20), width=3)
+    cx = x + int(440 * score)
+    d.ellipse([cx - 9, pad + 141, cx + 9, pad + 159], fill=colours.get(label, (0, 0, 0)), outline=(255, 255, 255))
+    d.text((x, pad + 170), "0 real" + (f"   shaded: uncertain ({lo:.3f} to {hi:.3f})" if hi > lo else ""),
+           font=small, fill=(90, 90, 90))
+    d.text((x + 440, pad + 170), "1 fake", font=small, fill=(90, 90, 90), anchor="ra")
+    y = pad + 192
+    for line in rule:
+        d.text((x, y), line, font=small, fill=(90, 90, 90))
+        y += 20
+    y += 12
     d.text((x, y), "experts", font=font, fill=(40, 40, 40))
     for name, p in experts.items():
         y += 28
         d.text((x, y), f"{name}: {float(p):.3f}", font=small, fill=(40, 40, 40))
+        for line in notes.get(name, []):
+            y += 20
+            d.text((x + 12, y), line, font=small, fill=(100, 100, 100))
     if result.get("faces") is not None:
         y += 40
         d.text((x, y), f"faces: {len(faces)}" + (" (none found: scored whole)" if not faces else
@@ -170,6 +229,16 @@ def render_report(data: bytes, result: dict[str, Any], sha256: str, filename: st
                fill=(40, 40, 40))
         page.paste(heat, (pad, y + 24))
         y += heat.height + 48
+        stops = result.get("heatmap_colours") or []
+        if len(stops) >= 2:  # the colour scale, 0 (real) to 1 (fake), with the threshold
+            rgb = [tuple(int(c[k:k + 2], 16) for k in (1, 3, 5)) for c in stops]
+            for xx in range(300):
+                f = xx / 299 * (len(rgb) - 1)
+                a, b, w = rgb[int(f)], rgb[min(len(rgb) - 1, int(f) + 1)], f - int(f)
+                d.line([pad + xx, y - 12, pad + xx, y], fill=tuple(round(p * (1 - w) + q * w) for p, q in zip(a, b)))
+            d.line([pad + int(299 * threshold), y - 16, pad + int(299 * threshold), y + 2], fill=(20, 20, 20), width=2)
+            d.text((pad + 310, y - 16), "colour: 0 real to 1 fake; tick: threshold", font=small, fill=(90, 90, 90))
+            y += 24
     for line in (f"file: {filename}", f"SHA-256: {sha256}", f"model: {result.get('model', '?')}",
                  f"date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}",
                  "A score is a model's estimate, not proof. Detectors miss generators they never saw."):

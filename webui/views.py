@@ -3,17 +3,14 @@ Blueprint."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import logging
-import time
 
 from flask import Blueprint, Response, current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .client import ApiClient
-from .config import UserError, WebConfig, check_upload, limits, mb, sizes_that_differ
-from .report import faces_image, render_report
+from .config import UserError, WebConfig, limits, mb, sizes_that_differ
+from .results import check_many, check_one, table_row, table_urls
 
 log = logging.getLogger("dfx.webui")
 bp = Blueprint("dfx_webui", __name__)
@@ -48,9 +45,10 @@ def _too_large(_: Exception) -> Response:
     # Refused from its Content-Length before a byte is read: the upload's size is that, envelope included.
     cfg, _ = _site()
     sent = request.content_length
-    said = (f"The upload is {sizes_that_differ(sent, cfg.max_upload_bytes)[0]}; " if sent
+    said = (f"The upload is {sizes_that_differ(sent, cfg.max_total_bytes)[0]}; " if sent
             else "The upload is over the limit: ")
-    return fail(UserError(413, "file_too_large", f"{said}the limit is {mb(cfg.max_upload_bytes)}."))
+    return fail(UserError(413, "file_too_large", f"{said}the limit for one check is {mb(cfg.max_total_bytes)} "
+                                                 f"(each file up to {mb(cfg.max_upload_bytes)})."))
 
 
 @bp.app_errorhandler(HTTPException)
@@ -66,10 +64,12 @@ def index() -> str:
 
 def same_site() -> bool:
     """Whether a POST comes from this site's own page (or from no browser page at all, like curl).
-    Another origin must not spend the API, and its key, through a visitor's browser."""
+    Another origin must not spend the API, and its key, through a visitor's browser. A browser's
+    ``Sec-Fetch-Site`` (which no page can set) decides when present; else the ``Origin``. (A form posted with
+    JavaScript off may carry ``Origin: null``: its ``Sec-Fetch-Site`` still says same-origin.)"""
     fetch_site = request.headers.get("Sec-Fetch-Site")
-    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
-        return False
+    if fetch_site is not None:
+        return fetch_site in ("same-origin", "none")
     origin = request.headers.get("Origin")
     if origin is not None and origin.rstrip("/") != request.host_url.rstrip("/"):
         return False
@@ -78,34 +78,39 @@ def same_site() -> bool:
 
 @bp.post("/check")
 def check() -> Response:
+    """One or more images (file field ``image``, repeated): each checked through the API on its own. One image
+    answers as before (JSON fields, or the page with its result; an error is the page's error); several answer a
+    table (JSON ``results``, one entry or error per image, or the page with every result)."""
     cfg, client = _site()
     if not same_site():
         raise UserError(403, "cross_site", "Uploads are accepted from this site's own page only.")
-    upload = request.files.get("image")
-    if upload is None or not upload.filename:
+    uploads = [u for u in request.files.getlist("image") if u is not None and u.filename]
+    if not uploads:
         raise UserError(400, "no_file", "Choose an image file first.")
-    data = upload.read()
-    check_upload(data, cfg)
-    t0 = time.perf_counter()
+    if len(uploads) > cfg.max_files:
+        raise UserError(413, "too_many_files", f"{len(uploads)} files is over the limit of {cfg.max_files} per "
+                                               "check. Check them in smaller groups.")
     want_faces = request.form.get("faces", "").lower() in ("1", "on", "true", "yes")
     want_map = request.form.get("explain", "").lower() in ("1", "on", "true", "yes")
-    result = client.predict(data, faces=want_faces, explain=want_map)
-    sha = hashlib.sha256(data).hexdigest()
-    report = render_report(data, result, sha, upload.filename)
-    annotated = faces_image(data, result["faces"]) if result.get("faces") else None
-    body = {
-        "label": result.get("label"), "score": result.get("result"), "threshold": result.get("threshold"),
-        "experts": result.get("experts", {}), "model": result.get("model"), "sha256": sha,
-        "filename": upload.filename, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1),
-        "heatmap": result.get("heatmap"),  # a data: URL when the API offers one
-        "provenance": result.get("provenance"), "label_by": result.get("label_by", "model"),
-        "faces": result.get("faces"), "whole_score": result.get("whole_score"),
-        "faces_png": "data:image/png;base64," + base64.b64encode(annotated).decode() if annotated else None,
-        "report_png": "data:image/png;base64," + base64.b64encode(report).decode(),
-    }
+    items = [(u.filename, u.read()) for u in uploads]
+    if len(items) == 1:
+        name, data = items[0]
+        bodies = [check_one(client, cfg, data, name, faces=want_faces, explain=want_map, model=client.model())]
+    else:
+        bodies = check_many(client, cfg, items, faces=want_faces, explain=want_map)
     if wants_json():
-        return jsonify(body)
-    return Response(render_template("index.html", error=None, result=body, limits=limits(cfg)), mimetype="text/html")
+        for b in bodies:  # the result as the page draws it, so scripts insert the server's own markup
+            if "error" not in b:
+                b["html"] = render_detail(b)
+            b["row"] = table_row(b)
+        return jsonify(bodies[0] if len(items) == 1 else {"results": bodies, "table": [b["row"] for b in bodies]})
+    return Response(render_template("index.html", error=None, results=bodies, downloads=table_urls(bodies),
+                                    limits=limits(cfg)), mimetype="text/html")
+
+
+def render_detail(body: dict) -> str:
+    """One result's section as the page draws it (templates/_result.html)."""
+    return render_template("_result_one.html", r=body, i=0)
 
 
 @bp.get("/healthz")
@@ -127,5 +132,6 @@ def _headers(resp: Response) -> Response:
                                                        "style-src 'self'; script-src 'self'; frame-ancestors 'none'; "
                                                        "form-action 'self'; base-uri 'none'")
     resp.headers.setdefault("X-Content-Type-Options", "nosniff")
-    resp.headers.setdefault("Referrer-Policy", "no-referrer")
+    # same-origin: nothing leaves for other sites, and the page's own form posts keep their Origin
+    resp.headers.setdefault("Referrer-Policy", "same-origin")
     return resp

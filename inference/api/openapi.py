@@ -133,6 +133,11 @@ SCHEMAS: dict[str, Any] = {
         "face_count": {"type": "integer"}, "face_rule": {"type": "string"},
         "heatmap": {"type": "string", "description": "with explain: data:image/png;base64,... (image, "
                                                      "colour map, colour bar, score, label)"},
+        "heatmap_layer": {"type": "string", "description": "with explain: data:image/png;base64,... the coloured map "
+                                                           "alone (RGBA, transparent where no expert looked), at the "
+                                                           "image's aspect, to lay over the image"},
+        "heatmap_colours": {"type": "array", "items": {"type": "string"},
+                            "description": "with explain: the colour scale's stops from 0 (real) to 1 (fake)"},
         "explained_by": {"type": "array", "items": {"type": "string"},
                          "description": "with explain: the experts whose maps the heatmap averages"},
         "explain_unavailable": {"type": "string", "description": "with explain: why there is no heatmap"},

@@ -65,8 +65,10 @@ def score(det: Detector, payloads: list[tuple[bytes, str]], faces: bool = False,
 
 def _explain_fields(det: Detector, decoded: Any, pred: Prediction) -> dict[str, Any]:
     """``heatmap`` (a PNG data URL: the image tinted by the ensemble's map, colour bar, score, label; face boxes
-    when faces were scored) and ``explained_by`` (the experts with maps), or ``explain_unavailable``."""
-    from ..explain import data_url, png_bytes
+    when faces were scored), ``heatmap_layer`` (the coloured map alone, transparent where no expert looked, at the
+    image's aspect: for laying over the image), ``heatmap_colours`` (the colour scale, 0 to 1) and
+    ``explained_by`` (the experts with maps), or ``explain_unavailable``."""
+    from ..explain import COLOUR_STOPS, data_url, map_layer, png_bytes
     from ..pipeline import analyse
 
     model, config = current()
@@ -77,7 +79,9 @@ def _explain_fields(det: Detector, decoded: Any, pred: Prediction) -> dict[str, 
         if expl.ensemble is None:
             return {"explain_unavailable": expl.unavailable}
         picture = analysis.picture(label=pred.label, threshold=det.spec.threshold, max_side=config.explain_max_side)
-        return {"heatmap": data_url(png_bytes(picture)), "explained_by": sorted(expl.maps)}
+        layer = map_layer(expl, config.explain_max_side)
+        return {"heatmap": data_url(png_bytes(picture)), "explained_by": sorted(expl.maps),
+                "heatmap_layer": data_url(png_bytes(layer)), "heatmap_colours": COLOUR_STOPS}
     except Exception:  # the score stands; one image's map never fails its batch (issue 26, item 2)
         incident = uuid.uuid4().hex[:12]
         log.exception("drawing the heatmap failed (incident %s)", incident)

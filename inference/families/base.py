@@ -104,10 +104,24 @@ class Family:
         """The architecture as a table shows it."""
         return spec.arch
 
+    def summary(self, spec: "ExpertSpec") -> str:
+        """What the expert reads, for people (a reviewer's "why do these two disagree"): used where the bundle
+        gives the expert no ``description`` of its own."""
+        return f"{reads(spec)}: {spec.arch} trained end to end"
+
     def finetune_check(self, freeze: int, layer_decay: float | None, where: str) -> str | None:
         """Why ``freeze`` / ``layer_decay`` cannot apply to an expert of this family (before the generic checks),
         or None."""
         return None
+
+
+def reads(spec: "ExpertSpec") -> str:
+    """How an expert's input is cut from the image, in words."""
+    if spec.preprocess == "tiles":
+        return f"{spec.crops} native-resolution crops of {spec.input_size} px"
+    if spec.preprocess == "crop":
+        return f"the whole image (centre crop at {spec.input_size} px)"
+    return f"the whole image (resized to {spec.input_size} px)"
 
 
 def create_timm(spec: Any, **train_kwargs: Any) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BundleError
-from .base import Family, no_extra_fields, register
+from .base import Family, no_extra_fields, reads, register
 from .probe import MAX_STAGE, build_features_net, load_features_backbone
 
 
@@ -66,6 +66,10 @@ class PatchFamily(Family):
 
     def describe(self, spec: Any) -> str:
         return f"{spec.arch}/patch{spec.stages[0]}"
+
+    def summary(self, spec: Any) -> str:
+        return (f"local patches ({spec.arch} stage {spec.stages[0]} features, trained on edit masks): scores each "
+                f"region and draws where; {reads(spec)}")
 
 
 register(PatchFamily())

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BundleError
-from .base import Family, no_extra_fields, register
+from .base import Family, no_extra_fields, reads, register
 
 MAX_STAGE = 5            #: a CNN's timm feature indices (the patch family cuts there too)
 MAX_PROBE_STAGE = 64     #: a probe on a ViT reads blocks (ViT-B: 0..11, 12 = the embedding); checked at build
@@ -57,6 +57,13 @@ def load_features_backbone(model: Any, spec: Any, pretrained: str) -> Any:
     from ..pretrained import load_probe_backbone
 
     return load_probe_backbone(model, pretrained, spec.arch)
+
+
+def _span(stages: Any) -> str:
+    stages = list(stages or [])
+    if len(stages) > 2 and stages == list(range(stages[0], stages[-1] + 1)):
+        return f"{stages[0]}-{stages[-1]}"
+    return ", ".join(str(v) for v in stages)
 
 
 class ProbeFamily(Family):
@@ -100,6 +107,12 @@ class ProbeFamily(Family):
             return 5 if is_token_model(spec.arch) else self.format_since
         except Exception:  # an unknown architecture: the writer's own checks say so
             return self.format_since
+
+    def summary(self, spec: Any) -> str:
+        if "clip" in spec.arch.lower():
+            return f"CLIP features (frozen {spec.arch}, blocks {_span(spec.stages)}) with a linear head; {reads(spec)}"
+        return (f"whole-image texture statistics (frozen ImageNet {spec.arch} features, stages "
+                f"{_span(spec.stages)}) with a linear head; {reads(spec)}")
 
     def create(self, spec: Any, **train_kwargs: Any) -> Any:
         return build_features_net(spec, lambda: probe_net(spec.arch, tuple(spec.stages), spec.model_kwargs),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BundleError
-from .base import Family, no_extra_fields, register
+from .base import Family, no_extra_fields, reads, register
 
 STEMS = ("npr", "srm")  # residual_stem.STEMS (kept here so reading a bundle imports no torch)
 
@@ -31,6 +31,10 @@ class ResidualFamily(Family):
 
     def describe(self, spec: Any) -> str:
         return f"{spec.stem}+{spec.arch}"
+
+    def summary(self, spec: Any) -> str:
+        what = {"npr": "up-sampling traces (NPR residual)", "srm": "noise residuals (SRM high-pass filters)"}
+        return f"{what.get(spec.stem, spec.stem)} of {reads(spec)}: {spec.arch}"
 
 
 register(ResidualFamily())
