@@ -450,6 +450,13 @@ def test_real_browser_ten_images_dropped_at_once(api, odd_images, tmp_path):
             page.click("#download-json")
         rows_json = json.loads(open(dl.value.path()).read())
         assert len(rows_json) == 10 and {r["file"] for r in rows_json} == {n for n, _ in files}
+        # on a phone the table scrolls inside its box; the page never scrolls sideways
+        page.set_viewport_size({"width": 390, "height": 844})
+        wide = page.evaluate("""() => Array.from(document.querySelectorAll('body *')).filter(
+            (el) => !el.closest('.table-wrap') && el.getBoundingClientRect().right > window.innerWidth + 0.5).map(
+            (el) => el.tagName + '#' + el.id + '.' + el.className)""")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), wide[:6]
+        page.screenshot(path=str(tmp_path / "ten-images-phone.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'ten-images.png'}")
 
 
