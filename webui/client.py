@@ -38,6 +38,7 @@ MAX_FACES = 16
 MAX_EXPERTS = 64
 LABELS = ("fake", "real", "uncertain")
 MODEL_TTL_S = 60.0  #: how long the site keeps the API's ``/model`` answer
+MODEL_RETRY_S = 10.0  #: how soon it asks again when ``/model`` failed
 HEX_COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
 
 
@@ -109,11 +110,12 @@ class ApiClient:
                 return self._model
         try:
             info = clean_model(self._call("GET", "/model", timeout=min(10.0, self.cfg.timeout)))
-        except UserError as err:
+            at = time.monotonic()
+        except UserError as err:  # asked again after a short while, not on every check of a struggling API
             log.info("no model description from the API: %s", err.code)
-            return {}
+            info, at = {}, time.monotonic() - MODEL_TTL_S + MODEL_RETRY_S
         with self._model_lock:
-            self._model, self._model_at = info, time.monotonic()
+            self._model, self._model_at = info, at
         return info
 
 

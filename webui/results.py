@@ -24,12 +24,15 @@ from .report import faces_image, render_report
 COLUMNS = ("file", "sha256", "label", "score", "faces", "label_by", "provenance", "elapsed_ms", "error")
 
 
-def check_one(client: ApiClient, cfg: WebConfig, data: bytes, filename: str, *, faces: bool, explain: bool,
-              model: dict[str, Any]) -> dict[str, Any]:
-    """Everything the page shows of one image (raises UserError when the site or the API refuses it)."""
+def check_one(client: ApiClient, cfg: WebConfig, data: bytes, filename: str, *, faces: bool,
+              explain: bool) -> dict[str, Any]:
+    """Everything the page shows of one image (raises UserError when the site or the API refuses it). The bundle's
+    description (``/model``: what each expert reads, the band, the threshold rule) is asked once the image is
+    scored, from the client's cache."""
     check_upload(data, cfg)
     t0 = time.perf_counter()
     result = client.predict(data, faces=faces, explain=explain)
+    model = client.model()
     sha = hashlib.sha256(data).hexdigest()
     descriptions = model.get("descriptions", {})
     threshold = result.get("threshold", 0.5)
@@ -58,12 +61,10 @@ def check_one(client: ApiClient, cfg: WebConfig, data: bytes, filename: str, *, 
 def check_many(client: ApiClient, cfg: WebConfig, uploads: list[tuple[str, bytes]], *, faces: bool,
                explain: bool) -> list[dict[str, Any]]:
     """Each upload's body, or ``{"filename", "error": {code, message, status}}``, in upload order."""
-    model = client.model()
-
     def one(item: tuple[str, bytes]) -> dict[str, Any]:
         name, data = item
         try:
-            return check_one(client, cfg, data, name, faces=faces, explain=explain, model=model)
+            return check_one(client, cfg, data, name, faces=faces, explain=explain)
         except UserError as err:
             return {"filename": name, "error": {"code": err.code, "message": err.message, "status": err.status}}
 

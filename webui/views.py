@@ -95,7 +95,7 @@ def check() -> Response:
     items = [(u.filename, u.read()) for u in uploads]
     if len(items) == 1:
         name, data = items[0]
-        bodies = [check_one(client, cfg, data, name, faces=want_faces, explain=want_map, model=client.model())]
+        bodies = [check_one(client, cfg, data, name, faces=want_faces, explain=want_map)]
     else:
         bodies = check_many(client, cfg, items, faces=want_faces, explain=want_map)
     if wants_json():

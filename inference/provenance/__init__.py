@@ -85,22 +85,24 @@ class ProvenanceReader:
     def read(self, src: bytes | str | os.PathLike[str]) -> Provenance:
         """The evidence of a file (its bytes or its path). Never raises for what the file holds."""
         try:
-            data = src if isinstance(src, (bytes, bytearray, memoryview)) else _read_file(Path(src))
+            data, truncated = ((bytes(src), False) if isinstance(src, (bytes, bytearray, memoryview))
+                               else _read_file(Path(src)))
         except OSError as exc:
             return Provenance(unreadable=[f"the file could not be read ({exc.strerror or exc})"])
         try:
-            return read_provenance(bytes(data) if not isinstance(data, bytes) else data, anchors=self.anchors,
-                                   truncated=not isinstance(src, (bytes, bytearray, memoryview))
-                                   and len(data) == HEAD_BYTES)
+            return read_provenance(data, anchors=self.anchors, truncated=truncated)
         except Exception as exc:  # noqa: BLE001 - evidence is never worth a failed request
             log.exception("reading provenance failed")
             return Provenance(unreadable=[f"the evidence could not be read ({type(exc).__name__})"])
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(path: Path) -> tuple[bytes, bool]:
+    """The file (whole up to :data:`MAX_FILE_BYTES`, else its first :data:`HEAD_BYTES`), and whether it was cut."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        return f.read(MAX_FILE_BYTES if size <= MAX_FILE_BYTES else HEAD_BYTES)
+        if size <= MAX_FILE_BYTES:
+            return f.read(MAX_FILE_BYTES), False
+        return f.read(HEAD_BYTES), True
 
 
 def read_provenance(data: bytes, *, anchors: str | None = None, truncated: bool = False) -> Provenance:
