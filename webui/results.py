@@ -18,7 +18,7 @@ from typing import Any
 
 from .client import ApiClient
 from .config import UserError, WebConfig, check_upload
-from .report import faces_image, render_report
+from .report import faces_image, layer_image, render_report, thumbnail
 
 #: the table's columns, in order (the CSV's header and each JSON row's keys)
 COLUMNS = ("file", "sha256", "label", "score", "faces", "label_by", "provenance", "elapsed_ms", "error")
@@ -51,9 +51,10 @@ def check_one(client: ApiClient, cfg: WebConfig, data: bytes, filename: str, *, 
     }
     annotated = faces_image(data, result["faces"]) if result.get("faces") else None
     body["faces_png"] = _png_url(annotated) if annotated else None
-    body["display"] = display_url(data, body["heatmap_layer"]) if body["heatmap_layer"] else None
-    body["thumb"] = thumbnail_url(data)
-    body["report_png"] = _png_url(render_report(data, body, sha, filename))
+    picture = shown_picture(data)  # decoded once for the table, the overlay and the report
+    body["display"] = _jpeg_url(picture) if picture is not None and layer_image(body["heatmap_layer"]) else None
+    body["thumb"] = _jpeg_url(picture, 96, quality=80) if picture is not None else None
+    body["report_png"] = _png_url(render_report(data, body, sha, filename, picture=picture))
     body["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
     return body
 
@@ -108,32 +109,21 @@ def _png_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def thumbnail_url(data: bytes, side: int = 96) -> str | None:
-    """A small JPEG of the image as shown (EXIF rotation applied), for the results table; None when Pillow
-    cannot read it."""
-    from .report import thumbnail
-
+def shown_picture(data: bytes, max_side: int = 1024) -> Any:
+    """The image as shown (EXIF rotation applied, long side at most ``max_side``), or None when Pillow cannot
+    read it (the API did: the page goes without pictures of it)."""
     try:
-        img = thumbnail(data, side)
-    except Exception:  # noqa: BLE001 - the API read it; the table goes without a thumbnail
+        return thumbnail(data, max_side)
+    except Exception:  # noqa: BLE001
         return None
+
+
+def _jpeg_url(picture: Any, side: int | None = None, quality: int = 88) -> str:
+    """``picture`` (at most ``side`` on its long side) as a JPEG data URL: the table's thumbnail, or what the page
+    lays the map over (the layer is stretched to the image's box: both have the image's aspect)."""
+    if side is not None:
+        picture = picture.copy()
+        picture.thumbnail((side, side))
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def display_url(data: bytes, layer_url: str, max_side: int = 1024) -> str | None:
-    """The image as shown (EXIF rotation applied, long side at most ``max_side``), as JPEG: what the page lays the
-    API's map layer over (the layer is stretched to the image's box: both have the image's aspect). None when either
-    cannot be read."""
-    from .report import layer_image, thumbnail
-
-    try:
-        if layer_image(layer_url) is None:
-            return None
-        img = thumbnail(data, max_side)
-    except Exception:  # noqa: BLE001 - no overlay; the map is still shown on its own
-        return None
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=88)
+    picture.save(buf, "JPEG", quality=quality)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

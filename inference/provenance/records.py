@@ -112,9 +112,10 @@ def _comfy(value: str) -> bool:
     return isinstance(data, dict) and any(isinstance(v, dict) and "class_type" in v for v in data.values())
 
 
-def text_facts(key: str, value: str) -> list[Fact]:
-    """Facts from one text record (a PNG text chunk, a JPEG comment, an EXIF text field)."""
-    where = f"PNG text '{_short(key, 40)}'" if key not in ("JPEG comment",) else key
+def text_facts(key: str, value: str, where: str | None = None) -> list[Fact]:
+    """Facts from one text record (a PNG text chunk, a JPEG comment, an EXIF text field); ``where``: its source as
+    people read it (default: the PNG text chunk ``key``)."""
+    where = where or (key if key == "JPEG comment" else f"PNG text '{_short(key, 40)}'")
     low = key.lower()
     if low in GENERATOR_KEYS:
         return [Fact("ai_generated", f"generation record of {GENERATOR_KEYS[low]}", where)]
@@ -167,12 +168,13 @@ def exif_facts(raw: bytes) -> list[Fact]:
     for tag, name in ((0x0131, "Software"), (0x010E, "ImageDescription"), (0x013B, "Artist")):
         value = exif.get(tag)
         if isinstance(value, str) and value.strip():
-            facts.extend(text_facts(name, value) if tag != 0x0131 else _software_facts(value, "EXIF Software"))
+            facts.extend(text_facts(name, value, f"EXIF {name}") if tag != 0x0131
+                         else _software_facts(value, "EXIF Software"))
     comment = _user_comment(sub.get(0x9286))
     if comment.strip():
-        facts.extend(f for f in text_facts("comment", comment) if f.declares != "none")
+        facts.extend(text_facts("comment", comment, "EXIF UserComment"))
     make, model = str(exif.get(0x010F, "") or "").strip(), str(exif.get(0x0110, "") or "").strip()
     if (make or model) and not any(f.declares.startswith("ai") for f in facts):
         camera = _short(" ".join(dict.fromkeys(v for v in (make, model) if v)), 60)
         facts.append(Fact("captured", f"names a camera: {camera}", "EXIF Make/Model"))
-    return [Fact(f.declares, f.text, f.source.replace("PNG text", "EXIF")) for f in facts]
+    return facts
