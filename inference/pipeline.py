@@ -46,13 +46,14 @@ def decode(pre: "Preprocessor", src: Source | Image.Image, *, name: str | None =
     """Decode and preprocess one image; raises ImageError. The whole image is read exactly as a plain prediction
     reads it (a JPEG may be decoded at reduced scale), so its score is the same. ``finder`` (inference/faces.py):
     also its face crops, found on the image decoded in full (at most :data:`MAX_FACES`; ``faces``: already found,
-    the finder is not run). ``keep_image``: keep the decoded picture, for maps. ``provenance``: also read what the
+    the finder is not run; a bundle with experts that read faces always looks, with ``pre.finder``). ``keep_image``: keep the decoded picture, for maps. ``provenance``: also read what the
     file says about itself, from its bytes (never from the pixels the experts read, and never into them)."""
     from .faces import face_crop
     from .images import load_image
 
     if hasattr(src, "read"):
         src = src.read()  # type: ignore[union-attr]  # read more than once below
+    finder = finder if finder is not None else pre.finder  # a bundle with face experts always looks for faces
     want_faces = finder is not None or faces is not None
     if isinstance(src, Image.Image):
         picture = full = src if src.mode == "RGB" else src.convert("RGB")
@@ -64,7 +65,7 @@ def decode(pre: "Preprocessor", src: Source | Image.Image, *, name: str | None =
     found: list[Any] | None = None
     if want_faces and full is not None:
         found = (finder.find(full) if faces is None else faces)[:MAX_FACES]
-    items = [whole] + [pre.transform(face_crop(full, f)) for f in found or []]  # type: ignore[arg-type]
+    items = [whole] + [pre.transform_face(face_crop(full, f)) for f in found or []]  # type: ignore[arg-type]
     prov = provenance.read(src) if provenance is not None and not isinstance(src, Image.Image) else None
     return Decoded(items, found, picture if keep_image else None, full.size if found is not None and full else None,
                    prov)

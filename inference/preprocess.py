@@ -131,13 +131,24 @@ def normalise(img: Image.Image, mean: Iterable[float], std: Iterable[float]) -> 
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-class Preprocessor:
-    """Decode + resize + normalise for a set of preprocessing keys (see module docstring)."""
+class FaceInputs(dict):
+    """A face crop's inputs (key → tensor, as :meth:`Preprocessor.transform` makes them), marked as a face's: in
+    a bundle with experts that read faces, only those score it, and only the other experts score a whole image."""
 
-    def __init__(self, keys: Iterable[PreprocessKey], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+
+class Preprocessor:
+    """Decode + resize + normalise for a set of preprocessing keys (see module docstring).
+
+    ``face_keys`` and ``finder`` (a bundle with experts that read faces): the keys of those experts, and the
+    :class:`inference.faces.FaceFinder` every image is searched with (inference/pipeline.py ``decode``)."""
+
+    def __init__(self, keys: Iterable[PreprocessKey], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 face_keys: Iterable[PreprocessKey] = (), finder: object | None = None) -> None:
         self.keys: tuple[PreprocessKey, ...] = tuple(sorted(set(keys)))
         if not self.keys:
             raise ValueError("a Preprocessor needs at least one key")
+        self.face_keys: tuple[PreprocessKey, ...] = tuple(sorted(set(face_keys)))
+        self.finder = finder
         self.max_pixels = int(max_pixels)
         # Tiled experts read native pixels: no reduced-scale JPEG decoding when one is present.
         tiled = any(parse_mode(k[1])[0] == "tiles" for k in self.keys)
@@ -147,12 +158,17 @@ class Preprocessor:
         """Decode ``src`` to RGB, at reduced JPEG scale when the experts' sizes allow."""
         return load_image(src, max_pixels=self.max_pixels, min_size=self.min_decode_size, name=name)
 
-    def transform(self, img: Image.Image) -> dict[PreprocessKey, torch.Tensor]:
-        """RGB image → one normalised tensor per key, sharing resizes between keys: ``(3, S, S)``, or
-        ``(crops, 3, S, S)`` for a ``tiles`` key."""
+    def transform_face(self, crop: Image.Image) -> dict[PreprocessKey, torch.Tensor]:
+        """A face crop → its inputs: for the experts that read faces (:class:`FaceInputs`) when the bundle has
+        them, else for every expert (``--faces`` on a bundle without face experts: each expert scores each face)."""
+        return FaceInputs(self.transform(crop, self.face_keys)) if self.face_keys else self.transform(crop)
+
+    def transform(self, img: Image.Image, keys: tuple[PreprocessKey, ...] | None = None) -> dict[PreprocessKey, torch.Tensor]:
+        """RGB image → one normalised tensor per key (default: :attr:`keys`), sharing resizes between keys:
+        ``(3, S, S)``, or ``(crops, 3, S, S)`` for a ``tiles`` key."""
         resized: dict[tuple[int, str], Image.Image | list[Image.Image]] = {}
         out: dict[PreprocessKey, torch.Tensor] = {}
-        for key in self.keys:
+        for key in self.keys if keys is None else keys:
             size, mode, mean, std = key
             if (size, mode) not in resized:
                 name, crops = parse_mode(mode)

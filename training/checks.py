@@ -35,7 +35,7 @@ def check_config(cfg: TrainConfig) -> None:
     """Everything that can fail before training, failing now with the key in the message."""
     import timm
 
-    from inference.bundle import MAX_CROPS, PREPROCESS_MODES
+    from inference.bundle import FACE_RULES, MAX_CROPS, PREPROCESS_MODES, READS
 
     if not cfg.data.manifest:
         raise ConfigError("data.manifest: no manifest given (data.manifest=PATH)")
@@ -84,10 +84,21 @@ def check_config(cfg: TrainConfig) -> None:
             from .init_from import resolve_parent
 
             resolve_parent(e, i)
+        if e.reads not in READS:
+            raise ConfigError(f"experts.{i}.reads: must be one of {', '.join(READS)}, got '{e.reads}'")
+        for m in e.manifest or []:
+            if not Path(m).is_file():
+                raise ConfigError(f"experts.{i}.manifest: {m} not found")
         name = expert_name(e)
         if name in names:
             raise ConfigError(f"experts.{i}: two experts are named '{name}'; set experts.{i}.name")
         names.add(name)
+    if any(e.reads == "faces" for e in cfg.experts) and not any(e.reads == "image" and e.weight > 0
+                                                                  for e in cfg.experts):
+        raise ConfigError("experts: experts that read faces need at least one that reads the whole image (an image "
+                          "without a face must still get a score)")
+    if cfg.decision.face_rule not in FACE_RULES:
+        raise ConfigError(f"decision.face_rule: one of {', '.join(FACE_RULES)}, got '{cfg.decision.face_rule}'")
     lw = cfg.loss
     for k in ("ce", "kl", "nce"):
         v = getattr(lw, k)

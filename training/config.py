@@ -54,6 +54,12 @@ class ExpertConfig:
     layer_decay: float | None = None     #: layer-wise lr decay: group i of n trains at lr * layer_decay ** (n - i)
     #: for people: what this expert reads, shown beside its score (default: its family's summary)
     description: str | None = None
+    #: ``image`` (the whole image) or ``faces``: the expert scores each face crop at inference (MTCNN, as
+    #: ``dfx prepare faces`` cuts them), combined with the whole-image experts by ``decision.face_rule``
+    reads: str = "image"
+    #: this expert's own manifest(s) instead of ``data.manifest`` (e.g. face crops from ``dfx prepare faces`` for an
+    #: expert that reads faces); relative paths as ``data.manifest``'s
+    manifest: list[str] | None = None
 
 
 @dataclass
@@ -114,6 +120,9 @@ class DecisionConfig:
     rule: str = "youden"
     target_fpr: float = 0.05
     band_error: float = 0.05
+    #: with experts that read faces: how an image's score is made from the whole-image experts' and its most
+    #: suspicious face's (inference/bundle.py ``FACE_RULES``: max | noisy_or)
+    face_rule: str = "max"
 
 
 @dataclass
@@ -179,7 +188,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             if not isinstance(value, list) or not value:
                 raise ConfigError("experts: must be a non-empty list")
             kwargs[name] = [_build(ExpertConfig, e, f"experts.{i}") for i, e in enumerate(value)]
-        elif cls is DataConfig and name == "manifest":
+        elif (cls is DataConfig or cls is ExpertConfig) and name == "manifest":
             kwargs[name] = [str(v) for v in (value if isinstance(value, list) else [value])]
         else:
             kwargs[name] = _coerce(value, default, key)
@@ -253,6 +262,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
     cli_keys = {o.partition("=")[0].strip() for o in overrides or []}
     if "data.manifest" not in cli_keys:
         cfg.data.manifest = [str(base / m) if not Path(m).is_absolute() else m for m in cfg.data.manifest]
+    for i, e in enumerate(cfg.experts):
+        if e.manifest and f"experts.{i}.manifest" not in cli_keys:
+            e.manifest = [str(base / m) if not Path(m).is_absolute() else m for m in e.manifest]
     if "output" not in cli_keys and not Path(cfg.output).is_absolute() and path is not None:
         cfg.output = str(Path.cwd() / cfg.output)
     return cfg

@@ -36,6 +36,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
                                   stages=tuple(info["stages"]) if info.get("stages") is not None else None,
                                   options=dict(info.get("options") or {}),
                                   description=info.get("description") or None,
+                                  reads=info.get("reads", "image"),
                                   crops=int(info.get("crops", 1)) if info["preprocess"] == "tiles" else 1))
         state = load_file(str(final / "ema.safetensors"))
         if not half:  # the family's stored form, e.g. a probe's frozen INT8-sourced backbone stays INT8
@@ -46,7 +47,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     spec = BundleSpec(
         name=name or Path(out).name, experts=tuple(experts), threshold=float(decision["threshold"]),
         uncertain_band=(float(decision["uncertain_band"][0]), float(decision["uncertain_band"][1])),
-        threshold_rule=decision["rule"],
+        threshold_rule=decision["rule"], face_rule=decision.get("face_rule", "max"),
         provenance={"trained_with": "dfx train", "created": run["created"], "run_dir": str(run_dir),
                     "manifests": run["manifests"], "config": run["config"],
                     "oof_metrics": metrics.get("overall", {}), "experts": metrics.get("experts", {}),

@@ -301,7 +301,8 @@ def _write_final(run: ExpertRun, accelerator) -> None:
                   str(tmp / "ema.safetensors"), metadata={"format": "pt"})
         vr = run.val_rows
         vrows = [{"path": vr[i]["abspath"], "label": vr[i]["label"], "source": vr[i].get("source", ""),
-                  "fold": vr[i].get("fold", ""), "prob": p} for i, p in probs.items()]
+                  "fold": vr[i].get("fold", ""), "prob": p, "parent": vr[i].get("parentpath") or ""}
+                 for i, p in probs.items()]
         write_manifest(tmp / "val_predictions.csv", vrows)
         metrics = metrics_by_source([r["label"] for r in vrows], [r["prob"] for r in vrows],
                                     [r["source"] for r in vrows]) if vrows else {}
@@ -323,7 +324,7 @@ def _expert_info(run: ExpertRun, metrics: dict[str, Any]) -> dict[str, Any]:
     e, p = run.e, run.progress
     parent = resolve_parent(e, run.index)
     return {"name": run.name, "arch": e.arch, "family": e.family, "stem": e.stem, "stages": e.stages,
-            "options": e.options, "description": e.description,
+            "options": e.options, "description": e.description, "reads": e.reads,
             "crops": e.crops, "input_size": run.size, "preprocess": e.preprocess, "mean": list(run.mean),
             "std": list(run.std), "model_kwargs": run.model_kwargs, "weight": e.weight, "val_fold": e.val_fold,
             "pretrained": e.pretrained, "n_train": len(run.train_rows), "n_val": len(run.val_rows),

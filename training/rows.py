@@ -12,22 +12,45 @@ from .config import ConfigError, ExpertConfig, TrainConfig, replay_spec
 
 
 def read_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Every manifest row of the run (paths made absolute, labels as ints), plus ``data.replay``'s sample."""
+    """Every row of ``data.manifest`` (paths made absolute, labels as ints), plus ``data.replay``'s sample."""
+    rows = manifest_rows(cfg.data.manifest)
+    if cfg.data.replay:
+        rows += replay_rows(cfg.data.replay, seed=cfg.seed, exclude={r["abspath"] for r in rows})
+    if any(family_of(e.family).trains_on_masks for e in cfg.experts if not e.manifest):
+        check_masks(rows)
+    return rows
+
+
+def manifest_rows(manifests: list[str]) -> list[dict[str, Any]]:
+    """The rows of ``manifests``: ``abspath``, ``maskpath`` and ``parentpath`` (the real a fake or a face crop was
+    made from) absolute, labels as ints."""
     rows = []
-    for m in cfg.data.manifest:
+    for m in manifests:
         man = read_manifest(m)
         for r in man.rows:
             rows.append({**r, "abspath": str(man.abspath(r)), "label": int(r["label"]),
-                         "maskpath": str(man.abspath({"path": r["mask"]})) if r.get("mask") else None})
-    if cfg.data.replay:
-        rows += replay_rows(cfg.data.replay, seed=cfg.seed, exclude={r["abspath"] for r in rows})
-    if any(family_of(e.family).trains_on_masks for e in cfg.experts):
-        missing = [r["maskpath"] for r in rows if r["maskpath"] and not os.path.isfile(r["maskpath"])]
-        if missing:  # else every edit would be skipped as unreadable, one warning at a time
-            raise ConfigError(f"{len(missing)} of the masks the manifest names are missing (first: {missing[0]}); "
-                              "a manifest moved or merged by hand keeps its masks' old relative paths: "
-                              "rebuild it with dfx prepare merge")
+                         "maskpath": str(man.abspath({"path": r["mask"]})) if r.get("mask") else None,
+                         "parentpath": str(man.abspath({"path": r["parent"]})) if r.get("parent") else None})
     return rows
+
+
+def check_masks(rows: list[dict[str, Any]]) -> None:
+    """Refuse rows whose masks are missing (else every edit would be skipped as unreadable, one warning at a time)."""
+    missing = [r["maskpath"] for r in rows if r["maskpath"] and not os.path.isfile(r["maskpath"])]
+    if missing:
+        raise ConfigError(f"{len(missing)} of the masks the manifest names are missing (first: {missing[0]}); "
+                          "a manifest moved or merged by hand keeps its masks' old relative paths: "
+                          "rebuild it with dfx prepare merge")
+
+
+def expert_rows(cfg: TrainConfig, e: ExpertConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows expert ``e`` trains and validates on: its own ``manifest`` (plus the replay sample), else the run's."""
+    if not e.manifest:
+        return rows
+    own = manifest_rows(e.manifest)
+    if family_of(e.family).trains_on_masks:
+        check_masks(own)
+    return own + [r for r in rows if r.get("replay")]
 
 
 def replay_rows(spec: str, *, seed: int, exclude: set[str]) -> list[dict[str, Any]]:

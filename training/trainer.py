@@ -30,7 +30,7 @@ from .checks import check_config
 from .config import ConfigError, TrainConfig, expert_name, replay_spec
 from .loop import train_expert
 from .metrics import choose_decision, metrics_by_source, per_source_markdown, save_metrics, save_roc_png
-from .rows import read_rows, split_rows
+from .rows import expert_rows, read_rows, split_rows
 
 log = logging.getLogger("dfx.train")
 RUN_FORMAT = "dfx-run/1"
@@ -44,11 +44,33 @@ def _mixed_precision(mode: str) -> str:
     return "no"  # bf16 autocast is 5-15x slower on CPUs without AMX/AVX512-BF16
 
 
+def _weighted(rows: dict[str, dict[str, Any]], key: str, weight: float, r: Any, name: str) -> None:
+    row = rows.setdefault(r[key], {"path": r[key], "label": int(r["label"]), "source": r["source"], "fold": r["fold"],
+                                   "num": 0.0, "den": 0.0})
+    row["num"] += weight * float(r["prob"])
+    row["den"] += weight
+    row[f"prob_{name}"] = float(r["prob"])
+
+
+def combine_face_scores(whole: float, face: float | None, rule: str) -> float:
+    """An image's score from its whole-image score and its most suspicious face's (None: no face), as
+    :meth:`inference.detector.Detector.combine_faces` makes it for a bundle with face experts."""
+    if face is None:
+        return whole
+    return max(whole, face) if rule == "max" else 1 - (1 - whole) * (1 - face)
+
+
 def finalize_run(cfg: TrainConfig, run_dir: Path, processes: int = 1) -> dict[str, Any]:
-    """Ensemble out-of-fold predictions, metrics, ROC, and the decision rule, into ``run.json``."""
+    """Ensemble out-of-fold predictions, metrics, ROC, and the decision rule, into ``run.json``.
+
+    Experts that read faces validated on face crops: a crop's score is the face experts' weighted mean, an
+    image's face score the maximum over its crops (found through each crop's ``parent``), combined with the
+    whole-image experts' score by ``decision.face_rule``, exactly as the bundle will score that image."""
     experts = [expert_name(e) for e in cfg.experts]
     weights = {expert_name(e): e.weight for e in cfg.experts}
+    reads = {expert_name(e): e.reads for e in cfg.experts}
     per_path: dict[str, dict[str, Any]] = {}
+    per_crop: dict[str, dict[str, Any]] = {}
     curves = {}
     infos = {}
     for name in experts:
@@ -57,18 +79,31 @@ def finalize_run(cfg: TrainConfig, run_dir: Path, processes: int = 1) -> dict[st
         vp = read_manifest(final / "val_predictions.csv")
         curves[name] = ([int(r["label"]) for r in vp.rows], [float(r["prob"]) for r in vp.rows])
         for r in vp.rows:
-            row = per_path.setdefault(r["path"], {"path": r["path"], "label": int(r["label"]), "source": r["source"],
-                                                  "fold": r["fold"], "num": 0.0, "den": 0.0})
-            row["num"] += weights[name] * float(r["prob"])
-            row["den"] += weights[name]
-            row[f"prob_{name}"] = float(r["prob"])
-    oof = [{**{k: v for k, v in r.items() if k not in ("num", "den")},
-            "prob": r["num"] / r["den"] if r["den"] else 0.5} for r in per_path.values()]
+            if reads[name] == "faces":
+                _weighted(per_crop, "path", weights[name], {**r}, name)
+                per_crop[r["path"]]["parent"] = r.get("parent") or ""
+            else:
+                _weighted(per_path, "path", weights[name], r, name)
+    faces: dict[str, float] = {}
+    for crop in per_crop.values():
+        p = crop["num"] / crop["den"] if crop["den"] else 0.5
+        if crop["parent"]:
+            faces[crop["parent"]] = max(p, faces.get(crop["parent"], 0.0))
+    oof = []
+    for r in per_path.values():
+        whole = r["num"] / r["den"] if r["den"] else 0.5
+        row = {k: v for k, v in r.items() if k not in ("num", "den")}
+        if per_crop:
+            row.update(whole_prob=whole, face_prob=faces.get(r["path"], ""))
+        oof.append({**row, "prob": combine_face_scores(whole, faces.get(r["path"]), cfg.decision.face_rule)})
     write_manifest(run_dir / "oof.csv", oof)
     y = [r["label"] for r in oof]
     s = [r["prob"] for r in oof]
     dc = cfg.decision
     decision = choose_decision(y, s, dc.rule, dc.target_fpr, dc.band_error)
+    if per_crop:
+        decision["face_rule"] = dc.face_rule
+        decision["faces_matched"] = sum(1 for r in oof if r.get("face_prob") != "")
     metrics = metrics_by_source(y, s, [r["source"] for r in oof], threshold=decision["threshold"])
     metrics["experts"] = {n: {"val_auc": infos[n]["val_auc"], "val_fold": infos[n]["val_fold"],
                               "steps": infos[n]["steps"]} for n in experts}
@@ -95,8 +130,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     check_config(cfg)
     run_dir = Path(cfg.output)
     rows = read_rows(cfg)
+    own_rows = [expert_rows(cfg, e, rows) for e in cfg.experts]
     for i, e in enumerate(cfg.experts):  # fail on data problems before any expert trains
-        split_rows(rows, e, i)
+        split_rows(own_rows[i], e, i)
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision),
                               gradient_accumulation_steps=cfg.train.grad_accum, log_with=[CSVTracker(str(run_dir))],
                               project_dir=str(run_dir))
@@ -138,7 +174,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             if (run_dir / "experts" / expert_name(e) / "final" / "expert.json").is_file():
                 accelerator.print(f"[{expert_name(e)}] already trained; skipping")
                 continue
-            train_expert(cfg, e, i, rows, accelerator, run_dir, max_size, resume)
+            train_expert(cfg, e, i, own_rows[i], accelerator, run_dir, max_size, resume)
             accelerator.free_memory()
         if accelerator.is_main_process:
             run = finalize_run(cfg, run_dir, processes=accelerator.num_processes)

@@ -21,7 +21,7 @@ def prediction_json(det: Detector, pred: Prediction) -> dict[str, Any]:
     if pred.faces is not None:
         from ..faces import face_fields
 
-        body.update(face_fields(pred.faces, pred.whole_score))
+        body.update(face_fields(pred.faces, pred.whole_score, pred.face_rule))
     if pred.provenance is not None:
         body.update(label_by=pred.label_by, provenance=pred.provenance)
     body.update(pred.explain or {})

@@ -178,7 +178,7 @@ def _rows_jsonl(results: Iterable["ItemResult"], out: TextIO) -> None:
         if p is not None and p.faces is not None:
             from ..faces import face_fields
 
-            row.update(face_fields(p.faces, p.whole_score))
+            row.update(face_fields(p.faces, p.whole_score, p.face_rule))
         if p is not None and p.provenance is not None:
             row.update(label_by=p.label_by, provenance=p.provenance)
         out.write(json.dumps(row) + "\n")

