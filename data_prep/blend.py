@@ -208,7 +208,8 @@ def usable_faces(finder: FaceFinder, picture: Image.Image, min_face: int = MIN_F
 def blend(reals_manifest: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, per_image: int = 1,
           seed: int = 0, landmarks: str = "auto", max_faces: int = 4, min_face: int = MIN_FACE,
           max_side: int | None = None, sheet: int = 12, progress: bool = True) -> dict[str, Any]:
-    """``per_image`` self-blended fakes of each real with a face; resumable; writes ``<out_dir>/manifest.csv``.
+    """``per_image`` self-blended fakes of each real with a face (rows labelled fake are left out); resumable;
+    writes ``<out_dir>/manifest.csv``.
 
     ``max_side``: shrink larger reals first (default: keep the parent's size, so a blend differs from its real
     only inside its mask). A photo with no usable face is skipped and listed in ``no_faces.csv``."""
@@ -216,7 +217,9 @@ def blend(reals_manifest: str | os.PathLike[str], out_dir: str | os.PathLike[str
 
     from inference.files import write_atomic
 
-    reals = read_manifest(reals_manifest, require_labels=False)
+    manifest = read_manifest(reals_manifest, require_labels=False)
+    # only reals are blended: a manifest of reals and fakes (e.g. after `dfx prepare cluster`) can be passed whole
+    reals = type(manifest)([r for r in manifest.rows if str(r.get("label", "")).strip() != "1"], manifest.root)
     store = ItemStore(out_dir, image_format="png")
     finder = FaceFinder()
     marker = Landmarker(landmarks)
@@ -277,7 +280,7 @@ def blend(reals_manifest: str | os.PathLike[str], out_dir: str | os.PathLike[str
     write_manifest(store.root / "no_faces.csv", no_faces)
     write_atomic(store.root / "skipped.json", json.dumps(skipped, indent=2))
     sheet_path = contact_sheet(store.root, manifest, n=sheet) if sheet else None
-    return {"reals": len(paths), "planned": total, "made": made, "already_done": already,
+    return {"reals": len(paths), "fakes_left_out": len(manifest.rows) - len(paths), "planned": total, "made": made, "already_done": already,
             "no_faces": len(no_faces), "skipped": len(skipped), "landmarks": marker.describe(),
             "finder": finder.describe(), "manifest": str(manifest),
             "contact_sheet": str(sheet_path) if sheet_path else None}

@@ -19,7 +19,8 @@ needs_mtcnn = pytest.mark.skipif(mtcnn_weights_dir() is None,
 
 @pytest.fixture(scope="module")
 def reals(tmp_path_factory) -> Path:
-    """Two real photos with a face (the astronaut, Grace Hopper), one without (coffee) and a broken file."""
+    """Two real photos with a face (the astronaut, Grace Hopper), one without (coffee), a broken file, and a fake
+    (which is not blended)."""
     import matplotlib.cbook
     from skimage import data as skdata
 
@@ -31,11 +32,13 @@ def reals(tmp_path_factory) -> Path:
         (d / "hopper.jpg").write_bytes(f.read())
     Image.fromarray(skdata.coffee()).save(d / "coffee.jpg", quality=92)
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    Image.fromarray(skdata.astronaut()[::-1]).save(d / "made.png")  # a fake: never blended
     return write_manifest(d / "reals.csv", [
         {"path": "astronaut.png", "label": 0, "source": "nasa", "fold": 1},
         {"path": "hopper.jpg", "label": 0, "source": "navy", "fold": 0, "split": "train"},
         {"path": "coffee.jpg", "label": 0, "source": "sk", "fold": 2},
-        {"path": "broken.jpg", "label": 0, "source": "sk", "fold": 2}])
+        {"path": "broken.jpg", "label": 0, "source": "sk", "fold": 2},
+        {"path": "made.png", "label": 1, "source": "gen", "fold": 1}])
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -50,7 +53,7 @@ def test_blend_writes_fakes_masks_and_parents_deterministically(reals, tmp_path)
             "--per-image", "2", "--seed", "3")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout.strip().splitlines()[-1])
-    assert (info["made"], info["no_faces"], info["skipped"]) == (4, 1, 1), info
+    assert (info["made"], info["no_faces"], info["skipped"], info["fakes_left_out"]) == (4, 1, 1, 1), info
     assert info["landmarks"].startswith("mtcnn5")
     man = read_manifest(tmp_path / "a" / "manifest.csv")
     assert len(man.rows) == 4 and {r["kind"] for r in man.rows} == {"faceswap_sbi"} and man.labels() == [1] * 4

@@ -117,6 +117,8 @@ class Family:
 
 def reads(spec: "ExpertSpec") -> str:
     """How an expert's input is cut from the image, in words."""
+    if getattr(spec, "reads", "image") == "faces":
+        return f"each face (MTCNN's upright crop, resized to {spec.input_size} px)"
     if spec.preprocess == "tiles":
         return f"{spec.crops} native-resolution crops of {spec.input_size} px"
     if spec.preprocess == "crop":

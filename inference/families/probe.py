@@ -111,7 +111,7 @@ class ProbeFamily(Family):
     def summary(self, spec: Any) -> str:
         if "clip" in spec.arch.lower():
             return f"CLIP features (frozen {spec.arch}, blocks {_span(spec.stages)}) with a linear head; {reads(spec)}"
-        return (f"whole-image texture statistics (frozen ImageNet {spec.arch} features, stages "
+        return (f"texture statistics (frozen ImageNet {spec.arch} features, stages "
                 f"{_span(spec.stages)}) with a linear head; {reads(spec)}")
 
     def create(self, spec: Any, **train_kwargs: Any) -> Any:
