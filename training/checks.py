@@ -125,6 +125,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("optim.schedule: cosine or constant")
     if cfg.decision.rule not in ("youden", "fpr"):
         raise ConfigError("decision.rule: youden or fpr")
+    if cfg.decision.band not in ("verdict_error", "quantile"):
+        raise ConfigError("decision.band: verdict_error or quantile")
     a = cfg.augment
     if not 1 <= a.jpeg_quality[0] <= a.jpeg_quality[1] <= 100:
         raise ConfigError("augment.jpeg_quality: [low, high] within 1..100")

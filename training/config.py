@@ -114,12 +114,16 @@ class AugmentConfig:
 class DecisionConfig:
     """How the bundle's threshold and uncertain band are chosen on out-of-fold predictions:
     ``youden`` maximises TPR − FPR; ``fpr`` takes the lowest threshold whose FPR ≤ target_fpr.
-    The band runs from the score below which at most ``band_error`` of fakes fall to the score above
-    which at most ``band_error`` of reals fall (widened to contain the threshold)."""
+    The band (``band``) is the narrowest outside which at most ``band_error`` of the verdicts on each side are
+    wrong, or (``quantile``) runs from the score below which at most ``band_error`` of fakes fall to the score
+    above which at most ``band_error`` of reals fall; either is widened to contain the threshold."""
 
     rule: str = "youden"
     target_fpr: float = 0.05
     band_error: float = 0.05
+    #: ``verdict_error``: the narrowest band outside which at most ``band_error`` of the verdicts are wrong on each
+    #: side; ``quantile``: between the band_error-quantile of fakes and the (1 - band_error)-quantile of reals
+    band: str = "verdict_error"
     #: with experts that read faces: how an image's score is made from the whole-image experts' and its most
     #: suspicious face's (inference/bundle.py ``FACE_RULES``: max | noisy_or)
     face_rule: str = "max"

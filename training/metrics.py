@@ -140,9 +140,46 @@ def save_roc_png(path: str | Path, curves: dict[str, tuple[Sequence[int], Sequen
     save_figure(fig, path)
 
 
+def verdict_error_band(labels: np.ndarray, scores: np.ndarray, error: float) -> tuple[float, float]:
+    """The narrowest uncertain band outside which at most ``error`` of the verdicts are wrong on each side: ``hi`` is
+    the lowest score at and above which at most ``error`` of the images are real, ``lo`` the highest score at and
+    below which at most ``error`` are fakes (on the given predictions, so at their mix of reals and fakes)."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    # at each distinct score, the images at or above it (descending) and at or below it (ascending)
+    last = np.r_[s[1:] != s[:-1], True]            # the last index of each run of equal scores
+    reals_above = np.cumsum(y == 0)[last] / (np.nonzero(last)[0] + 1)
+    values = s[last]
+    ok = np.nonzero(reals_above <= error)[0]
+    hi = float(values[ok.max()]) if ok.size else 1.0
+    s_up, y_up = s[::-1], y[::-1]
+    last_up = np.r_[s_up[1:] != s_up[:-1], True]
+    fakes_below = np.cumsum(y_up == 1)[last_up] / (np.nonzero(last_up)[0] + 1)
+    ok = np.nonzero(fakes_below <= error)[0]
+    lo = float(s_up[last_up][ok.max()]) if ok.size else 0.0
+    return lo, hi
+
+
+def band_report(labels: np.ndarray, scores: np.ndarray, threshold: float, lo: float, hi: float) -> dict[str, float]:
+    """What a band means on the predictions it was chosen on: the share of images inside it (per class too), and the
+    share of wrong verdicts among those outside it, as the Detector labels them."""
+    inside = (scores > lo) & (scores < hi)
+    called_fake = ~inside & (scores >= threshold)
+    outside = ~inside
+    wrong = (called_fake & (labels == 0)) | (~inside & ~called_fake & (labels == 1))
+    return {"inside": float(inside.mean()), "inside_reals": float(inside[labels == 0].mean()),
+            "inside_fakes": float(inside[labels == 1].mean()),
+            "error_outside": float(wrong[outside].mean()) if outside.any() else 0.0, "n": int(len(labels))}
+
+
 def choose_decision(labels: Sequence[int], scores: Sequence[float], rule: str = "youden",
-                    target_fpr: float = 0.05, band_error: float = 0.05) -> dict[str, Any]:
-    """Threshold and uncertain band from (out-of-fold) predictions; the rule is returned in words."""
+                    target_fpr: float = 0.05, band_error: float = 0.05, band: str = "verdict_error") -> dict[str, Any]:
+    """Threshold and uncertain band from (out-of-fold) predictions; the rule is returned in words, and what the band
+    means on those predictions (``band_report``: share inside, error outside).
+
+    ``band``: ``quantile`` (from the ``band_error``-quantile of fakes' scores to the ``1 - band_error``-quantile of
+    reals': each class rarely lands on the wrong side, but the band is wide) or ``verdict_error`` (the narrowest band
+    outside which at most ``band_error`` of the verdicts, fake and real alike, are wrong)."""
     from sklearn.metrics import roc_curve
 
     y = np.asarray(labels, dtype=int)
@@ -150,6 +187,8 @@ def choose_decision(labels: Sequence[int], scores: Sequence[float], rule: str = 
     if not 0 < y.sum() < len(y):
         return {"threshold": 0.5, "uncertain_band": [0.5, 0.5],
                 "rule": "default 0.5: the predictions hold only one class"}
+    if band not in ("quantile", "verdict_error"):
+        raise ValueError(f"band must be quantile or verdict_error, got '{band}'")
     fpr, tpr, thr = roc_curve(y, s)
     thr = np.clip(thr, 0.0, 1.0)
     if rule == "fpr":
@@ -158,9 +197,18 @@ def choose_decision(labels: Sequence[int], scores: Sequence[float], rule: str = 
     else:
         i = int(np.argmax(tpr - fpr))
         t, how = float(thr[i]), "maximum of Youden's J (TPR - FPR) on out-of-fold predictions"
-    lo = float(np.quantile(s[y == 1], band_error))    # below: at most band_error of fakes
-    hi = float(np.quantile(s[y == 0], 1 - band_error))  # above: at most band_error of reals
+    if band == "quantile":
+        lo = float(np.quantile(s[y == 1], band_error))    # below: at most band_error of fakes
+        hi = float(np.quantile(s[y == 0], 1 - band_error))  # above: at most band_error of reals
+        words = (f"between the {band_error:g}-quantile of fakes' scores and the {1 - band_error:g}-quantile of "
+                 "reals' scores")
+    else:
+        lo, hi = verdict_error_band(y, s, band_error)
+        words = (f"the narrowest band outside which at most {band_error:.0%} of the verdicts on each side (fake "
+                 "above it, real below it) are wrong")
     lo, hi = min(lo, t), max(hi, t)
-    return {"threshold": t, "uncertain_band": [lo, hi],
-            "rule": f"{how}; uncertain band: between the {band_error:g}-quantile of fakes' scores and the "
-                    f"{1 - band_error:g}-quantile of reals' scores (widened to contain the threshold)"}
+    report = band_report(y, s, t, lo, hi)
+    return {"threshold": t, "uncertain_band": [lo, hi], "band": report,
+            "rule": f"{how}; uncertain band: {words} (widened to contain the threshold); on these predictions "
+                    f"{report['inside']:.0%} of images fall inside it and {report['error_outside']:.1%} of the "
+                    "verdicts outside it are wrong"}

@@ -100,7 +100,7 @@ def finalize_run(cfg: TrainConfig, run_dir: Path, processes: int = 1) -> dict[st
     y = [r["label"] for r in oof]
     s = [r["prob"] for r in oof]
     dc = cfg.decision
-    decision = choose_decision(y, s, dc.rule, dc.target_fpr, dc.band_error)
+    decision = choose_decision(y, s, dc.rule, dc.target_fpr, dc.band_error, dc.band)
     if per_crop:
         decision["face_rule"] = dc.face_rule
         decision["faces_matched"] = sum(1 for r in oof if r.get("face_prob") != "")
