@@ -223,9 +223,7 @@ def main() -> int:
                         sel = test[owner] & ~is_sbi
                         f = feats[p][sel][:, cols]
                         good = ~np.isnan(f).any(axis=1)
-                        z = (f[good] - head.mean) / head.std
-                        prob = 1 / (1 + np.exp(-(z @ head.coef + head.intercept)))
-                        for o, v in zip(owner[sel][good], prob):
+                        for o, v in zip(owner[sel][good], head.probs(f[good])):
                             if fams[o] == fam or y[o] == 0:
                                 face[p][o] = v if np.isnan(face[p][o]) else max(face[p][o], v)
                 combos = {}

@@ -29,7 +29,7 @@ from PIL import Image
 from .bundle import BundleSpec, bundle_digest, check_files, check_work, image_work, read_spec
 from .experts import fake_probs, read_expert, stored_state, with_stem
 from .errors import BundleError
-from .faces import FACE_RULE
+from .faces import FACE_RULE, combine_face_score
 from .images import DEFAULT_MAX_PIXELS, ImageError, Source
 from .pipeline import Decoded, analyse, decode, flat_items
 from .preprocess import FaceInputs, PreprocessKey, Preprocessor
@@ -373,8 +373,7 @@ class Detector:
             score, experts = max(scores), whole.experts
         else:
             top = max(scored, key=lambda f: f["score"])
-            face = top["score"]
-            score = max(whole.score, face) if self.spec.face_rule == "max" else 1 - (1 - whole.score) * (1 - face)
+            score = combine_face_score(whole.score, top["score"], self.spec.face_rule)
             experts = {**whole.experts, **top["experts"]}
         return Prediction(score=score, label=self.label_for(score), experts=experts, faces=scored,
                           whole_score=whole.score, face_rule=self.face_rule)

@@ -44,6 +44,15 @@ def face_fields(faces: list[dict[str, Any]], whole_score: float | None, rule: st
             "face_rule": (rule or FACE_RULE) if faces else "no face found: scored whole"}
 
 
+def combine_face_score(whole: float, face: float | None, rule: str) -> float:
+    """An image's score from its whole-image score and its most suspicious face's (None: no face found) by a bundle's
+    ``face_rule`` (inference/bundle.py ``FACE_RULES``): the one definition the Detector and training's out-of-fold
+    scores share."""
+    if face is None:
+        return whole
+    return max(whole, face) if rule == "max" else 1 - (1 - whole) * (1 - face)
+
+
 @dataclass(frozen=True)
 class Face:
     """A face in image coordinates (pixels of the image as decoded, EXIF rotation applied)."""

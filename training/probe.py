@@ -118,10 +118,14 @@ class FittedHead:
     coef: np.ndarray
     intercept: float
 
+    def probs(self, feats: np.ndarray) -> np.ndarray:
+        """Each row's fake-probability (the regression's sigmoid on standardised features)."""
+        z = (feats - self.mean) / self.std
+        return 1.0 / (1.0 + np.exp(-(z @ self.coef + self.intercept)))
+
     def image_probs(self, feats: np.ndarray, owners: np.ndarray, n_images: int) -> np.ndarray:
         """Per-image fake-probability: the mean of its crops' probabilities (NaN for images with no crop)."""
-        z = (feats - self.mean) / self.std
-        p = 1.0 / (1.0 + np.exp(-(z @ self.coef + self.intercept)))
+        p = self.probs(feats)
         out = np.full(n_images, np.nan)
         sums = np.bincount(owners, weights=p, minlength=n_images)
         counts = np.bincount(owners, minlength=n_images)

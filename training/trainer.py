@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from inference.experts import arch_defaults
+from inference.faces import combine_face_score
 from inference.files import write_atomic
 from inference.manifest import manifest_sha256, read_manifest, write_manifest
 
@@ -50,14 +51,6 @@ def _weighted(rows: dict[str, dict[str, Any]], key: str, weight: float, r: Any, 
     row["num"] += weight * float(r["prob"])
     row["den"] += weight
     row[f"prob_{name}"] = float(r["prob"])
-
-
-def combine_face_scores(whole: float, face: float | None, rule: str) -> float:
-    """An image's score from its whole-image score and its most suspicious face's (None: no face), as
-    :meth:`inference.detector.Detector.combine_faces` makes it for a bundle with face experts."""
-    if face is None:
-        return whole
-    return max(whole, face) if rule == "max" else 1 - (1 - whole) * (1 - face)
 
 
 def finalize_run(cfg: TrainConfig, run_dir: Path, processes: int = 1) -> dict[str, Any]:
@@ -95,7 +88,7 @@ def finalize_run(cfg: TrainConfig, run_dir: Path, processes: int = 1) -> dict[st
         row = {k: v for k, v in r.items() if k not in ("num", "den")}
         if per_crop:
             row.update(whole_prob=whole, face_prob=faces.get(r["path"], ""))
-        oof.append({**row, "prob": combine_face_scores(whole, faces.get(r["path"]), cfg.decision.face_rule)})
+        oof.append({**row, "prob": combine_face_score(whole, faces.get(r["path"]), cfg.decision.face_rule)})
     write_manifest(run_dir / "oof.csv", oof)
     y = [r["label"] for r in oof]
     s = [r["prob"] for r in oof]
