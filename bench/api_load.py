@@ -1,6 +1,7 @@
 """Requests/s and latency of ``dfx serve`` against the reference setup, same bundle, same run.
 
-Run by hand (not a test):  .venv/bin/python bench/api_load.py [--requests 48] [--side 1600]
+Run by hand (not a test):  .venv/bin/python bench/api_load.py [--requests 48] [--side 1600] [--weights weights/default]
+    [--reference-weights runs/default_torch]
 
 Reference: one Flask development-server process scoring one image per request with the
 competition code's per-image recipe (full decode, ToTensor → Normalize → Resize, EMA swapped in per
@@ -128,6 +129,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level (default 48)")
     ap.add_argument("--side", type=int, default=1600, help="photo width in pixels (default 1600, a typical upload)")
     ap.add_argument("--weights", default=None, help="bundle (default: untrained convnext_atto + vit_tiny at 224)")
+    ap.add_argument("--reference-weights", default=None,
+                    help="the bundle the reference serves (default: --weights); e.g. the same recipe on torch fp32, "
+                         "as the competition code would serve it")
     ap.add_argument("--device", default="auto", help="device for dfx serve (default auto: CUDA when there is one)")
     ap.add_argument("--microbatch", action="store_true",
                     help="compare micro-batching (--batch-wait-ms 5) with one forward per request (0), "
@@ -151,7 +155,8 @@ def main() -> int:
         photos = make_photos(tmp_path, 8, args.side)
         payloads = [base64.b64encode(p.read_bytes()).decode() for p in photos]
         print(f"{len(payloads)} JPEGs of {args.side}x{args.side * 3 // 4}, {args.requests} requests per level, "
-              f"{os.cpu_count()} CPU cores")
+              f"{os.cpu_count()} CPU cores; ours serve {weights}, the reference "
+              f"{args.reference_weights or weights}")
 
         setups = {
             "reference (flask dev server)": None,
@@ -171,7 +176,8 @@ def main() -> int:
             url = f"http://127.0.0.1:{port}"
             if extra is None:
                 script = tmp_path / "reference_app.py"
-                script.write_text(REFERENCE_APP.format(bench=bench_dir, weights=weights, port=port))
+                script.write_text(REFERENCE_APP.format(bench=bench_dir, weights=args.reference_weights or weights,
+                                                       port=port))
                 proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
             else:

@@ -56,6 +56,9 @@ def main() -> int:
     ap.add_argument("--export", default=None, help="write the bundle of --export-ensemble here")
     ap.add_argument("--export-ensemble", default=None, help="which ensemble to export (one of --ensemble)")
     ap.add_argument("--export-name", default="default")
+    ap.add_argument("--band", default="verdict_error", choices=("verdict_error", "quantile"),
+                    help="the exported uncertain band's rule (training/metrics.py choose_decision)")
+    ap.add_argument("--band-error", type=float, default=0.05)
     args = ap.parse_args()
     from probe_eval import FAMILIES, family_of, held_out, real_folds, rows_of
     from training.metrics import binary_metrics
@@ -170,7 +173,7 @@ def export(args, rows, y, tests, probs, members, runs, results) -> None:
     out = Path(args.out)
     write_oof(out / "oof.csv", rows, oof, args.export_ensemble)
     ok = ~np.isnan(oof["A"])
-    decision = choose_decision(y[ok].tolist(), oof["A"][ok].tolist(), "youden", 0.05, 0.05)
+    decision = choose_decision(y[ok].tolist(), oof["A"][ok].tolist(), "youden", 0.05, args.band_error, band=args.band)
     experts, states, recipe = [], {}, {}
     for m in names:
         run, stage_set, C = runs[m]
@@ -178,14 +181,15 @@ def export(args, rows, y, tests, probs, members, runs, results) -> None:
         keep = (CLIP_STAGE_SETS if meta["clip"] else STAGE_SETS)[stage_set]
         tag = "clip" if meta["clip"] else meta["arch"].replace("tf_efficientnet_", "")
         spec = ProbeSpec(arch=meta["arch"], pretrained=meta["pretrained"], stages=keep, preprocess=meta["preprocess"],
-                         crops=meta["crops"], name=f"probe-{tag}-{stage_set}")
+                         crops=meta["crops"], name=f"probe-{tag}-{stage_set}", family=meta.get("family", "probe"))
         (tf, to, _), C = members[m]
         head = fit_head(tf, y[to], C=C)
         net = build_probe(spec)
         experts.append(spec.expert())
-        states[spec.name] = probe_file_state(head_state(net, head), spec.pretrained)
+        states[spec.name] = probe_file_state(head_state(net, head), spec.pretrained, spec.family)
         recipe[spec.name] = {"pretrained": spec.pretrained, "stages": list(keep), "preprocess": spec.preprocess,
-                             "crops": spec.crops if spec.preprocess == "tiles" else 1, "C": C, "train_protocols": "A+B"}
+                             "crops": spec.crops if spec.preprocess == "tiles" else 1, "C": C, "train_protocols": "A+B",
+                             "family": spec.family}
     rule = (f"{decision['rule']} on leave-one-family-out predictions (protocol A) of the ensemble, each image scored "
             "by heads that never saw its family (fakes) or its source repo's fold (reals)")
     prov = {"trained_with": "bench/ensemble_lofo.py (training/probe.py: frozen features + logistic regression)",

@@ -58,7 +58,8 @@ class ReferenceScorer:
         self.experts = []
         for e in det.spec.experts:
             model = det.models[e.name].to(memory_format=torch.contiguous_format)
-            ema = {k: v.clone() for k, v in model.state_dict().items()}
+            # the EMA shadow is the float weights (a probe_onnx expert's graph is no weight: never swapped)
+            ema = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
             tf = T.Compose([T.ToTensor(), T.Normalize(e.mean, e.std), T.Resize((e.input_size, e.input_size))])
             self.experts.append((e, model, ema, tf))
         self.weights = np.array([e.weight for e in det.spec.experts]) / sum(e.weight for e in det.spec.experts)
@@ -74,11 +75,11 @@ class ReferenceScorer:
             t1 = time.perf_counter()
             x = tf(img).unsqueeze(0)
             t2 = time.perf_counter()
-            backup = {k: v.clone() for k, v in model.state_dict().items()}
-            model.load_state_dict(ema)  # "apply EMA shadow"
+            backup = {k: model.state_dict()[k].clone() for k in ema}
+            model.load_state_dict(ema, strict=False)  # "apply EMA shadow"
             with torch.no_grad():
                 probs.append(torch.softmax(model(x), 1)[0, 1].item())
-            model.load_state_dict(backup)  # "restore"
+            model.load_state_dict(backup, strict=False)  # "restore"
             self.t["preprocess"] += t2 - t1
             self.t["forward"] += time.perf_counter() - t2
         return float(np.dot(self.weights, probs))

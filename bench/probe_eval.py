@@ -245,6 +245,8 @@ def main() -> int:
     ap.add_argument("--preprocess", default="tiles", choices=("tiles", "crop"),
                     help="tiles: --crops native-resolution 224-px crops per image; crop: short side to 224, centre crop")
     ap.add_argument("--crops", type=int, default=4)
+    ap.add_argument("--family", default="probe", choices=("probe", "probe_onnx"),
+                    help="probe_onnx: features through the onnxruntime graph the bundle serves (use its own --out)")
     ap.add_argument("--stage-sets", default=None, help="comma-separated stage sets to evaluate (default: all)")
     ap.add_argument("--export", default=None, help="write the bundle trained on everything here")
     ap.add_argument("--export-name", default="default", help="the exported bundle's name")
@@ -273,13 +275,16 @@ def main() -> int:
     all_stages_sets = stage_sets
     if args.stage_sets:
         stage_sets = {k: stage_sets[k] for k in args.stage_sets.split(",")}
+    if args.family == "probe_onnx":  # the graph serves blocks, not the embedding: extract only what is asked
+        all_stages_sets = stage_sets
     all_stages = tuple(sorted({s for keep in all_stages_sets.values() for s in keep}))  # the cached extraction
     extract_spec = ProbeSpec(arch=source.arch, pretrained=args.pretrained, stages=all_stages,
-                             preprocess=args.preprocess, crops=args.crops)
+                             preprocess=args.preprocess, crops=args.crops, family=args.family)
     widths = stage_widths(build_probe(extract_spec), extract_spec.input_size)
     (out / "extract.json").write_text(json.dumps({  # what bench/ensemble_lofo.py needs to read the cached features
         "pretrained": args.pretrained, "arch": source.arch, "clip": source.converter == "clip_onnx",
-        "stages": list(extract_spec.stages), "widths": widths, "preprocess": args.preprocess, "crops": args.crops}))
+        "stages": list(extract_spec.stages), "widths": widths, "preprocess": args.preprocess, "crops": args.crops,
+        "family": args.family}))
     fa, oa = features(rows, extract_spec, out, "A")
     fb, ob = features(rows, extract_spec, out, "B")
     folds = real_folds(rows)
@@ -333,7 +338,7 @@ def main() -> int:
         keep = stage_sets[args.export_stages]
         tag = "clip" if source.converter == "clip_onnx" else "lite0"
         spec = ProbeSpec(arch=source.arch, pretrained=args.pretrained, stages=keep, preprocess=args.preprocess,
-                         crops=args.crops, name=f"probe-{tag}-{args.export_stages}")
+                         crops=args.crops, name=f"probe-{tag}-{args.export_stages}", family=args.family)
         net = build_probe(spec)
         cols = columns(widths, extract_spec.stages, keep)
         feats = np.concatenate([fa[:, cols], fb[:, cols]]) if args.export_train == "A+B" else fa[:, cols]

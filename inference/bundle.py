@@ -9,7 +9,7 @@ Layout (``weights/<name>/``)::
 ``ensemble.json``::
 
     {"format": "dfx-ensemble/1.1", "name": "...",
-     "experts": [{"name", "family": "timm" | "residual" | "probe" | "patch", "arch", "model_kwargs": {}, "input_size",
+     "experts": [{"name", "family": "timm" | "residual" | "probe" | "probe_onnx" | "patch", "arch", "model_kwargs": {}, "input_size",
                   "preprocess": "squash" | "crop" | "tiles", "mean", "std", "file", "sha256",
                   "weight", "calibration": {"temperature": 1.0},
                   "crops": 9,          # tiles only: a g×g grid of native-resolution crops, probabilities averaged
@@ -20,7 +20,7 @@ Layout (``weights/<name>/``)::
      "tta": ["hflip"],     # optional: test-time views added to the image as it is (inference/tta.py)
      "threshold_rule": "how the threshold was chosen", "provenance": {...}}
 
-Versions 1.1 to 1.7 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
+Versions 1.1 to 1.8 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
 read unchanged, an older reader refuses a newer family or mode by name, and bundles are written in the oldest
 format that holds them.
 
@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "dfx-ensemble/1.7"
+FORMAT = "dfx-ensemble/1.8"
 SUPPORTED_MAJOR = "dfx-ensemble/1"
 MANIFEST_NAME = "ensemble.json"
 from .errors import BundleError  # noqa: E402,F401  (raised here; importable from here as before)

@@ -154,6 +154,19 @@ def _check_pins(source: OfflineSource, path: Path, digest: str) -> None:
                               f"'pkg:{source.name}' (a different or damaged file); reinstall with: {source.pip}")
 
 
+def pinned_file(pretrained: str) -> Path:
+    """The installed file of ``pkg:NAME``, checked against its pinned version and SHA-256 (the ONNX family reads the
+    CLIP source's graph itself)."""
+    source = source_of(pretrained)
+    path = package_file(source)
+    if path is None:
+        raise PretrainedError(f"'pkg:{source.name}' is not installed here: {source.pip}")
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    _check_pins(source, path, digest)
+    return path
+
+
 def _converted(source: OfflineSource) -> dict[str, torch.Tensor]:
     """The source's weights in timm's layout, converted once and cached by the weight file's content hash
     (packed INT8 for ``clip_onnx``: see inference/clip_onnx.py)."""

@@ -195,16 +195,16 @@ def test_bundle_verbs(tmp_path):
 
 
 def test_the_default_bundle_scores_as_the_code_that_wrote_it():
-    """Issue 25 restructured how experts are built and scored; a bundle written before must load and score as it
-    did. ``tests/data/default_scores_c389889.json`` holds what the code of commit c389889 (before the
-    restructuring) answered for four scikit-image photos with ``weights/default``: on the machine that wrote it the
-    numbers are bit-identical; elsewhere CPU kernels may differ in the last float bits, hence 1e-6."""
+    """A shipped bundle must keep scoring as it did when it shipped, whatever is restructured around it (issue 25
+    moved how experts are built; issue 34 moved the default onto onnxruntime). ``tests/data/default_scores_onnx.json``
+    holds what the code that exported ``weights/default`` answered for four scikit-image photos; onnxruntime picks
+    its kernels by CPU instruction set, so another machine may differ in the last float bits, hence 1e-4."""
     import io
 
     from skimage import data as skdata
 
     root = Path(__file__).resolve().parent
-    golden = json.loads((root / "data" / "default_scores_c389889.json").read_text())
+    golden = json.loads((root / "data" / "default_scores_onnx.json").read_text())
     images = []
     for name in golden["scores"]:
         buf = io.BytesIO()
@@ -214,8 +214,8 @@ def test_the_default_bundle_scores_as_the_code_that_wrote_it():
     assert det.model_id == golden["bundle"]
     for (name, want), got in zip(golden["scores"].items(), det.predict(images)):
         assert got.label == want["label"], name
-        assert got.score == pytest.approx(want["score"], abs=1e-6), name
-        assert got.experts == pytest.approx(want["experts"], abs=1e-6), name
+        assert got.score == pytest.approx(want["score"], abs=1e-4), name
+        assert got.experts == pytest.approx(want["experts"], abs=1e-4), name
 
 
 def test_save_pretrained_writes_what_from_pretrained_reads(tiny_bundle, tmp_path, odd_images):

@@ -35,7 +35,7 @@ class DataConfig:
 class ExpertConfig:
     arch: str = "convnext_atto"
     name: str | None = None              #: default: arch, or arch-f<fold>
-    family: str = "timm"                 #: timm | residual (fixed residual stem) | probe (frozen stages + head) | patch
+    family: str = "timm"                 #: timm | residual (fixed residual stem) | probe (frozen stages + head) | probe_onnx (the same, backbone in onnxruntime) | patch
     stem: str | None = None              #: residual family: npr | srm (see inference.families.residual_stem)
     options: dict[str, Any] = field(default_factory=dict)  #: any other fields the family declares (Family.fields)
     input_size: int | None = None        #: default: the arch's own

@@ -42,11 +42,14 @@ class ProbeSpec:
     crops: int = 4
     name: str = "probe"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: ``probe`` (the backbone in torch) or ``probe_onnx`` (in onnxruntime: features are extracted through the very
+    #: graph the bundle serves, so the fitted head's scores are the bundle's)
+    family: str = "probe"
 
     def expert(self) -> ExpertSpec:
         d = arch_defaults(self.arch, self.input_size)
         return ExpertSpec(name=self.name, arch=self.arch, input_size=d["input_size"], mean=d["mean"], std=d["std"],
-                          file=f"{self.name}.safetensors", sha256="0" * 64, family="probe",
+                          file=f"{self.name}.safetensors", sha256="0" * 64, family=self.family,
                           preprocess=self.preprocess, crops=self.crops if self.preprocess == "tiles" else 1,
                           stages=tuple(self.stages), model_kwargs=d["model_kwargs"])
 
@@ -163,11 +166,14 @@ def export_probe(out: str | os.PathLike[str], spec: ProbeSpec, net: torch.nn.Mod
     expert = spec.expert()
     bundle = BundleSpec(name=name or Path(out).name, experts=(expert,), threshold=threshold, uncertain_band=band,
                         threshold_rule=rule, provenance=provenance)
-    return write_bundle(out, bundle, {expert.name: probe_file_state(head_state(net, head), spec.pretrained)},
+    return write_bundle(out, bundle, {expert.name: probe_file_state(head_state(net, head), spec.pretrained,
+                                                                                spec.family)},
                         overwrite=overwrite)
 
 
-def probe_file_state(state: dict[str, torch.Tensor], pretrained: str | None) -> dict[str, torch.Tensor]:
-    """What a probe's file holds (the probe family's stored form: a frozen backbone from an INT8 source, e.g.
-    ``pkg:clip_vit_b16``, as that source's exact INT8 rows and scales, 89 MB instead of 344 MB)."""
-    return family_of("probe").file_state(state, pretrained)
+def probe_file_state(state: dict[str, torch.Tensor], pretrained: str | None,
+                     family: str = "probe") -> dict[str, torch.Tensor]:
+    """What a probe's file holds (the family's stored form: for ``probe``, a frozen backbone from an INT8 source,
+    e.g. ``pkg:clip_vit_b16``, as that source's exact INT8 rows and scales, 89 MB instead of 344 MB; for
+    ``probe_onnx``, its graph as it is)."""
+    return family_of(family).file_state(state, pretrained)

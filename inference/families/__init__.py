@@ -18,7 +18,7 @@ A new family is one new module that subclasses :class:`Family` and calls :func:`
 
 from __future__ import annotations
 
-from . import patch, probe, residual, timm_family  # noqa: F401  (each registers itself)
+from . import patch, probe, probe_onnx, residual, timm_family  # noqa: F401  (each registers itself)
 from .base import REGISTRY, Family, get, no_extra_fields, register
 
 __all__ = ["REGISTRY", "Family", "get", "no_extra_fields", "register"]
