@@ -29,6 +29,7 @@ class ApiConfig:
     #: the operator's provenance rule instead of the bundle's (inference/provenance ``RULES``; None: the bundle's)
     provenance_rule: str | None = None
     trust_anchors: str | None = None  #: a PEM file of CA certificates whose C2PA signers are trusted; None: none
+    docs: bool = True                 #: ``GET /docs``: Swagger UI over /openapi.json (inference/api/docs_page.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -11,6 +11,7 @@ from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .config import ApiError, error_response
+from .docs_page import is_docs_path
 from .payload import batch_payloads, single_payload
 from .scoring import prediction_json, score
 from .worker import current
@@ -23,7 +24,8 @@ bp = Blueprint("dfx_api", __name__)
 def _start() -> Response | None:
     g.t0 = time.perf_counter()
     _, config = current()
-    if config.api_key and request.path != "/healthcheck":
+    # /docs is a static page (it asks for the key and sends it with every request it makes), so it loads without one
+    if config.api_key and request.path != "/healthcheck" and not (config.docs and is_docs_path(request.path)):
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
             resp = error_response(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'")
@@ -125,6 +127,31 @@ def model_info() -> Response:
                                "max_batch": config.max_batch},
                     "microbatch": {"wait_ms": model.wait_ms, "max_batch": config.batch_size,
                                    **model.batcher.summary(request.args.get("last", type=int))}})
+
+
+@bp.get("/docs")
+def docs() -> Response:
+    """Swagger UI over /openapi.json, from the swagger-ui-bundle package, nothing from a CDN."""
+    from .docs_page import assets_dir, page
+
+    _, config = current()
+    if not config.docs:
+        raise ApiError(404, "not_found", "the API explorer is off on this server (dfx serve --no-docs)")
+    if assets_dir() is None:
+        raise ApiError(404, "not_found", "the API explorer needs the swagger-ui-bundle package "
+                                         "(pip install swagger-ui-bundle); /openapi.json describes the API")
+    return page(bool(config.api_key))
+
+
+@bp.get("/docs/static/<path:name>")
+def docs_asset(name: str) -> Response:
+    from .docs_page import asset
+
+    _, config = current()
+    resp = asset(name) if config.docs else None
+    if resp is None:
+        raise ApiError(404, "not_found", f"no such file: /docs/static/{name[:100]}")
+    return resp
 
 
 @bp.get("/openapi.json")

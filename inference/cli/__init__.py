@@ -31,12 +31,46 @@ def _verb_modules() -> list[str]:
     return modules
 
 
+def version_text() -> str:
+    """``deepfake-experts X.Y.Z`` and the default bundle's ``name@digest`` (what ``dfx predict`` uses without
+    ``--weights``: ``$DFX_WEIGHTS`` or ``weights/default``), or why there is none."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("deepfake-experts")
+    except PackageNotFoundError:
+        own = "(not installed: a source checkout)"
+    try:
+        from ..bundle import bundle_digest, read_spec
+        from ..weights import resolve_weights
+
+        path = resolve_weights(None)
+        spec = read_spec(path)
+        default = f"{spec.name}@{bundle_digest(spec)} ({spec.format}, {path})"
+    except (BundleError, FileNotFoundError) as exc:
+        default = f"none ({str(exc).splitlines()[0][:200]})"
+    return f"deepfake-experts {own}\ndefault bundle: {default}"
+
+
+class _Version(argparse.Action):
+    """``--version``: printed and exit, before a verb is required (reading the bundle only then, never for --help)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the package version and the default bundle's digest, then exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dfx",
         description="deepfake-experts: tell real images from generated or manipulated ones.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name in _verb_modules():
         try:

@@ -29,8 +29,9 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default="fp32",
-                   help="autocast precision; bf16/fp16 pay off on GPUs only; int8: dynamic INT8 of frozen ViT (CLIP) "
-                        "backbones on CPUs, about 1.8x faster, scores move slightly (default fp32)")
+                   help="autocast precision; bf16/fp16 pay off on GPUs only; int8: dynamic INT8 of frozen torch ViT "
+                        "backbones (family probe) on CPUs, about 1.8x faster, scores move slightly; experts on "
+                        "onnxruntime (probe_onnx, the default's) are unchanged by it (default fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--faces", action="store_true",
                    help="also find faces (MTCNN; OpenCV Haar when its weights are not installed) and score each "

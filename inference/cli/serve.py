@@ -73,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="none: labels are always the pixels'; trusted_c2pa: a valid C2PA manifest declaring AI "
                         "generation by a trusted signer makes the label fake (the answer says so) "
                         "[DFX_PROVENANCE_RULE] (default: the bundle's rule)")
+    p.add_argument("--no-docs", dest="docs", action="store_false", default=_env("DOCS", "1") not in ("0", "false"),
+                   help="no /docs page (Swagger UI over /openapi.json) for deployments that want no HTML on the API "
+                        "[DFX_DOCS=0]")
     p.set_defaults(func=_serve)
 
 
@@ -95,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
                        max_batch=args.max_batch, api_key=os.environ.get("DFX_API_KEY") or None,
                        torch_threads=args.torch_threads or max(1, cores // max(1, args.workers)), 
                        batch_wait_ms=None if args.batch_wait_ms is None else float(args.batch_wait_ms),
-                       provenance_rule=args.provenance_rule, trust_anchors=args.trust_anchors)
+                       provenance_rule=args.provenance_rule, trust_anchors=args.trust_anchors, docs=args.docs)
     level = getattr(logging, str(args.log_level).upper(), logging.INFO)
     logging.getLogger("dfx").setLevel(level)
     logging.getLogger("inference").setLevel(level)
