@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -47,7 +48,10 @@ def crop_table(rows: list[dict], args) -> list[dict]:
     """Every face crop: its image (index into ``rows``; for a blend, its real's), label, box, and origin."""
     from inference.manifest import read_manifest
 
-    index = {r["abspath"]: i for i, r in enumerate(rows)}
+    def norm(path: str) -> str:  # manifests written from other folders name one file by different spellings
+        return os.path.realpath(path)
+
+    index = {norm(r["abspath"]): i for i, r in enumerate(rows)}
     table = []
 
     def face_of(man, r) -> dict:  # the face as dfx prepare faces found it (box and landmarks, in the sidecar)
@@ -55,17 +59,18 @@ def crop_table(rows: list[dict], args) -> list[dict]:
 
     data = read_manifest(Path(args.faces) / "manifest.csv")
     for r in data.rows:
-        i = index.get(r["parent"])
+        i = index.get(norm(str(data.abspath({"path": r["parent"]}))))
         if i is not None:
-            table.append({"owner": i, "image": r["parent"], "label": rows[i]["label"], "sbi": False,
+            table.append({"owner": i, "image": rows[i]["abspath"], "label": rows[i]["label"], "sbi": False,
                           **face_of(data, r)})
     blends = read_manifest(Path(args.blend) / "manifest.csv")
-    real_of = {str(blends.abspath(r)): r["parent"] for r in blends.rows}
+    real_of = {norm(str(blends.abspath(r))): norm(str(blends.abspath({"path": r["parent"]}))) for r in blends.rows}
     sbi = read_manifest(Path(args.blend_faces) / "manifest.csv")
     for r in sbi.rows:
-        real = real_of.get(r["parent"])
+        real = real_of.get(norm(str(sbi.abspath({"path": r["parent"]}))))
         if real in index:
-            table.append({"owner": index[real], "image": r["parent"], "label": 1, "sbi": True, **face_of(sbi, r)})
+            table.append({"owner": index[real], "image": norm(str(sbi.abspath({"path": r["parent"]}))), "label": 1,
+                          "sbi": True, **face_of(sbi, r)})
     return [c for c in table if min(c["box"][2] - c["box"][0], c["box"][3] - c["box"][1]) >= args.min_face]
 
 

@@ -42,10 +42,11 @@ from PIL import Image
 
 from inference.faces import Face, FaceFinder, face_square
 from inference.images import ImageError, load_image
-from inference.manifest import read_manifest, write_manifest
+from inference.manifest import read_manifest
 
 from .items import ItemStore, item_id, item_seed
 from .landmarks import Landmarker
+from .manifests import child_split, write_manifest
 
 log = logging.getLogger("dfx.prep.blend")
 KIND = "faceswap_sbi"
@@ -270,9 +271,7 @@ def blend(reals_manifest: str | os.PathLike[str], out_dir: str | os.PathLike[str
             changed = np.any(out != img, axis=2)
             fake = {"label": 1, "source": SOURCE, "kind": KIND, "parent": str(path), "seed": s,
                     "faces": len(marks), "landmarks": marker.describe(), "params": json.dumps(draws)}
-            for key in ("fold", "cluster", "split"):  # a fake stays on its real's side of every split
-                if row.get(key) not in (None, ""):
-                    fake[key] = row[key]
+            fake.update(child_split(row))
             store.save(ident, Image.fromarray(out), fake, mask=changed)
             made += 1
     bar.close()

@@ -237,7 +237,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _report(kind: str, s: dict, out: str) -> None:
-    print(f"{kind}: {s['made']} new, {s['already_done']} already done, {len(s['skipped'])} reals skipped; "
+    left = f", {s['fakes_left_out']} fakes left out" if s.get("fakes_left_out") else ""
+    print(f"{kind}: {s['made']} new, {s['already_done']} already done, {len(s['skipped'])} reals skipped{left}; "
           f"manifest {s['manifest']}", file=sys.stderr)
     for item in s["skipped"][:10]:
         print(f"  skipped {item['path']}: {item['reason']}", file=sys.stderr)

@@ -29,6 +29,7 @@ from inference.manifest import read_manifest
 
 from .diffuse import random_blob_mask
 from .items import ItemStore, item_id, item_seed
+from .manifests import child_split
 
 log = logging.getLogger("dfx.prep.edit")
 MIN_SIDE = 64
@@ -145,13 +146,15 @@ OPS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray, dict]]] = {
 
 def edit(reals_manifest: str, out_dir: str | os.PathLike[str], *, ops: list[str], per_image: int = 1, seed: int = 0,
          image_format: str = "png", max_side: int | None = 1024, progress: bool = True) -> dict[str, Any]:
-    """Apply each op ``per_image`` times to each real; resumable; writes ``<out_dir>/manifest.csv``."""
+    """Apply each op ``per_image`` times to each real (rows labelled fake are left out, so a folds manifest can be
+    passed whole); resumable; writes ``<out_dir>/manifest.csv``."""
     from tqdm import tqdm
 
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         raise ValueError(f"unknown op(s) {', '.join(unknown)} (known: {', '.join(OPS)})")
-    reals = read_manifest(reals_manifest, require_labels=False)
+    given = read_manifest(reals_manifest, require_labels=False)
+    reals = type(given)([r for r in given.rows if str(r.get("label", "")).strip() != "1"], given.root)
     store = ItemStore(out_dir, image_format=image_format)
     paths = [reals.abspath(r) for r in reals.rows]
     skipped, made, already = [], 0, 0
@@ -199,7 +202,7 @@ def edit(reals_manifest: str, out_dir: str | os.PathLike[str], *, ops: list[str]
                         continue
                 out, mask, params = OPS[op](img, rng, donor=donor)
                 row = {"label": 1, "source": f"edit:{op}", "kind": "edit", "parent": str(path), "op": op, "seed": s,
-                       "params": json.dumps(params)}
+                       "params": json.dumps(params), **child_split(reals.rows[i])}
                 store.save(ident, Image.fromarray(out), row, mask=mask)
                 made += 1
         if len(loaded) > 64:  # keep memory bounded on big manifests
@@ -209,4 +212,4 @@ def edit(reals_manifest: str, out_dir: str | os.PathLike[str], *, ops: list[str]
     from inference.files import write_atomic
 
     write_atomic(store.root / "skipped.json", json.dumps(skipped, indent=2))
-    return {"planned": total, "made": made, "already_done": already, "skipped": skipped, "manifest": str(manifest)}
+    return {"reals": len(paths), "fakes_left_out": len(given.rows) - len(paths), "planned": total, "made": made, "already_done": already, "skipped": skipped, "manifest": str(manifest)}

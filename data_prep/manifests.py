@@ -72,3 +72,14 @@ def merge_manifests(inputs: list[str], out: str | os.PathLike[str]) -> int:
             rows.append(reroot({**r, "path": str(absolute)}, str(man.root), str(out_dir)))
     write_manifest(out, rows, columns)
     return len(rows)
+
+
+def child_split(parent: dict) -> dict[str, str]:
+    """The fold, cluster and split columns of a fake made from ``parent`` (an edit, a blend, a simulated fake).
+
+    It stays on its real's side of every fold (a fold holds a real and everything made from it), and it is training
+    material: ``split=train`` (trained on in other folds, never validated on, so out-of-fold scores and the
+    decision threshold are measured on the collection's own images only), or ``test`` when its real is held out."""
+    out = {k: str(parent[k]) for k in ("fold", "cluster") if parent.get(k) not in (None, "")}
+    out["split"] = "test" if parent.get("split") == "test" else "train"
+    return out

@@ -20,7 +20,10 @@ Layout (``weights/<name>/``)::
      "tta": ["hflip"],     # optional: test-time views added to the image as it is (inference/tta.py)
      "threshold_rule": "how the threshold was chosen", "provenance": {...}}
 
-Versions 1.1 to 1.8 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
+     "face_finder": {"method": "mtcnn", "file": "face_finder.safetensors", "sha256": "..."},
+                           # 1.9, with experts that read faces: the finder that cuts their crops, in the bundle
+
+Versions 1.1 to 1.9 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
 read unchanged, an older reader refuses a newer family or mode by name, and bundles are written in the oldest
 format that holds them.
 
@@ -41,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "dfx-ensemble/1.8"
+FORMAT = "dfx-ensemble/1.9"
 SUPPORTED_MAJOR = "dfx-ensemble/1"
 MANIFEST_NAME = "ensemble.json"
 from .errors import BundleError  # noqa: E402,F401  (raised here; importable from here as before)
@@ -129,6 +132,23 @@ class ExpertSpec:
         return d
 
 
+#: Face finders a bundle may carry (format 1.9): MTCNN's three networks in one safetensors file
+FACE_FINDERS = ("mtcnn",)
+
+
+@dataclass(frozen=True)
+class FaceFinderSpec:
+    """The face finder stored in a bundle (format 1.9): the networks that cut the crops its face experts read, so the
+    bundle scores the same wherever it is loaded, with nothing installed beside it and nothing outside it read."""
+
+    file: str
+    sha256: str
+    method: str = "mtcnn"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "file": self.file, "sha256": self.sha256}
+
+
 @dataclass(frozen=True)
 class BundleSpec:
     """The parsed, validated ``ensemble.json`` of a bundle folder."""
@@ -147,6 +167,8 @@ class BundleSpec:
     provenance_rule: str = "none"
     #: with face experts (``reads: faces``) only: how whole-image and face scores combine (:data:`FACE_RULES`)
     face_rule: str = "max"
+    #: with face experts only: the face finder's weights in the bundle (1.9); None: the installed MTCNN wheel's
+    face_finder: FaceFinderSpec | None = None
 
     @property
     def reads_faces(self) -> bool:
@@ -169,16 +191,19 @@ class BundleSpec:
             d["provenance_rule"] = self.provenance_rule
         if self.reads_faces:
             d["face_rule"] = self.face_rule
+        if self.face_finder is not None:
+            d["face_finder"] = self.face_finder.to_json()
         d["provenance"] = self.provenance
         return d
 
 
 def oldest_format(spec: BundleSpec, packed: bool = False) -> str:
     """The oldest format version that holds ``spec``, so older readers keep reading what they can: the newest that
-    any expert's family needs (inference/families/), 1.3 for ``tta``, 1.6 for a ``provenance_rule``, 1.7 for experts that read faces, 1.5 when some weight file holds packed INT8
+    any expert's family needs (inference/families/), 1.3 for ``tta``, 1.6 for a ``provenance_rule``, 1.7 for experts
+    that read faces, 1.9 for a face finder stored in the bundle, 1.5 when some weight file holds packed INT8
     tensors (``packed``); at least 1.1."""
     minor = max([1, 3 if spec.tta else 1, 5 if packed else 1, 6 if spec.provenance_rule != "none" else 1,
-                 7 if spec.reads_faces else 1]
+                 7 if spec.reads_faces else 1, 9 if spec.face_finder is not None else 1]
                 + [family_of(e.family).format_minor(e) for e in spec.experts])
     return f"{SUPPORTED_MAJOR}.{minor}"
 
@@ -244,12 +269,7 @@ def _parse_expert(raw: Any, index: int, manifest: Path) -> ExpertSpec:
     std = _triple(raw, "std", where)
     if any(s <= 0 for s in std):
         raise BundleError(f"{where}: std must be positive, got {list(std)}")
-    file = _req(raw, "file", str, where)
-    if Path(file).name != file or file in ("", ".", ".."):
-        raise BundleError(f"{where}: file '{file}' must be a plain file name inside the bundle")
-    sha = _req(raw, "sha256", str, where)
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise BundleError(f"{where}: sha256 must be 64 lowercase hex digits")
+    file, sha = _plain_file(raw, where)
     weight = float(_req(raw, "weight", (int, float), where))
     if not (math.isfinite(weight) and weight >= 0):
         raise BundleError(f"{where}: weight must be a finite number >= 0, got {weight}")
@@ -327,6 +347,7 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
         raise BundleError(f"{where}: unknown face_rule {str(face_rule)[:40]!r} (known: {', '.join(FACE_RULES)})")
     if any(e.reads == "faces" for e in experts) and sum(e.weight for e in experts if e.reads == "faces") <= 0:
         raise BundleError(f"{where}: the weights of the experts that read faces sum to 0")
+    finder = _parse_face_finder(data.get("face_finder"), experts, where)
     aggregate = _req(data, "aggregate", str, where)
     if aggregate not in AGGREGATES:
         raise BundleError(f"{where}: unknown aggregate '{aggregate}' (known: {', '.join(AGGREGATES)})")
@@ -360,10 +381,41 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
         name=_short_name(_req(data, "name", str, where), where), experts=experts, threshold=threshold,
         uncertain_band=(lo, hi), aggregate=aggregate,
         threshold_rule=str(data.get("threshold_rule", "")), provenance=provenance, format=fmt, tta=tuple(tta),
-        provenance_rule=rule, face_rule=face_rule,
+        provenance_rule=rule, face_rule=face_rule, face_finder=finder,
     )
     check_work(spec, where)
     return spec
+
+
+def _plain_file(raw: dict[str, Any], where: str) -> tuple[str, str]:
+    """A weight file's name (a plain name inside the bundle) and its SHA-256 (64 lowercase hex digits)."""
+    file = _req(raw, "file", str, where)
+    if Path(file).name != file or file in ("", ".", ".."):
+        raise BundleError(f"{where}: file '{file}' must be a plain file name inside the bundle")
+    sha = _req(raw, "sha256", str, where)
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise BundleError(f"{where}: sha256 must be 64 lowercase hex digits")
+    return file, sha
+
+
+def _parse_face_finder(raw: Any, experts: tuple[ExpertSpec, ...], where: str) -> FaceFinderSpec | None:
+    if raw is None:
+        return None
+    where = f"{where}: face_finder"
+    if not isinstance(raw, dict):
+        raise BundleError(f"{where}: must be an object")
+    if not any(e.reads == "faces" for e in experts):
+        raise BundleError(f"{where}: only a bundle with experts that read faces carries a face finder")
+    unknown = sorted(set(raw) - {"method", "file", "sha256"})
+    if unknown:
+        raise BundleError(f"{where}: unknown field '{unknown[0][:40]}'")
+    method = raw.get("method", "mtcnn")
+    if method not in FACE_FINDERS:
+        raise BundleError(f"{where}: unknown method {str(method)[:40]!r} (known: {', '.join(FACE_FINDERS)})")
+    file, sha = _plain_file(raw, where)
+    if file in {e.file for e in experts} or file == MANIFEST_NAME:
+        raise BundleError(f"{where}: file '{file}' is already an expert's file or the manifest")
+    return FaceFinderSpec(file=file, sha256=sha, method=method)
 
 
 def image_work(spec: BundleSpec) -> dict[str, int]:
@@ -412,6 +464,15 @@ def check_files(bundle_dir: str | os.PathLike[str], spec: BundleSpec) -> None:
         if actual != e.sha256:
             raise BundleError(f"{path}: checksum mismatch for expert '{e.name}' (expected sha256 "
                               f"{e.sha256[:12]}…, file has {actual[:12]}…): the file is damaged or replaced")
+    if spec.face_finder is not None:
+        path = root / spec.face_finder.file
+        if not path.is_file():
+            raise BundleError(f"{path}: missing face finder file")
+        actual = sha256_file(path)
+        if actual != spec.face_finder.sha256:
+            raise BundleError(f"{path}: checksum mismatch for the face finder (expected sha256 "
+                              f"{spec.face_finder.sha256[:12]}…, file has {actual[:12]}…): the file is damaged or "
+                              "replaced")
 
 
 def bundle_digest(spec: BundleSpec) -> str:
@@ -422,6 +483,7 @@ def bundle_digest(spec: BundleSpec) -> str:
                      + (["reads:faces"] if e.reads == "faces" else [])
                      for e in spec.experts],
          **({"face_rule": spec.face_rule} if spec.reads_faces else {}),
+         **({"face_finder": spec.face_finder.sha256} if spec.face_finder is not None else {}),  # it picks the faces
          "aggregate": spec.aggregate, "threshold": spec.threshold, "band": spec.uncertain_band,
          **({"tta": list(spec.tta)} if spec.tta else {})},  # TTA changes the scores, so it is part of the identity
         sort_keys=True, default=list,
@@ -430,18 +492,22 @@ def bundle_digest(spec: BundleSpec) -> str:
 
 
 def write_bundle(out_dir: str | os.PathLike[str], spec: BundleSpec,
-                 state_dicts: dict[str, dict[str, Any]], *, overwrite: bool = False) -> BundleSpec:
+                 state_dicts: dict[str, dict[str, Any]], *, overwrite: bool = False,
+                 face_finder: dict[str, Any] | None = None) -> BundleSpec:
     """Write a bundle atomically: all files go to a temporary sibling folder, which is then renamed.
 
     ``state_dicts`` maps expert name to its state dict (tensors). Checksums are computed here and
     returned in the final spec; the ``sha256`` fields of ``spec`` are ignored. A reader never sees a
-    half-written bundle, and an existing bundle is replaced only with ``overwrite``.
+    half-written bundle, and an existing bundle is replaced only with ``overwrite``. ``face_finder``: the face
+    finder's tensors (inference/faces.py ``mtcnn_state``), written as ``spec.face_finder`` names (format 1.9).
     """
     from safetensors.torch import save_file
 
     from .clip_onnx import is_packed
 
     out = Path(out_dir)
+    if (face_finder is None) != (spec.face_finder is None):
+        raise BundleError("a face finder's tensors are written exactly when the spec names its file")
     packed = any(is_packed(sd) for sd in state_dicts.values())
     spec = BundleSpec(**{**spec.__dict__, "format": oldest_format(spec, packed)})
     parse_spec(spec.to_json(), out / MANIFEST_NAME)  # never write a bundle that could not be read back
@@ -461,7 +527,14 @@ def write_bundle(out_dir: str | os.PathLike[str], spec: BundleSpec,
             save_file(tensors, str(path), metadata={"format": "pt"})
             os.chmod(path, 0o644)  # servers often run as another user than the exporter
             experts.append(ExpertSpec(**{**e.__dict__, "sha256": sha256_file(path)}))
-        final = BundleSpec(**{**spec.__dict__, "experts": tuple(experts)})
+        finder = spec.face_finder
+        if finder is not None and face_finder is not None:
+            path = tmp / finder.file
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in face_finder.items()}, str(path),
+                      metadata={"format": "pt"})
+            os.chmod(path, 0o644)
+            finder = FaceFinderSpec(**{**finder.__dict__, "sha256": sha256_file(path)})
+        final = BundleSpec(**{**spec.__dict__, "experts": tuple(experts), "face_finder": finder})
         (tmp / MANIFEST_NAME).write_text(json.dumps(final.to_json(), indent=2) + "\n", encoding="utf-8")
         os.chmod(tmp / MANIFEST_NAME, 0o644)
         os.chmod(tmp, 0o755)

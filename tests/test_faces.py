@@ -185,3 +185,41 @@ def test_submit_faces_uses_the_face_rule(tiny_bundle, folder, tmp_path):
     rows = dict(line.split(",") for line in sub.read_text().splitlines()[1:])
     assert float(rows["astronaut.png"]) == pytest.approx(want["astronaut.png"], abs=1e-7)
     assert float(rows["broken.jpg"]) == 0.5
+
+
+@needs_mtcnn
+def test_a_finder_built_from_stored_weights_finds_what_the_wheel_finds(finder, astronaut, tmp_path):
+    """What a bundle stores as its face finder (format 1.9): MTCNN's three networks in one safetensors file; read back
+    it finds exactly the wheel's faces, and it needs neither the wheel nor anything else installed."""
+    from safetensors.torch import load_file, save_file
+
+    from inference.faces import mtcnn_state
+
+    save_file(mtcnn_state(), str(tmp_path / "finder.safetensors"))
+    stored = FaceFinder(state=load_file(str(tmp_path / "finder.safetensors")), source="finder.safetensors")
+    assert stored.method == "mtcnn" and stored.weights is None
+    assert stored.describe() == "mtcnn (finder.safetensors)"
+    for img in (astronaut, Image.fromarray(skdata.coffee())):
+        assert stored.find(img) == finder.find(img)
+    with pytest.raises(ValueError, match="auto or mtcnn"):
+        FaceFinder(state={}, method="haar")
+
+
+def test_a_bundle_names_its_face_finder_only_with_face_experts(tiny_bundle, tmp_path):
+    """Format 1.9's ``face_finder`` is checked before anything is loaded: only beside experts that read faces, a
+    known method, a plain file name of its own."""
+    from inference.bundle import BundleError, parse_spec
+
+    raw = json.loads((tiny_bundle / "ensemble.json").read_text())
+    finder = {"method": "mtcnn", "file": "face_finder.safetensors", "sha256": "0" * 64}
+    with pytest.raises(BundleError, match="only a bundle with experts that read faces"):
+        parse_spec({**raw, "format": "dfx-ensemble/1.9", "face_finder": finder}, tmp_path / "ensemble.json")
+    faces = {**raw, "format": "dfx-ensemble/1.9", "experts": [raw["experts"][0], {**raw["experts"][1], "reads": "faces"}]}
+    assert parse_spec({**faces, "face_finder": finder}, tmp_path / "e.json").face_finder.file == "face_finder.safetensors"
+    for bad, why in ((dict(finder, method="dlib"), "unknown method"), (dict(finder, file="../x.safetensors"), "plain file"),
+                     (dict(finder, file=raw["experts"][0]["file"]), "already an expert's file"),
+                     (dict(finder, sha256="xyz"), "sha256"), ({**finder, "extra": 1}, "unknown field")):
+        with pytest.raises(BundleError, match=why):
+            parse_spec({**faces, "face_finder": bad}, tmp_path / "e.json")
+    with pytest.raises(BundleError, match="up to 'dfx-ensemble/1.9'"):
+        parse_spec({**faces, "format": "dfx-ensemble/1.10"}, tmp_path / "e.json")

@@ -180,3 +180,33 @@ def test_edited_fakes_keep_their_parents_in_one_fold(tiny_dataset, tmp_path):
         assert fold_of[str(parent.resolve())] == row["fold"]
         assert row["mask"] and man.abspath({"path": row["mask"]}).is_file(), row["mask"]
     assert json.loads(out.with_suffix(".report.json").read_text())["parent_links"] == 24
+
+
+def test_edits_of_folded_reals_are_training_material(tiny_dataset, tmp_path):
+    """Edits made after the folds exist (a folds manifest passed whole: its fakes are left out): each keeps its real's fold and cluster and is marked ``split=train``
+    (``test`` when its real is held out), so `dfx train` trains on it in the other folds and never counts it in the
+    out-of-fold scores its threshold comes from."""
+    from training.config import ExpertConfig
+    from training.rows import manifest_rows, split_rows
+
+    src = read_manifest(tiny_dataset)
+    reals = [r for r in src.rows if r["label"] == "0" and "broken" not in r["path"]][:6]
+    folded = write_manifest(tmp_path / "folds.csv", [
+        {**r, "path": str(src.abspath(r)), "fold": i % 2, "cluster": 10 + i, "split": "test" if i == 5 else ""}
+        for i, r in enumerate(reals)] + [
+        {**r, "path": str(src.abspath(r)), "fold": 0, "cluster": 1} for r in src.rows if r["label"] == "1"][:2])
+    out = tmp_path / "edits"
+    r = dfx("prepare", "edit", "--reals", str(folded), "--out", str(out), "--ops", "inpaint")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "6 new, 0 already done, 0 reals skipped, 2 fakes left out" in r.stderr, "fakes are not edited"
+    by_parent = {Path(row["parent"]).name: row for row in read_manifest(out / "manifest.csv").rows}
+    assert len(by_parent) == 6
+    for i, real in enumerate(reals):
+        row = by_parent[Path(real["path"]).name]
+        assert (row["fold"], row["cluster"]) == (str(i % 2), str(10 + i))
+        assert row["split"] == ("test" if i == 5 else "train")
+    merged = tmp_path / "all.csv"
+    assert dfx("prepare", "merge", str(folded), str(out / "manifest.csv"), "-o", str(merged)).returncode == 0
+    train, val = split_rows(manifest_rows([str(merged)]), ExpertConfig(val_fold=0), 0)
+    assert not [r for r in val if r["kind"] == "edit"] and len(val) == 3 + 2, "edits are never validated on"
+    assert sum(r["kind"] == "edit" for r in train) == 2, "the edits of fold 1's reals train (the test real's do not)"

