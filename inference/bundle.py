@@ -347,6 +347,9 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
         raise BundleError(f"{where}: unknown face_rule {str(face_rule)[:40]!r} (known: {', '.join(FACE_RULES)})")
     if any(e.reads == "faces" for e in experts) and sum(e.weight for e in experts if e.reads == "faces") <= 0:
         raise BundleError(f"{where}: the weights of the experts that read faces sum to 0")
+    from .families.probe_onnx import check_shared_graphs
+
+    check_shared_graphs(experts, where)
     finder = _parse_face_finder(data.get("face_finder"), experts, where)
     aggregate = _req(data, "aggregate", str, where)
     if aggregate not in AGGREGATES:

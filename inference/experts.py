@@ -85,19 +85,27 @@ def read_expert(spec: ExpertSpec, bundle_dir: str | os.PathLike[str]) -> tuple[n
         raw = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"{path}: not a readable safetensors file ({exc})") from exc
+    shared = family_of(spec.family).shared_state(spec, bundle_dir)  # e.g. a graph another expert's file holds
     state = raw
     if is_packed(raw):  # a frozen backbone from an INT8 source, stored as its exact INT8 numbers
         try:
             state = unpack(raw)
         except ValueError as exc:
             raise BundleError(f"{path}: {exc}") from exc
+    own = state
+    if shared:
+        if set(shared) & set(state):
+            raise BundleError(f"{path}: holds {', '.join(sorted(set(shared) & set(state)))}, which expert "
+                              f"'{spec.name}' reads from another file of the bundle")
+        state = {**state, **shared}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise BundleError(f"{path}: weights do not fit '{spec.arch}' "
                           f"({' '.join(first[:3])[:400]})") from exc
-    return model.eval(), StoredFile({k: v.dtype for k, v in state.items()}, raw if state is not raw else None)
+    # what the file itself holds (not the shared tensors), so that it is written back as it was
+    return model.eval(), StoredFile({k: v.dtype for k, v in own.items()}, raw if own is not raw else None)
 
 
 def stored_state(model: nn.Module, stored: StoredFile) -> dict[str, torch.Tensor]:

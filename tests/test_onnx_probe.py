@@ -180,8 +180,10 @@ def test_a_graph_with_an_operator_onnxruntime_lacks_is_refused_naming_it(tmp_pat
 
 
 def test_onnx_probe_trains_with_dfx_train_exports_and_scores(tmp_path):
-    """The full objective (CE + KL + NCE through Accelerate) on a probe_onnx expert, its features from the graph:
-    train → export → verify → predict, each validation image scored as training's validation scored it."""
+    """The full objective (CE + KL + NCE through Accelerate) on probe_onnx experts, their features from the graph:
+    train → export → verify → predict, each validation image scored as training's validation scored it. Two probes on
+    one backbone store its graph once (format 1.9): the second names the first's file, holds only its head, and
+    scores as it did in training; save_pretrained writes both back byte for byte."""
     import yaml
 
     from inference import Detector
@@ -192,7 +194,9 @@ def test_onnx_probe_trains_with_dfx_train_exports_and_scores(tmp_path):
     data = make_tiny_dataset(tmp_path / "data", n_per_class=6, size=72, corrupt=False)
     cfg = {"seed": 1, "output": str(tmp_path / "run"), "data": {"manifest": [str(data)], "workers": 0},
            "experts": [{"arch": "test_efficientnet", "family": "probe_onnx", "stages": [1, 2, 3],
-                        "pretrained": str(weights), "input_size": 64, "preprocess": "crop", "val_fold": 0}],
+                        "pretrained": str(weights), "input_size": 64, "preprocess": "crop", "val_fold": 0},
+                       {"name": "second", "arch": "test_efficientnet", "family": "probe_onnx", "stages": [1, 2, 3],
+                        "pretrained": str(weights), "input_size": 64, "preprocess": "crop", "val_fold": 1}],
            "optim": {"lr": 0.01, "warmup_steps": 1}, "train": {"epochs": 2, "batch_size": 4, "ema_decay": 0.5,
                                                               "checkpoint_every_steps": 0}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -202,13 +206,33 @@ def test_onnx_probe_trains_with_dfx_train_exports_and_scores(tmp_path):
     r = dfx("export", str(tmp_path / "run"), "--out", str(bundle))
     assert r.returncode == 0, r.stderr
     assert dfx("bundle", "verify", str(bundle)).returncode == 0
-    e = read_spec(bundle).experts[0]
-    assert e.family == "probe_onnx" and e.stages == (1, 2, 3)
+    spec = read_spec(bundle)
+    first, second = spec.experts
+    assert first.family == second.family == "probe_onnx" and first.stages == (1, 2, 3)
+    assert "graph_from" not in first.options and second.options == {"graph_from": first.file}
+    assert spec.format == "dfx-ensemble/1.9"
+    assert (bundle / second.file).stat().st_size < (bundle / first.file).stat().st_size / 4, "the graph is stored once"
     det = Detector(bundle, device="cpu")
-    vp = read_manifest(tmp_path / "run" / "experts" / e.name / "final" / "val_predictions.csv")
-    preds = det.predict([Path(row["path"]) for row in vp.rows])
-    for row, pred in zip(vp.rows, preds):
-        assert pred.experts[e.name] == pytest.approx(float(row["prob"]), abs=1e-4)
+    assert det.models[second.name].graph_bytes() == det.models[first.name].graph_bytes()
+    for e in spec.experts:
+        vp = read_manifest(tmp_path / "run" / "experts" / e.name / "final" / "val_predictions.csv")
+        preds = det.predict([Path(row["path"]) for row in vp.rows])
+        for row, pred in zip(vp.rows, preds):
+            assert pred.experts[e.name] == pytest.approx(float(row["prob"]), abs=1e-4)
+    again = det.save_pretrained(tmp_path / "saved")
+    assert [x.sha256 for x in again.experts] == [x.sha256 for x in spec.experts]
+
+    import shutil
+
+    from inference.bundle import BundleError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    raw = json.loads((broken / "ensemble.json").read_text())
+    raw["experts"][1]["graph_from"] = raw["experts"][1]["file"]
+    (broken / "ensemble.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="not another expert's file"):
+        read_spec(broken)
 
 
 def test_clip_graph_agrees_with_the_torch_tower_and_scores_what_was_fitted(tmp_path, monkeypatch):

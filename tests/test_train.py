@@ -213,6 +213,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_dataset, tmp_path):
     ("experts.0.preprocess=tiles experts.0.crops=6", "experts.0.crops: a square number"),
     ("experts.0.freeze=6", "experts.0.freeze: convnext_atto has 6 layer groups (stem first); freeze at most 5, got 6"),
     ("experts.0.layer_decay=1.5", "experts.0.layer_decay: a factor in (0, 1], got 1.5"),
+    ("experts.0.augment.blur=0.1", "experts.0.augment: unknown key(s) blur"),
 ])
 def test_config_errors_fail_before_training(tiny_dataset, tmp_path, override, message):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_dataset, tmp_path / "out")
@@ -220,6 +221,19 @@ def test_config_errors_fail_before_training(tiny_dataset, tmp_path, override, me
     assert r.returncode == 1
     assert message in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "out").exists(), "nothing may be written before the config is known to be good"
+
+
+def test_an_expert_may_have_its_own_augmentation():
+    """``experts.N.augment``: the fields it names, over the run's; the others keep the run's."""
+    from training.config import TrainConfig, _build, expert_augment
+
+    cfg = _build(TrainConfig, {"augment": {"blur_p": 0.4, "noise_p": 0.1},
+                               "experts": [{"arch": "convnext_atto"},
+                                           {"arch": "convnext_atto", "augment": {"blur_p": 0, "jpeg_quality": [70, 100]}}]},
+                 "")
+    plain, gentle = (expert_augment(cfg, e) for e in cfg.experts)
+    assert plain == cfg.augment
+    assert (gentle.blur_p, gentle.jpeg_quality, gentle.noise_p) == (0.0, (70, 100), 0.1)
 
 
 def test_existing_output_needs_resume(trained_run, tiny_dataset, tmp_path):
@@ -338,3 +352,16 @@ def test_partial_fine_tuning_freezes_early_groups_and_decays_rates(tiny_dataset,
     assert not any(p.requires_grad for _, p in groups[0])
     assert {id(p) for g in param_groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
     assert all(g["weight_decay"] == 0.0 for g in param_groups if all(p.ndim == 1 for p in g["params"]))
+
+
+def test_a_bundle_records_where_its_data_was_in_the_project_not_on_one_machine(tmp_path, monkeypatch):
+    """Export writes a run's paths normalised and relative to the working folder when under it (a committed bundle
+    must not name one machine's home folder); paths outside it stay absolute, names and URLs untouched."""
+    from training.export import _portable
+
+    monkeypatch.chdir(tmp_path)
+    inside = str(tmp_path / "training" / "configs" / ".." / ".." / "runs" / "folds.csv")
+    got = _portable({"manifests": [{"path": inside, "sha256": "ab"}], "pretrained": "pkg:clip_vit_b16",
+                     "elsewhere": "/opt/data/x.csv", "hub": "https://example.org/a/b"})
+    assert got == {"manifests": [{"path": "runs/folds.csv", "sha256": "ab"}], "pretrained": "pkg:clip_vit_b16",
+                   "elsewhere": "/opt/data/x.csv", "hub": "https://example.org/a/b"}

@@ -60,6 +60,9 @@ class ExpertConfig:
     #: this expert's own manifest(s) instead of ``data.manifest`` (e.g. face crops from ``dfx prepare faces`` for an
     #: expert that reads faces); relative paths as ``data.manifest``'s
     manifest: list[str] | None = None
+    #: this expert's own augmentation: any ``augment`` fields, over the run's (a linear head on frozen features of
+    #: face crops loses the faint traces a self-blend leaves to JPEG 40 and blur: give it gentler views)
+    augment: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -192,6 +195,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             if not isinstance(value, list) or not value:
                 raise ConfigError("experts: must be a non-empty list")
             kwargs[name] = [_build(ExpertConfig, e, f"experts.{i}") for i, e in enumerate(value)]
+        elif cls is ExpertConfig and name == "augment":
+            checked = _build(AugmentConfig, value, key)  # known fields, right types
+            kwargs[name] = {k: getattr(checked, k) for k in value}
         elif (cls is DataConfig or cls is ExpertConfig) and name == "manifest":
             kwargs[name] = [str(v) for v in (value if isinstance(value, list) else [value])]
         else:
@@ -294,3 +300,8 @@ def expert_name(e: ExpertConfig) -> str:
     if e.name:
         return e.name
     return e.arch if e.val_fold is None else f"{e.arch}-f{e.val_fold}"
+
+
+def expert_augment(cfg: TrainConfig, e: ExpertConfig) -> AugmentConfig:
+    """The augmentation expert ``e`` trains with: the run's, with the expert's own fields over it."""
+    return dataclasses.replace(cfg.augment, **e.augment) if e.augment else cfg.augment

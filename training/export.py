@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from inference.bundle import BundleError, BundleSpec, ExpertSpec, FaceFinderSpec, family_of, write_bundle
 
@@ -44,6 +46,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
         if not half:  # the family's stored form, e.g. a probe's frozen INT8-sourced backbone stays INT8
             state = family_of(info.get("family", "timm")).file_state(state, info.get("pretrained"))
         states[ename] = {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
+    experts = share_graphs(experts, states)
     finder_state, finder = None, None
     if any(e.reads == "faces" for e in experts):  # the finder that cut the face crops travels with the bundle (1.9)
         from inference.faces import mtcnn_state
@@ -60,8 +63,8 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
         name=name or Path(out).name, experts=tuple(experts), threshold=float(decision["threshold"]),
         uncertain_band=(float(decision["uncertain_band"][0]), float(decision["uncertain_band"][1])),
         threshold_rule=decision["rule"], face_rule=decision.get("face_rule", "max"), face_finder=finder,
-        provenance={"trained_with": "dfx train", "created": run["created"], "run_dir": str(run_dir),
-                    "manifests": run["manifests"], "config": run["config"],
+        provenance={"trained_with": "dfx train", "created": run["created"], "run_dir": _portable(str(run_dir)),
+                    "manifests": _portable(run["manifests"]), "config": _portable(run["config"]),
                     "oof_metrics": metrics.get("overall", {}), "experts": metrics.get("experts", {}),
                     "ema": f"EMA weights (decay {run['config']['train']['ema_decay']}) baked in",
                     "weights_dtype": "float16" if half else "float32",
@@ -69,3 +72,42 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
                     **({"replay": run["replay"]} if run.get("replay") else {})},
     )
     return write_bundle(out, spec, states, overwrite=overwrite, face_finder=finder_state)
+
+
+def share_graphs(experts: list[ExpertSpec], states: dict[str, dict[str, Any]]) -> list[ExpertSpec]:
+    """probe_onnx experts whose backbone graphs are byte for byte the same (a whole-image and a face probe on one
+    frozen CLIP) store it once (format 1.9): the first keeps it, the others drop it from their state and name the
+    first one's file in ``graph_from``. ``states`` is changed in place."""
+    import torch
+
+    owners: list[tuple[ExpertSpec, torch.Tensor]] = []
+    out = []
+    for e in experts:
+        graph = states[e.name].get("graph") if e.family == "probe_onnx" else None
+        owner = None
+        if graph is not None:
+            owner = next((o for o, g in owners if o.arch == e.arch and o.stages == e.stages
+                          and g.shape == graph.shape and torch.equal(g, graph)), None)
+        if owner is None:
+            if graph is not None:
+                owners.append((e, graph))
+            out.append(e)
+            continue
+        states[e.name] = {k: v for k, v in states[e.name].items() if k != "graph"}
+        out.append(replace(e, options={**e.options, "graph_from": owner.file}))
+    return out
+
+
+def _portable(value: Any) -> Any:
+    """Paths in a run's record as a bundle keeps them: normalised, and relative to the working folder when under it
+    (``runs/default/folds.csv``, not ``/home/me/project/training/configs/../../runs/default/folds.csv``), so a
+    committed bundle names where its data was in the project, not on one machine."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and "://" not in value:
+        path = os.path.normpath(value)
+        rel = os.path.relpath(path, os.getcwd())
+        return path if rel.startswith("..") else rel
+    return value

@@ -80,8 +80,12 @@ def load_parent_weights(model: torch.nn.Module, parent: Parent) -> torch.nn.Modu
     """Load the parent's weights into ``model`` (the module its weight file is the state dict of), strictly."""
     from safetensors.torch import load_file
 
+    from inference.families import get as family_of
+
     path = parent.bundle_dir / parent.expert.file
-    state = load_file(str(path), device="cpu")
+    # plus what another file of the bundle holds for it (a shared probe_onnx graph)
+    state = {**load_file(str(path), device="cpu"), **family_of(parent.expert.family).shared_state(parent.expert,
+                                                                                                  parent.bundle_dir)}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

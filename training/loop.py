@@ -23,7 +23,7 @@ from inference.manifest import write_manifest
 from inference.preprocess import Preprocessor
 
 from .checkpoint import save_checkpoint
-from .config import ExpertConfig, TrainConfig, expert_name
+from .config import ExpertConfig, TrainConfig, expert_augment, expert_name
 from .data import EpochSampler, EvalDataset, Row, TrainDataset, collate_eval, collate_views
 from .losses import ProjectionHead, combined_loss
 from .metrics import metrics_by_source, save_metrics, save_roc_png
@@ -134,7 +134,7 @@ def _data(cfg: TrainConfig, run: ExpertRun, max_size: int | None) -> None:
                                num_samples=num_samples)
     workers = default_workers() if cfg.data.workers is None else cfg.data.workers
     train_ds = TrainDataset([to_row(r) for r in run.train_rows], size=run.size, mode=e.preprocess, mean=run.mean,
-                            std=run.std, aug=cfg.augment, seed=seed, max_pixels=cfg.data.max_pixels,
+                            std=run.std, aug=expert_augment(cfg, e), seed=seed, max_pixels=cfg.data.max_pixels,
                             masks=family_of(e.family).trains_on_masks)
     run.loader = torch.utils.data.DataLoader(train_ds, batch_size=tc.batch_size, sampler=run.sampler,
                                              num_workers=workers, collate_fn=collate_views,

@@ -59,6 +59,11 @@ class Family:
         model.reset_classifier(2)
         return model
 
+    def shared_state(self, spec: "ExpertSpec", bundle_dir: Any) -> dict[str, "torch.Tensor"]:
+        """Tensors the expert's module needs that another file of the same bundle holds (stored once per bundle:
+        a probe_onnx expert's shared graph); the default: none."""
+        return {}
+
     def file_state(self, state: dict[str, "torch.Tensor"], pretrained: str | None) -> dict[str, "torch.Tensor"]:
         """The state dict as the bundle file stores it (the default: as it is)."""
         return state

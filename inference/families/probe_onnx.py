@@ -17,6 +17,12 @@ serialised ``onnx.ModelProto``: protobuf, never a pickle, covered by the file's 
 - any timm backbone (a file, a folder, another ``pkg:``): ``torch.onnx.export`` of the probe's own backbone, its
   MatMul/Gemm weights quantised to INT8 per channel (``quantize_dynamic``).
 
+Several probes on one backbone (a whole-image probe and a face probe, say) store its graph once (format 1.9): the
+others name the file that holds it, ``"graph_from": "<that expert's file>"`` in ``ensemble.json``, and their own files
+hold only ``feat_mean``, ``feat_std`` and the head; the named file is another ``probe_onnx`` expert of the same bundle
+with the same architecture and stages, checked by its SHA-256 like every file. ``dfx export`` does this whenever two
+experts' graphs are byte for byte the same.
+
 On a GPU onnxruntime's CUDA provider runs the graph when ``onnxruntime-gpu`` is installed; otherwise the graph runs
 on the CPU provider (for a torch GPU backbone, use the ``probe`` family).
 """
@@ -25,9 +31,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from pathlib import Path
+
 from ..errors import BundleError
-from .base import register, reads
+from .base import no_extra_fields, register, reads
 from .probe import ProbeFamily, _span
+
+GRAPH = "graph"  #: the state-dict key of the serialised graph
 
 
 class ProbeOnnxFamily(ProbeFamily):
@@ -35,10 +45,38 @@ class ProbeOnnxFamily(ProbeFamily):
     plain_timm = ("no timm module: onnxruntime.InferenceSession(bytes(file['graph'])) gives outputs stage_<i> "
                   "(tokens: take the class token; maps: per-channel mean and std); concatenate, "
                   "(z - feat_mean) / feat_std, then head")
+    fields = ("stages", "graph_from")
     format_since = 8
 
+    def parse(self, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        """``stages`` as a probe's, and ``graph_from``: the file of the expert whose graph this one runs (the bundle
+        checks that it is a probe_onnx expert of the same backbone and stages: :func:`check_shared_graphs`)."""
+        no_extra_fields(raw, where, self)
+        out = super().parse({k: v for k, v in raw.items() if k != "graph_from"}, where)
+        source = raw.get("graph_from")
+        if source is not None:
+            if not isinstance(source, str) or Path(source).name != source or source in ("", ".", ".."):
+                raise BundleError(f"{where}.graph_from: must be the plain file name of another expert of the bundle, "
+                                  f"got {str(source)[:60]!r}")
+            out["graph_from"] = source
+        return out
+
     def format_minor(self, spec: Any) -> int:
-        return self.format_since
+        return 9 if spec.options.get("graph_from") else self.format_since
+
+    def shared_state(self, spec: Any, bundle_dir: Any) -> dict[str, Any]:
+        """The graph of ``graph_from``'s file, read from the same bundle (its checksum was checked with the rest)."""
+        source = spec.options.get("graph_from")
+        if not source:
+            return {}
+        from safetensors import safe_open
+
+        path = Path(bundle_dir) / source
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {GRAPH: f.get_tensor(GRAPH)}
+        except Exception as exc:  # missing file or key, unreadable file: named
+            raise BundleError(f"expert '{spec.name}': cannot read the shared graph from {path} ({exc})") from exc
 
     def summary(self, spec: Any) -> str:
         what = "CLIP features" if "clip" in spec.arch.lower() else "texture statistics (frozen ImageNet features)"
@@ -84,6 +122,23 @@ class ProbeOnnxFamily(ProbeFamily):
 
     def file_state(self, state: dict[str, Any], pretrained: str | None) -> dict[str, Any]:
         return state  # the graph is already the source's INT8 numbers (or quantised at export)
+
+
+def check_shared_graphs(experts: Any, where: str) -> None:
+    """Every ``graph_from`` names the file of another ``probe_onnx`` expert of the bundle that holds its own graph,
+    on the same architecture and stages (so the graph exposes exactly the outputs this expert reads)."""
+    by_file = {e.file: e for e in experts}
+    for e in experts:
+        source = e.options.get("graph_from") if e.family == "probe_onnx" else None
+        if source is None:
+            continue
+        owner = by_file.get(source)
+        if owner is None or owner is e:
+            raise BundleError(f"{where}: expert '{e.name}': graph_from '{source}' is not another expert's file")
+        if owner.family != "probe_onnx" or owner.options.get("graph_from") or owner.arch != e.arch \
+                or tuple(owner.stages or ()) != tuple(e.stages or ()):
+            raise BundleError(f"{where}: expert '{e.name}': graph_from '{source}' must be a probe_onnx expert holding "
+                              f"its own graph of {e.arch} at stages {list(e.stages or ())}")
 
 
 register(ProbeOnnxFamily())
