@@ -75,26 +75,29 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
 
 
 def share_graphs(experts: list[ExpertSpec], states: dict[str, dict[str, Any]]) -> list[ExpertSpec]:
-    """probe_onnx experts whose backbone graphs are byte for byte the same (a whole-image and a face probe on one
-    frozen CLIP) store it once (format 1.9): the first keeps it, the others drop it from their state and name the
-    first one's file in ``graph_from``. ``states`` is changed in place."""
+    """Experts of a family that may share a tensor (probe_onnx: the backbone graph) and hold it byte for byte the same
+    (a whole-image and a face probe on one frozen CLIP) store it once (format 1.9): the first keeps it, the others drop
+    it from their state and name the first one's file in the family's field (``graph_from``). ``states`` is changed
+    in place."""
     import torch
 
     owners: list[tuple[ExpertSpec, torch.Tensor]] = []
     out = []
     for e in experts:
-        graph = states[e.name].get("graph") if e.family == "probe_onnx" else None
+        family = family_of(e.family)
+        key = family.shared_tensor
+        tensor = states[e.name].get(key) if key else None
         owner = None
-        if graph is not None:
-            owner = next((o for o, g in owners if o.arch == e.arch and o.stages == e.stages
-                          and g.shape == graph.shape and torch.equal(g, graph)), None)
+        if tensor is not None:
+            owner = next((o for o, t in owners if (o.family, o.arch, o.stages) == (e.family, e.arch, e.stages)
+                          and t.shape == tensor.shape and torch.equal(t, tensor)), None)
         if owner is None:
-            if graph is not None:
-                owners.append((e, graph))
+            if tensor is not None:
+                owners.append((e, tensor))
             out.append(e)
             continue
-        states[e.name] = {k: v for k, v in states[e.name].items() if k != "graph"}
-        out.append(replace(e, options={**e.options, "graph_from": owner.file}))
+        states[e.name] = {k: v for k, v in states[e.name].items() if k != key}
+        out.append(replace(e, options={**e.options, family.shared_field: owner.file}))
     return out
 
 

@@ -21,6 +21,10 @@ class Family:
     fields: tuple[str, ...] = ()   #: the extra ``ensemble.json`` / config fields this family takes
     format_since: int = 1          #: the bundle format minor version (``dfx-ensemble/1.N``) that introduced it
     trains_on_masks: bool = False  #: training reads each row's edit mask (patch-level targets)
+    #: a tensor that experts of this family on one backbone may store once per bundle (``dfx export`` shares it when
+    #: byte for byte equal), and the field in which the others name the file that holds it (:meth:`shared_state`)
+    shared_tensor: str | None = None
+    shared_field: str | None = None
     calibrates: bool = False       #: a new expert is calibrated on training images first (:meth:`calibrate`)
 
     # -- the bundle's fields ---------------------------------------------------------------------------------

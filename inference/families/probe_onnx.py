@@ -47,6 +47,7 @@ class ProbeOnnxFamily(ProbeFamily):
                   "(z - feat_mean) / feat_std, then head")
     fields = ("stages", "graph_from")
     format_since = 8
+    shared_tensor, shared_field = GRAPH, "graph_from"
 
     def parse(self, raw: dict[str, Any], where: str) -> dict[str, Any]:
         """``stages`` as a probe's, and ``graph_from``: the file of the expert whose graph this one runs (the bundle
