@@ -46,7 +46,7 @@ from inference.manifest import read_manifest
 
 from .items import ItemStore, item_id, item_seed
 from .landmarks import Landmarker
-from .manifests import child_split, write_manifest
+from .manifests import child_split, read_reals, write_manifest
 
 log = logging.getLogger("dfx.prep.blend")
 KIND = "faceswap_sbi"
@@ -218,9 +218,8 @@ def blend(reals_manifest: str | os.PathLike[str], out_dir: str | os.PathLike[str
 
     from inference.files import write_atomic
 
-    given = read_manifest(reals_manifest, require_labels=False)
     # only reals are blended: a manifest of reals and fakes (e.g. after `dfx prepare cluster`) can be passed whole
-    reals = type(given)([r for r in given.rows if str(r.get("label", "")).strip() != "1"], given.root)
+    reals, left_out = read_reals(reals_manifest)
     store = ItemStore(out_dir, image_format="png")
     finder = FaceFinder()
     marker = Landmarker(landmarks)
@@ -279,7 +278,7 @@ def blend(reals_manifest: str | os.PathLike[str], out_dir: str | os.PathLike[str
     write_manifest(store.root / "no_faces.csv", no_faces)
     write_atomic(store.root / "skipped.json", json.dumps(skipped, indent=2))
     sheet_path = contact_sheet(store.root, manifest, n=sheet) if sheet else None
-    return {"reals": len(paths), "fakes_left_out": len(given.rows) - len(paths), "planned": total, "made": made, "already_done": already,
+    return {"reals": len(paths), "fakes_left_out": left_out, "planned": total, "made": made, "already_done": already,
             "no_faces": len(no_faces), "skipped": len(skipped), "landmarks": marker.describe(),
             "finder": finder.describe(), "manifest": str(manifest),
             "contact_sheet": str(sheet_path) if sheet_path else None}

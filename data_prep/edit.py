@@ -25,11 +25,10 @@ import numpy as np
 from PIL import Image
 
 from inference.images import ImageError, load_image
-from inference.manifest import read_manifest
 
 from .diffuse import random_blob_mask
 from .items import ItemStore, item_id, item_seed
-from .manifests import child_split
+from .manifests import child_split, read_reals
 
 log = logging.getLogger("dfx.prep.edit")
 MIN_SIDE = 64
@@ -153,8 +152,7 @@ def edit(reals_manifest: str, out_dir: str | os.PathLike[str], *, ops: list[str]
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         raise ValueError(f"unknown op(s) {', '.join(unknown)} (known: {', '.join(OPS)})")
-    given = read_manifest(reals_manifest, require_labels=False)
-    reals = type(given)([r for r in given.rows if str(r.get("label", "")).strip() != "1"], given.root)
+    reals, left_out = read_reals(reals_manifest)
     store = ItemStore(out_dir, image_format=image_format)
     paths = [reals.abspath(r) for r in reals.rows]
     skipped, made, already = [], 0, 0
@@ -212,4 +210,5 @@ def edit(reals_manifest: str, out_dir: str | os.PathLike[str], *, ops: list[str]
     from inference.files import write_atomic
 
     write_atomic(store.root / "skipped.json", json.dumps(skipped, indent=2))
-    return {"reals": len(paths), "fakes_left_out": len(given.rows) - len(paths), "planned": total, "made": made, "already_done": already, "skipped": skipped, "manifest": str(manifest)}
+    return {"reals": len(paths), "fakes_left_out": left_out, "planned": total, "made": made, "already_done": already,
+            "skipped": skipped, "manifest": str(manifest)}

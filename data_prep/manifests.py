@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from inference.images import collect_images
-from inference.manifest import COLUMNS, ManifestError, read_manifest, reroot, write_manifest
+from inference.manifest import COLUMNS, Manifest, ManifestError, read_manifest, reroot, write_manifest
 
 
 def index_folders(folders: list[str], out: str | os.PathLike[str], *, label: int | None, source: str | None = None,
@@ -72,6 +72,14 @@ def merge_manifests(inputs: list[str], out: str | os.PathLike[str]) -> int:
             rows.append(reroot({**r, "path": str(absolute)}, str(man.root), str(out_dir)))
     write_manifest(out, rows, columns)
     return len(rows)
+
+
+def read_reals(path: str | os.PathLike[str]) -> tuple[Manifest, int]:
+    """The rows of a manifest that are not labelled fake, and how many were left out: the photos edits and blends are
+    made from (a folds manifest can be passed whole)."""
+    given = read_manifest(path, require_labels=False)
+    reals = Manifest([r for r in given.rows if str(r.get("label", "")).strip() != "1"], given.root)
+    return reals, len(given.rows) - len(reals.rows)
 
 
 def child_split(parent: dict) -> dict[str, str]:

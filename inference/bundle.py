@@ -347,9 +347,7 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
         raise BundleError(f"{where}: unknown face_rule {str(face_rule)[:40]!r} (known: {', '.join(FACE_RULES)})")
     if any(e.reads == "faces" for e in experts) and sum(e.weight for e in experts if e.reads == "faces") <= 0:
         raise BundleError(f"{where}: the weights of the experts that read faces sum to 0")
-    from .families.probe_onnx import check_shared_graphs
-
-    check_shared_graphs(experts, where)
+    _check_shared_tensors(experts, where)
     finder = _parse_face_finder(data.get("face_finder"), experts, where)
     aggregate = _req(data, "aggregate", str, where)
     if aggregate not in AGGREGATES:
@@ -388,6 +386,24 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
     )
     check_work(spec, where)
     return spec
+
+
+def _check_shared_tensors(experts: tuple[ExpertSpec, ...], where: str) -> None:
+    """An expert that reads its family's shared tensor from another file (probe_onnx's ``graph_from``) names the file of
+    another expert of the same family, architecture and stages that holds its own (so a graph exposes exactly the
+    outputs the expert reads)."""
+    by_file = {e.file: e for e in experts}
+    for e in experts:
+        key = family_of(e.family).shared_field
+        source = e.options.get(key) if key else None
+        if source is None:
+            continue
+        owner = by_file.get(source)
+        if owner is None or owner is e:
+            raise BundleError(f"{where}: expert '{e.name}': {key} '{source}' is not another expert's file")
+        if (owner.family, owner.arch, owner.stages) != (e.family, e.arch, e.stages) or owner.options.get(key):
+            raise BundleError(f"{where}: expert '{e.name}': {key} '{source}' must be a {e.family} expert holding its "
+                              f"own {family_of(e.family).shared_tensor} of {e.arch} at stages {list(e.stages or ())}")
 
 
 def _plain_file(raw: dict[str, Any], where: str) -> tuple[str, str]:

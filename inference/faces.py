@@ -314,17 +314,12 @@ class FaceFinder:
     def load(self) -> tuple[Any, Any, Any]:
         """The three MTCNN networks, built and loaded strictly on first use (raises RuntimeError on a mismatch)."""
         if self._models is None:
-            import torch
-
+            every = self._state if self._state is not None else mtcnn_state(self.weights)
             nets = []
             for cls, name in zip(_nets(), ("pnet", "rnet", "onet")):
                 net = cls()
-                if self._state is not None:
-                    state = {k[len(name) + 1:]: v for k, v in self._state.items() if k.startswith(f"{name}.")}
-                else:
-                    path = self.weights / f"mtcnn_{name}.pt"  # type: ignore[operator]
-                    state = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors, never pickles
-                net.load_state_dict(state, strict=True)
+                net.load_state_dict({k[len(name) + 1:]: v for k, v in every.items() if k.startswith(f"{name}.")},
+                                    strict=True)
                 nets.append(net.eval())
             self._models = tuple(nets)
         return self._models

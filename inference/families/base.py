@@ -64,9 +64,22 @@ class Family:
         return model
 
     def shared_state(self, spec: "ExpertSpec", bundle_dir: Any) -> dict[str, "torch.Tensor"]:
-        """Tensors the expert's module needs that another file of the same bundle holds (stored once per bundle:
-        a probe_onnx expert's shared graph); the default: none."""
-        return {}
+        """The :attr:`shared_tensor` this expert reads from the file its :attr:`shared_field` names (another expert's,
+        in the same bundle, checked by its SHA-256 with the rest), or nothing when it holds its own."""
+        source = spec.options.get(self.shared_field) if self.shared_field else None
+        if not source:
+            return {}
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        path = Path(bundle_dir) / source
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {self.shared_tensor: f.get_tensor(self.shared_tensor)}
+        except Exception as exc:  # missing file or key, unreadable file: named
+            raise BundleError(f"expert '{spec.name}': cannot read its shared {self.shared_tensor} from {path} "
+                              f"({exc})") from exc
 
     def file_state(self, state: dict[str, "torch.Tensor"], pretrained: str | None) -> dict[str, "torch.Tensor"]:
         """The state dict as the bundle file stores it (the default: as it is)."""

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pathlib import Path
-
 from ..errors import BundleError
 from .base import no_extra_fields, register, reads
 from .probe import ProbeFamily, _span
@@ -51,33 +49,19 @@ class ProbeOnnxFamily(ProbeFamily):
 
     def parse(self, raw: dict[str, Any], where: str) -> dict[str, Any]:
         """``stages`` as a probe's, and ``graph_from``: the file of the expert whose graph this one runs (the bundle
-        checks that it is a probe_onnx expert of the same backbone and stages: :func:`check_shared_graphs`)."""
+        checks that it is another expert of this family with the same backbone and stages)."""
         no_extra_fields(raw, where, self)
         out = super().parse({k: v for k, v in raw.items() if k != "graph_from"}, where)
         source = raw.get("graph_from")
         if source is not None:
-            if not isinstance(source, str) or Path(source).name != source or source in ("", ".", ".."):
-                raise BundleError(f"{where}.graph_from: must be the plain file name of another expert of the bundle, "
+            if not isinstance(source, str):
+                raise BundleError(f"{where}.graph_from: must be the file name of another expert of the bundle, "
                                   f"got {str(source)[:60]!r}")
             out["graph_from"] = source
         return out
 
     def format_minor(self, spec: Any) -> int:
         return 9 if spec.options.get("graph_from") else self.format_since
-
-    def shared_state(self, spec: Any, bundle_dir: Any) -> dict[str, Any]:
-        """The graph of ``graph_from``'s file, read from the same bundle (its checksum was checked with the rest)."""
-        source = spec.options.get("graph_from")
-        if not source:
-            return {}
-        from safetensors import safe_open
-
-        path = Path(bundle_dir) / source
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {GRAPH: f.get_tensor(GRAPH)}
-        except Exception as exc:  # missing file or key, unreadable file: named
-            raise BundleError(f"expert '{spec.name}': cannot read the shared graph from {path} ({exc})") from exc
 
     def summary(self, spec: Any) -> str:
         what = "CLIP features" if "clip" in spec.arch.lower() else "texture statistics (frozen ImageNet features)"
@@ -123,23 +107,6 @@ class ProbeOnnxFamily(ProbeFamily):
 
     def file_state(self, state: dict[str, Any], pretrained: str | None) -> dict[str, Any]:
         return state  # the graph is already the source's INT8 numbers (or quantised at export)
-
-
-def check_shared_graphs(experts: Any, where: str) -> None:
-    """Every ``graph_from`` names the file of another ``probe_onnx`` expert of the bundle that holds its own graph,
-    on the same architecture and stages (so the graph exposes exactly the outputs this expert reads)."""
-    by_file = {e.file: e for e in experts}
-    for e in experts:
-        source = e.options.get("graph_from") if e.family == "probe_onnx" else None
-        if source is None:
-            continue
-        owner = by_file.get(source)
-        if owner is None or owner is e:
-            raise BundleError(f"{where}: expert '{e.name}': graph_from '{source}' is not another expert's file")
-        if owner.family != "probe_onnx" or owner.options.get("graph_from") or owner.arch != e.arch \
-                or tuple(owner.stages or ()) != tuple(e.stages or ()):
-            raise BundleError(f"{where}: expert '{e.name}': graph_from '{source}' must be a probe_onnx expert holding "
-                              f"its own graph of {e.arch} at stages {list(e.stages or ())}")
 
 
 register(ProbeOnnxFamily())
