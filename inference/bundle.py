@@ -22,8 +22,9 @@ Layout (``weights/<name>/``)::
 
      "face_finder": {"method": "mtcnn", "file": "face_finder.safetensors", "sha256": "..."},
                            # 1.9, with experts that read faces: the finder that cuts their crops, in the bundle
+     "face_gate": 0.73,    # 1.10, with experts that read faces: a face counts from this score up
 
-Versions 1.1 to 1.9 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
+Versions 1.1 to 1.10 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
 read unchanged, an older reader refuses a newer family or mode by name, and bundles are written in the oldest
 format that holds them.
 
@@ -44,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "dfx-ensemble/1.9"
+FORMAT = "dfx-ensemble/1.10"
 SUPPORTED_MAJOR = "dfx-ensemble/1"
 MANIFEST_NAME = "ensemble.json"
 from .errors import BundleError  # noqa: E402,F401  (raised here; importable from here as before)
@@ -167,6 +168,9 @@ class BundleSpec:
     provenance_rule: str = "none"
     #: with face experts (``reads: faces``) only: how whole-image and face scores combine (:data:`FACE_RULES`)
     face_rule: str = "max"
+    #: with face experts only: a face's score counts (by ``face_rule``) only from this score up, the quantile of the
+    #: real faces' scores that bounds the face experts' false alarms (format 1.10); 0: every face counts
+    face_gate: float = 0.0
     #: with face experts only: the face finder's weights in the bundle (1.9); None: the installed MTCNN wheel's
     face_finder: FaceFinderSpec | None = None
 
@@ -191,6 +195,8 @@ class BundleSpec:
             d["provenance_rule"] = self.provenance_rule
         if self.reads_faces:
             d["face_rule"] = self.face_rule
+            if self.face_gate > 0:
+                d["face_gate"] = self.face_gate
         if self.face_finder is not None:
             d["face_finder"] = self.face_finder.to_json()
         d["provenance"] = self.provenance
@@ -200,10 +206,11 @@ class BundleSpec:
 def oldest_format(spec: BundleSpec, packed: bool = False) -> str:
     """The oldest format version that holds ``spec``, so older readers keep reading what they can: the newest that
     any expert's family needs (inference/families/), 1.3 for ``tta``, 1.6 for a ``provenance_rule``, 1.7 for experts
-    that read faces, 1.9 for a face finder stored in the bundle, 1.5 when some weight file holds packed INT8
+    that read faces, 1.9 for a face finder stored in the bundle, 1.10 for a ``face_gate``, 1.5 when some weight file holds packed INT8
     tensors (``packed``); at least 1.1."""
     minor = max([1, 3 if spec.tta else 1, 5 if packed else 1, 6 if spec.provenance_rule != "none" else 1,
-                 7 if spec.reads_faces else 1, 9 if spec.face_finder is not None else 1]
+                 7 if spec.reads_faces else 1, 9 if spec.face_finder is not None else 1,
+                 10 if spec.reads_faces and spec.face_gate > 0 else 1]
                 + [family_of(e.family).format_minor(e) for e in spec.experts])
     return f"{SUPPORTED_MAJOR}.{minor}"
 
@@ -347,6 +354,9 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
         raise BundleError(f"{where}: unknown face_rule {str(face_rule)[:40]!r} (known: {', '.join(FACE_RULES)})")
     if any(e.reads == "faces" for e in experts) and sum(e.weight for e in experts if e.reads == "faces") <= 0:
         raise BundleError(f"{where}: the weights of the experts that read faces sum to 0")
+    face_gate = data.get("face_gate", 0.0)
+    if isinstance(face_gate, bool) or not isinstance(face_gate, (int, float)) or not 0.0 <= face_gate <= 1.0:
+        raise BundleError(f"{where}: face_gate must be a score in [0, 1], got {str(face_gate)[:40]!r}")
     _check_shared_tensors(experts, where)
     finder = _parse_face_finder(data.get("face_finder"), experts, where)
     aggregate = _req(data, "aggregate", str, where)
@@ -382,7 +392,7 @@ def parse_spec(data: Any, manifest: Path) -> BundleSpec:
         name=_short_name(_req(data, "name", str, where), where), experts=experts, threshold=threshold,
         uncertain_band=(lo, hi), aggregate=aggregate,
         threshold_rule=str(data.get("threshold_rule", "")), provenance=provenance, format=fmt, tta=tuple(tta),
-        provenance_rule=rule, face_rule=face_rule, face_finder=finder,
+        provenance_rule=rule, face_rule=face_rule, face_gate=float(face_gate), face_finder=finder,
     )
     check_work(spec, where)
     return spec
@@ -502,6 +512,7 @@ def bundle_digest(spec: BundleSpec) -> str:
                      + (["reads:faces"] if e.reads == "faces" else [])
                      for e in spec.experts],
          **({"face_rule": spec.face_rule} if spec.reads_faces else {}),
+         **({"face_gate": spec.face_gate} if spec.reads_faces and spec.face_gate > 0 else {}),
          **({"face_finder": spec.face_finder.sha256} if spec.face_finder is not None else {}),  # it picks the faces
          "aggregate": spec.aggregate, "threshold": spec.threshold, "band": spec.uncertain_band,
          **({"tta": list(spec.tta)} if spec.tta else {})},  # TTA changes the scores, so it is part of the identity

@@ -373,8 +373,10 @@ class Detector:
         """How an image's score is made from its faces' (said in every answer that has faces)."""
         if not self.spec.reads_faces:
             return FACE_RULE
-        return {"max": "max(whole image, most suspicious face)",
+        rule = {"max": "max(whole image, most suspicious face)",
                 "noisy_or": "1 - (1 - whole image)(1 - most suspicious face)"}[self.spec.face_rule]
+        gate = self.spec.face_gate
+        return f"{rule} where that face scores at least {gate:.4g}, else whole image" if gate > 0 else rule
 
     def combine_faces(self, faces: Sequence[Any], preds: Sequence[Prediction]) -> Prediction:
         """One image's prediction from its whole-image prediction ``preds[0]`` and its faces' ``preds[1:]``: the
@@ -391,7 +393,7 @@ class Detector:
             score, experts = max(scores), whole.experts
         else:
             top = max(scored, key=lambda f: f["score"])
-            score = combine_face_score(whole.score, top["score"], self.spec.face_rule)
+            score = combine_face_score(whole.score, top["score"], self.spec.face_rule, self.spec.face_gate)
             experts = {**whole.experts, **top["experts"]}
         return Prediction(score=score, label=self.label_for(score), experts=experts, faces=scored,
                           whole_score=whole.score, face_rule=self.face_rule)

@@ -44,11 +44,12 @@ def face_fields(faces: list[dict[str, Any]], whole_score: float | None, rule: st
             "face_rule": (rule or FACE_RULE) if faces else "no face found: scored whole"}
 
 
-def combine_face_score(whole: float, face: float | None, rule: str) -> float:
+def combine_face_score(whole: float, face: float | None, rule: str, gate: float = 0.0) -> float:
     """An image's score from its whole-image score and its most suspicious face's (None: no face found) by a bundle's
     ``face_rule`` (inference/bundle.py ``FACE_RULES``): the one definition the Detector and training's out-of-fold
-    scores share."""
-    if face is None:
+    scores share. A face scoring below ``gate`` (the bundle's ``face_gate``) leaves the whole-image score as it is:
+    most real faces score below it, so a face can raise an image's score only where it looks unlike real faces."""
+    if face is None or face < gate:
         return whole
     return max(whole, face) if rule == "max" else 1 - (1 - whole) * (1 - face)
 

@@ -192,3 +192,46 @@ def test_the_face_finder_in_the_bundle_is_checked_like_its_experts(face_run, tmp
     assert bundle_digest(read_spec(copy)) != det.digest, "the finder picks the faces: it is part of the identity"
     with pytest.raises(BundleError, match="do not fit MTCNN"):
         Detector(copy, device="cpu")
+
+
+def test_a_face_gate_keeps_faces_that_look_real_from_raising_the_score(face_run, tmp_path):
+    """``decision.face_gate_fpr``: re-finalising the run (``--resume`` with the new rule: no expert is retrained) sets
+    the bundle's ``face_gate`` to the score above which at most that share of the out-of-fold real images' faces fall;
+    a face below it leaves the whole-image score as it is, one at or above it counts by the face rule, in the run's
+    out-of-fold scores and in the exported bundle (format 1.10) alike."""
+    import shutil
+
+    import numpy as np
+
+    from inference import Detector
+    from inference.bundle import read_spec
+    from inference.manifest import read_manifest
+
+    shutil.copytree(face_run / "run", tmp_path / "run")
+    r = dfx("train", str(face_run / "cfg.yaml"), f"output={tmp_path / 'run'}", "decision.face_gate_fpr=0.4",
+            "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already trained; skipping" in r.stdout
+    decision = json.loads((tmp_path / "run" / "run.json").read_text())["decision"]
+    oof = read_manifest(tmp_path / "run" / "oof.csv").rows
+    real_faces = sorted(float(row["face_prob"]) for row in oof if int(row["label"]) == 0)
+    assert decision["real_images_with_faces"] == len(real_faces) == 5
+    gate = decision["face_gate"]
+    assert gate == pytest.approx(float(np.quantile(real_faces, 0.6, method="higher")))
+    assert sum(f >= gate for f in real_faces) <= 2, "at most 40 % of the real images' faces count (and ties)"
+    for row in oof:
+        w, f = float(row["whole_prob"]), float(row["face_prob"])
+        assert float(row["prob"]) == pytest.approx(w if f < gate else 1 - (1 - w) * (1 - f), abs=1e-9)
+    assert any(float(row["face_prob"]) < gate for row in oof), "some faces are gated out"
+
+    r = dfx("export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle"))
+    assert r.returncode == 0, r.stderr
+    spec = read_spec(tmp_path / "bundle")
+    assert spec.format == "dfx-ensemble/1.10" and spec.face_gate == pytest.approx(gate)
+    det = Detector(tmp_path / "bundle", device="cpu")
+    by_name = {Path(row["path"]).name: float(row["prob"]) for row in oof}
+    for name, prob in by_name.items():
+        folder = face_run if name.startswith("real_") else face_run / "sbi" / "images"
+        [pred] = det.predict([folder / name])
+        assert pred.score == pytest.approx(prob, abs=1e-5), name
+        assert "at least" in pred.face_rule

@@ -221,5 +221,5 @@ def test_a_bundle_names_its_face_finder_only_with_face_experts(tiny_bundle, tmp_
                      (dict(finder, sha256="xyz"), "sha256"), ({**finder, "extra": 1}, "unknown field")):
         with pytest.raises(BundleError, match=why):
             parse_spec({**faces, "face_finder": bad}, tmp_path / "e.json")
-    with pytest.raises(BundleError, match="up to 'dfx-ensemble/1.9'"):
-        parse_spec({**faces, "format": "dfx-ensemble/1.10"}, tmp_path / "e.json")
+    with pytest.raises(BundleError, match="up to 'dfx-ensemble/1.10'"):
+        parse_spec({**faces, "format": "dfx-ensemble/1.11"}, tmp_path / "e.json")

@@ -183,7 +183,8 @@ def test_onnx_probe_trains_with_dfx_train_exports_and_scores(tmp_path):
     """The full objective (CE + KL + NCE through Accelerate) on probe_onnx experts, their features from the graph:
     train → export → verify → predict, each validation image scored as training's validation scored it. Two probes on
     one backbone store its graph once (format 1.9): the second names the first's file, holds only its head, and
-    scores as it did in training; save_pretrained writes both back byte for byte."""
+    scores as it did in training; save_pretrained writes both back byte for byte. The second's head is fitted in
+    closed form (fit: logistic) on the same loader's views: it exports and scores like the SGD-trained one."""
     import yaml
 
     from inference import Detector
@@ -196,7 +197,8 @@ def test_onnx_probe_trains_with_dfx_train_exports_and_scores(tmp_path):
            "experts": [{"arch": "test_efficientnet", "family": "probe_onnx", "stages": [1, 2, 3],
                         "pretrained": str(weights), "input_size": 64, "preprocess": "crop", "val_fold": 0},
                        {"name": "second", "arch": "test_efficientnet", "family": "probe_onnx", "stages": [1, 2, 3],
-                        "pretrained": str(weights), "input_size": 64, "preprocess": "crop", "val_fold": 1}],
+                        "pretrained": str(weights), "input_size": 64, "preprocess": "crop", "val_fold": 1,
+                        "fit": "logistic"}],
            "optim": {"lr": 0.01, "warmup_steps": 1}, "train": {"epochs": 2, "batch_size": 4, "ema_decay": 0.5,
                                                               "checkpoint_every_steps": 0}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -209,6 +211,8 @@ def test_onnx_probe_trains_with_dfx_train_exports_and_scores(tmp_path):
     spec = read_spec(bundle)
     first, second = spec.experts
     assert first.family == second.family == "probe_onnx" and first.stages == (1, 2, 3)
+    fitted = json.loads((tmp_path / "run" / "experts" / "second" / "final" / "expert.json").read_text())
+    assert fitted["fit"] == "logistic" and fitted["history"][-1]["train_ce"] < 0.69, "the fitted head learnt"
     assert "graph_from" not in first.options and second.options == {"graph_from": first.file}
     assert spec.format == "dfx-ensemble/1.9"
     assert (bundle / second.file).stat().st_size < (bundle / first.file).stat().st_size / 4, "the graph is stored once"

@@ -214,6 +214,10 @@ def test_killed_run_resumes_to_the_same_weights(tiny_dataset, tmp_path):
     ("experts.0.freeze=6", "experts.0.freeze: convnext_atto has 6 layer groups (stem first); freeze at most 5, got 6"),
     ("experts.0.layer_decay=1.5", "experts.0.layer_decay: a factor in (0, 1], got 1.5"),
     ("experts.0.augment.blur=0.1", "experts.0.augment: unknown key(s) blur"),
+    ("experts.0.fit=lbfgs", "experts.0.fit: sgd (CE + KL + NCE) or logistic"),
+    ("experts.0.fit=logistic", "experts.0.fit: logistic fits a head on frozen features; family 'timm' trains"),
+    ("experts.0.family=probe experts.0.stages=[1] experts.0.fit=logistic experts.0.fit_c=0",
+     "experts.0.fit_c: must be a number > 0"),
 ])
 def test_config_errors_fail_before_training(tiny_dataset, tmp_path, override, message):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_dataset, tmp_path / "out")

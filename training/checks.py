@@ -31,6 +31,20 @@ def check_family_fields(e: ExpertConfig, where: str) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def check_fit(e: ExpertConfig, where: str) -> None:
+    """``fit``: ``sgd`` for any expert, ``logistic`` only where the family's features are frozen."""
+    from inference.bundle import family_of
+
+    if e.fit not in ("sgd", "logistic"):
+        raise ConfigError(f"{where}.fit: sgd (CE + KL + NCE) or logistic (a frozen-feature head in closed form), "
+                          f"got {e.fit!r}")
+    if e.fit == "logistic" and not family_of(e.family).fits_head:
+        raise ConfigError(f"{where}.fit: logistic fits a head on frozen features; family '{e.family}' trains its "
+                          f"backbone (use a probe or probe_onnx expert, or fit: sgd)")
+    if isinstance(e.fit_c, bool) or not isinstance(e.fit_c, (int, float)) or not e.fit_c > 0:
+        raise ConfigError(f"{where}.fit_c: must be a number > 0, got {e.fit_c!r}")
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Everything that can fail before training, failing now with the key in the message."""
     import timm
@@ -60,6 +74,7 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"experts.{i}.weight: must be >= 0")
         if e.lr is not None and not e.lr > 0:
             raise ConfigError(f"experts.{i}.lr: must be a number > 0, got {e.lr}")
+        check_fit(e, f"experts.{i}")
         from .finetune import check_partial
 
         why = check_partial(e.arch, e.family, e.freeze, e.layer_decay, f"experts.{i}")
@@ -97,6 +112,9 @@ def check_config(cfg: TrainConfig) -> None:
                                                                   for e in cfg.experts):
         raise ConfigError("experts: experts that read faces need at least one that reads the whole image (an image "
                           "without a face must still get a score)")
+    gate = cfg.decision.face_gate_fpr
+    if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate < 1):
+        raise ConfigError(f"decision.face_gate_fpr: a share in (0, 1) (e.g. 0.05), or null, got {gate!r}")
     if cfg.decision.face_rule not in FACE_RULES:
         raise ConfigError(f"decision.face_rule: one of {', '.join(FACE_RULES)}, got '{cfg.decision.face_rule}'")
     lw = cfg.loss

@@ -63,6 +63,11 @@ class ExpertConfig:
     #: this expert's own augmentation: any ``augment`` fields, over the run's (a linear head on frozen features of
     #: face crops loses the faint traces a self-blend leaves to JPEG 40 and blur: give it gentler views)
     augment: dict[str, Any] = field(default_factory=dict)
+    #: how the head learns: ``sgd`` (the run's CE + KL + NCE; every family) or ``logistic`` (a frozen-feature family,
+    #: probe or probe_onnx: an L2 logistic regression fitted in closed form on the features of the augmented views
+    #: the run's sampler draws over ``train.epochs``; training/closed_form.py says when SGD's head fails and this not)
+    fit: str = "sgd"
+    fit_c: float = 0.05                  #: fit: logistic: the inverse L2 strength (scikit-learn's C)
 
 
 @dataclass
@@ -130,6 +135,9 @@ class DecisionConfig:
     #: with experts that read faces: how an image's score is made from the whole-image experts' and its most
     #: suspicious face's (inference/bundle.py ``FACE_RULES``: max | noisy_or)
     face_rule: str = "max"
+    #: with experts that read faces: a face counts only from the score above which at most this share of the real
+    #: images' faces fall out of fold (the bundle's ``face_gate``), so faces add few false alarms; None: every face
+    face_gate_fpr: float | None = None
 
 
 @dataclass

@@ -71,6 +71,9 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
     """Train one expert to its final folder (EMA weights, validation predictions, metrics, ROC)."""
     run = _model(cfg, e, index, rows, run_dir)
     _data(cfg, run, max_size)
+    if e.fit == "logistic":  # a frozen-feature head fitted in closed form (training/closed_form.py)
+        _fit_closed_form(cfg, run, accelerator, resume)
+        return
     _optimiser(cfg, run, accelerator)
     if resume and (run.ckpt / "progress.json").is_file():
         _resume(run, accelerator)
@@ -83,6 +86,20 @@ def train_expert(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[
         run.progress["epoch"], run.progress["batches_done"] = epoch + 1, 0
         save_checkpoint(accelerator, run.ckpt, run.ema, run.progress)
     _write_final(run, accelerator)
+
+
+def _fit_closed_form(cfg: TrainConfig, run: ExpertRun, accelerator, resume: bool) -> None:
+    """``fit: logistic``: the head fitted on the frozen features of the run's augmented views, validated and written
+    like an SGD-trained expert (one history entry)."""
+    from .closed_form import fit_logistic
+
+    accelerator.print(f"[{run.name}] {run.e.arch} at {run.size}px ({run.e.preprocess}); fit a logistic head on "
+                      f"{len(run.train_rows)} rows, validate {len(run.val_rows)} rows")
+    sums = fit_logistic(cfg, run, accelerator, resume, _note_skipped)
+    _validate_epoch(cfg, run, accelerator, cfg.train.epochs - 1, sums, 1)
+    _write_final(run, accelerator)
+    if accelerator.is_main_process:  # the features were the checkpoint: done with, like the SGD checkpoint
+        shutil.rmtree(run.edir / "features", ignore_errors=True)
 
 
 def _model(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[str, Any]], run_dir: Path) -> ExpertRun:
@@ -323,7 +340,7 @@ def _expert_info(run: ExpertRun, metrics: dict[str, Any]) -> dict[str, Any]:
 
     e, p = run.e, run.progress
     parent = resolve_parent(e, run.index)
-    return {"name": run.name, "arch": e.arch, "family": e.family, "stem": e.stem, "stages": e.stages,
+    return {"name": run.name, "arch": e.arch, "family": e.family, "stem": e.stem, "stages": e.stages, "fit": e.fit,
             "options": e.options, "description": e.description, "reads": e.reads,
             "crops": e.crops, "input_size": run.size, "preprocess": e.preprocess, "mean": list(run.mean),
             "std": list(run.std), "model_kwargs": run.model_kwargs, "weight": e.weight, "val_fold": e.val_fold,

@@ -53,6 +53,20 @@ def _weighted(rows: dict[str, dict[str, Any]], key: str, weight: float, r: Any, 
     row[f"prob_{name}"] = float(r["prob"])
 
 
+def face_gate(per_path: dict[str, dict[str, Any]], faces: dict[str, float], fpr: float | None) -> tuple[float, int]:
+    """The bundle's ``face_gate``: the score above which at most ``fpr`` of the out-of-fold real images' most
+    suspicious faces fall (0 when ``fpr`` is None or no real image shows a face), and how many real images it was
+    read from."""
+    real = sorted(faces[p] for p, r in per_path.items() if r["label"] == 0 and p in faces)
+    if fpr is None or not real:
+        if fpr is not None:
+            log.warning("decision.face_gate_fpr: no out-of-fold real image shows a face; every face counts")
+        return 0.0, len(real)
+    import numpy as np
+
+    return float(np.quantile(real, 1.0 - fpr, method="higher")), len(real)
+
+
 def finalize_run(cfg: TrainConfig, run_dir: Path, processes: int = 1) -> dict[str, Any]:
     """Ensemble out-of-fold predictions, metrics, ROC, and the decision rule, into ``run.json``.
 
@@ -82,13 +96,14 @@ def finalize_run(cfg: TrainConfig, run_dir: Path, processes: int = 1) -> dict[st
         p = crop["num"] / crop["den"] if crop["den"] else 0.5
         if crop["parent"]:
             faces[crop["parent"]] = max(p, faces.get(crop["parent"], 0.0))
+    gate, real_faces = face_gate(per_path, faces, cfg.decision.face_gate_fpr)
     oof = []
     for r in per_path.values():
         whole = r["num"] / r["den"] if r["den"] else 0.5
         row = {k: v for k, v in r.items() if k not in ("num", "den")}
         if per_crop:
             row.update(whole_prob=whole, face_prob=faces.get(r["path"], ""))
-        oof.append({**row, "prob": combine_face_score(whole, faces.get(r["path"]), cfg.decision.face_rule)})
+        oof.append({**row, "prob": combine_face_score(whole, faces.get(r["path"]), cfg.decision.face_rule, gate)})
     write_manifest(run_dir / "oof.csv", oof)
     y = [r["label"] for r in oof]
     s = [r["prob"] for r in oof]
@@ -96,6 +111,9 @@ def finalize_run(cfg: TrainConfig, run_dir: Path, processes: int = 1) -> dict[st
     decision = choose_decision(y, s, dc.rule, dc.target_fpr, dc.band_error, dc.band)
     if per_crop:
         decision["face_rule"] = dc.face_rule
+        decision["face_gate"] = gate
+        decision["face_gate_fpr"] = dc.face_gate_fpr
+        decision["real_images_with_faces"] = real_faces
         decision["faces_matched"] = sum(1 for r in oof if r.get("face_prob") != "")
     metrics = metrics_by_source(y, s, [r["source"] for r in oof], threshold=decision["threshold"])
     metrics["experts"] = {n: {"val_auc": infos[n]["val_auc"], "val_fold": infos[n]["val_fold"],

@@ -26,6 +26,9 @@ class Family:
     shared_tensor: str | None = None
     shared_field: str | None = None
     calibrates: bool = False       #: a new expert is calibrated on training images first (:meth:`calibrate`)
+    #: its features are frozen and its head linear, so ``dfx train`` can fit the head in closed form
+    #: (``experts.N.fit: logistic``, training/closed_form.py); the model has ``pooled`` and the probe's buffers
+    fits_head: bool = False
 
     # -- the bundle's fields ---------------------------------------------------------------------------------
     def parse(self, raw: dict[str, Any], where: str) -> dict[str, Any]:

@@ -73,6 +73,7 @@ class ProbeFamily(Family):
     fields = ("stages",)
     format_since = 2
     calibrates = True  # standardise the frozen features with the training images' statistics
+    fits_head = True  # frozen features, a linear head: experts.N.fit: logistic
 
     def calibrate(self, model: Any, inputs: Any) -> None:
         """``feat_mean``/``feat_std`` from the training images' pooled features, so the head starts on
