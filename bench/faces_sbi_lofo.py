@@ -154,6 +154,11 @@ def main() -> int:
     ap.add_argument("--min-face", type=int, default=32)
     ap.add_argument("--C", type=float, default=0.05)
     ap.add_argument("--backbones", default="clip,lite0")
+    ap.add_argument("--sets", default=None, help="comma-separated block/stage sets (default: all), e.g. b8-11")
+    ap.add_argument("--fakes", default="sbi,data,sbi+data", help="training fakes conditions to run")
+    ap.add_argument("--gate-fpr", type=float, default=0.05,
+                    help="the gated rule: a face counts from the score at most this share of the training side's "
+                         "real images' faces reach, read from their out-of-fold scores (nested: inner folds)")
     args = ap.parse_args()
 
     import csv
@@ -189,6 +194,7 @@ def main() -> int:
     if "lite0" in args.backbones:
         backbones["lite0"] = (ProbeSpec(stages=(0, 1, 2, 3, 4), preprocess="crop", name="face-lite0"), LITE0_SETS, True)
     results: dict = {"n_crops": len(table), "n_sbi": int(is_sbi.sum()), "min_face": args.min_face, "C": args.C,
+                     "gate_fpr": args.gate_fpr,
                      "whole": {}, "conditions": {}}
     names = list(FAMILIES)
     tests = {fam: held_out(y, [r["source"] for r in rows], fams, folds, i, fam) for i, fam in enumerate(names)}
@@ -209,9 +215,12 @@ def main() -> int:
         widths = stage_widths(net, spec.input_size)
         feats = {p: crop_features(table, spec, out, p, bname) for p in ("A", "B")}
         for sname, keep in sets.items():
+            if args.sets and sname not in args.sets.split(","):
+                continue
             cols = columns(widths, spec.stages, keep)
-            for fakes in ("sbi", "data", "sbi+data"):
+            for fakes in args.fakes.split(","):
                 face = {p: np.full(n, np.nan) for p in ("A", "B")}
+                gates = {p: {} for p in ("A", "B")}
                 for fam, test in tests.items():
                     # train: crops of images outside the test set (its reals and the family's fakes), of the
                     # chosen fakes; blends only of reals outside the test set
@@ -224,6 +233,24 @@ def main() -> int:
                     train_y = np.concatenate([cy[train]] * 2)
                     ok = ~np.isnan(train_f).any(axis=1)
                     head = fit_head(train_f[ok], train_y[ok], C=args.C)
+                    # the gate, nested: the training side's real images scored by heads fitted without their real
+                    # fold (a blend goes with its real), the (1 - gate_fpr) quantile of their most suspicious faces
+                    inner: dict = {"A": {}, "B": {}}
+                    for j in sorted(set(folds[owner[train & (cy == 0) & ~is_sbi]].tolist())):
+                        fit = train & (folds[owner] != j)
+                        fx = np.concatenate([feats[q][fit][:, cols] for q in ("A", "B")])
+                        fy = np.concatenate([cy[fit]] * 2)
+                        good = ~np.isnan(fx).any(axis=1)
+                        h = fit_head(fx[good], fy[good], C=args.C)
+                        sel = train & (folds[owner] == j) & ~is_sbi & (cy == 0)
+                        for p in ("A", "B"):
+                            fs = feats[p][sel][:, cols]
+                            okk = ~np.isnan(fs).any(axis=1)
+                            for o, v in zip(owner[sel][okk], h.probs(fs[okk])):
+                                inner[p][o] = max(inner[p].get(o, 0.0), v)
+                    for p in ("A", "B"):
+                        vals = list(inner[p].values())
+                        gates[p][fam] = float(np.quantile(vals, 1 - args.gate_fpr, method="higher")) if vals else 0.0
                     for p in ("A", "B"):
                         sel = test[owner] & ~is_sbi
                         f = feats[p][sel][:, cols]
@@ -232,8 +259,14 @@ def main() -> int:
                             if fams[o] == fam or y[o] == 0:
                                 face[p][o] = v if np.isnan(face[p][o]) else max(face[p][o], v)
                 combos = {}
+                gate_of = {p: np.zeros(n) for p in ("A", "B")}
+                for fam, test in tests.items():
+                    for p in ("A", "B"):
+                        gate_of[p][test] = gates[p].get(fam, 0.0)
                 for p in ("A", "B"):
                     has = ~np.isnan(face[p])
+                    counts = has & (np.nan_to_num(face[p]) >= gate_of[p])
+                    combos[f"gated_max {p}"] = np.where(counts, np.maximum(whole[p], np.nan_to_num(face[p])), whole[p])
                     combos[f"face-only {p}"] = np.where(has, face[p], np.nan)
                     combos[f"max {p}"] = np.where(has, np.maximum(whole[p], np.nan_to_num(face[p])), whole[p])
                     combos[f"noisy_or {p}"] = np.where(has, 1 - (1 - whole[p]) * (1 - np.nan_to_num(face[p])), whole[p])
@@ -241,7 +274,8 @@ def main() -> int:
                 per = evaluate(combos)
                 results["conditions"][key] = per
                 line = []
-                for rule in ("max", "noisy_or"):
+                results.setdefault("gates", {})[key] = gates
+                for rule in ("max", "gated_max", "noisy_or"):
                     for p in ("A", "B"):
                         mean = np.mean([per[f][f"{rule} {p}"]["auc"] for f in names])
                         line.append(f"{rule} {p} {mean:.3f}")
@@ -274,7 +308,7 @@ def write_markdown(results: dict, names: list[str], path: Path) -> None:
 
     lines.append(row("whole-image CLIP probe (the default's recipe)", "-", w, lambda p: p))
     for key, per in results["conditions"].items():
-        for rule in ("max", "noisy_or"):
+        for rule in ("max", "gated_max", "noisy_or"):
             lines.append(row(key, rule, per, lambda p, r=rule: f"{r} {p}"))
     path.write_text("\n".join(lines) + "\n")
 

@@ -6,6 +6,7 @@ refused with a message that says why."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,92 @@ def test_clip_graph_agrees_with_the_torch_tower_and_scores_what_was_fitted(tmp_p
                  rule="test", provenance={})
     scores = [p.experts["probe_onnx"] for p in Detector(tmp_path / "bundle", device="cpu").predict(train)]
     np.testing.assert_allclose(scores, head.image_probs(f, owners, len(train)), atol=1e-4)
+
+
+def test_a_killed_logistic_fit_resumes_to_the_same_head(tmp_path):
+    """``fit: logistic`` is resumable by epoch: killed after its first epoch's features were written, ``--resume``
+    keeps them, extracts the rest and fits the very head an uninterrupted run fits; the features go when the expert
+    is done."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from safetensors.torch import load_file
+
+    weights = _weights(tmp_path, "test_efficientnet")
+    data = make_tiny_dataset(tmp_path / "data", n_per_class=6, size=72, corrupt=False)
+
+    def config(name: str) -> Path:
+        cfg = {"seed": 3, "output": str(tmp_path / name), "data": {"manifest": [str(data)], "workers": 0},
+               "experts": [{"name": "lr", "arch": "test_efficientnet", "family": "probe", "stages": [1, 2, 3],
+                            "pretrained": str(weights), "input_size": 64, "preprocess": "crop", "val_fold": 0,
+                            "fit": "logistic", "fit_c": 0.1}],
+               "train": {"epochs": 3, "batch_size": 2}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        return tmp_path / f"{name}.yaml"
+
+    def run(cfg: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([str(Path(sys.executable).with_name("dfx")), "train", str(cfg), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    full = run(config("full"))
+    out, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err[-3000:]
+    assert "logistic head (C=0.1 per image) fitted on" in out
+    features = tmp_path / "killed" / "experts" / "lr" / "features"
+    proc = run(config("killed"))
+    deadline = time.time() + 240
+    while time.time() < deadline and not (features / "epoch0.rank0.npz").is_file():
+        assert proc.poll() is None, "the run ended before its first epoch's features could be seen"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and (features / "epoch0.rank0.npz").is_file()
+    assert not (tmp_path / "killed" / "experts" / "lr" / "final").exists()
+    resumed = run(config("killed"), "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    a = load_file(str(tmp_path / "full" / "experts" / "lr" / "final" / "ema.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "experts" / "lr" / "final" / "ema.safetensors"))
+    for k in ("head.weight", "head.bias", "feat_mean", "feat_std"):
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert "lr features 1" not in err and "lr features 2" in err, "the first epoch's features were kept"
+    assert not features.exists(), "the features were the checkpoint: gone once the expert is done"
+
+
+@pytest.mark.slow
+def test_a_logistic_fit_in_two_processes_fits_the_one_process_head(tmp_path):
+    """Two real processes (torchrun, gloo) each extract the features of their share of every epoch's batches; the fit
+    reads both shares, so the head is the one a single process fits on the same views."""
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    weights = _weights(tmp_path, "test_efficientnet")
+    data = make_tiny_dataset(tmp_path / "data", n_per_class=6, size=72, corrupt=False)
+
+    def config(name: str) -> Path:
+        cfg = {"seed": 5, "output": str(tmp_path / name), "data": {"manifest": [str(data)], "workers": 0},
+               "experts": [{"name": "lr", "arch": "test_efficientnet", "family": "probe_onnx", "stages": [1, 2, 3],
+                            "pretrained": str(weights), "input_size": 64, "preprocess": "crop", "val_fold": 0,
+                            "fit": "logistic"}],
+               "train": {"epochs": 2, "batch_size": 3}}  # 6 training rows: two batches, one per process
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        return tmp_path / f"{name}.yaml"
+
+    assert dfx("train", str(config("one"))).returncode == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                        "inference.cli", "train", str(config("two"))], capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "fitted on 24 views of" in r.stdout, r.stdout[-2000:]
+    a = load_file(str(tmp_path / "one" / "experts" / "lr" / "final" / "ema.safetensors"))
+    b = load_file(str(tmp_path / "two" / "experts" / "lr" / "final" / "ema.safetensors"))
+    for k in ("head.weight", "head.bias", "feat_mean", "feat_std"):
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k

@@ -35,8 +35,10 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 @torch.inference_mode()
-def _epoch_features(run: Any, loader: Any, accelerator: Any, epoch: int, note_skipped: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The frozen features of both views of every image this process draws in ``epoch``, and their labels."""
+def _epoch_features(run: Any, loader: Any, accelerator: Any, epoch: int,
+                    note_skipped: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The frozen features of both views of every image this process draws in ``epoch``, their labels, and the
+    row each came from."""
     from tqdm import tqdm
 
     run.sampler.set_epoch(epoch)
@@ -44,7 +46,7 @@ def _epoch_features(run: Any, loader: Any, accelerator: Any, epoch: int, note_sk
         loader.set_epoch(epoch)
     backbone = accelerator.unwrap_model(run.net).backbone.eval()
     stem = accelerator.unwrap_model(run.net).stem
-    feats, labels = [], []
+    feats, labels, rows = [], [], []
     for batch in tqdm(loader, desc=f"{run.name} features {epoch + 1}", leave=False,
                       disable=not accelerator.is_local_main_process):
         note_skipped(run, batch["errors"], "")
@@ -53,9 +55,11 @@ def _epoch_features(run: Any, loader: Any, accelerator: Any, epoch: int, note_sk
         for view in ("weak", "strong"):
             feats.append(backbone.pooled(stem(batch[view])).float().cpu().numpy())
             labels.append(batch["label"].cpu().numpy())
+            rows.append(batch["index"].cpu().numpy())
     width = getattr(backbone, "num_features", 0)
     return (np.concatenate(feats) if feats else np.zeros((0, width), np.float32),
-            np.concatenate(labels) if labels else np.zeros(0, np.int64))
+            np.concatenate(labels) if labels else np.zeros(0, np.int64),
+            np.concatenate(rows) if rows else np.zeros(0, np.int64))
 
 
 def fit_logistic(cfg: Any, run: Any, accelerator: Any, resume: bool, note_skipped: Any) -> dict[str, float]:
@@ -70,29 +74,34 @@ def fit_logistic(cfg: Any, run: Any, accelerator: Any, resume: bool, note_skippe
         shutil.rmtree(cache, ignore_errors=True)
     accelerator.wait_for_everyone()
     cache.mkdir(parents=True, exist_ok=True)
-    run.net, run.loader = accelerator.prepare(run.net, run.loader)
+    run.net = run.net.to(accelerator.device)  # no optimiser, no gradients: nothing for DDP to wrap
+    run.loader = accelerator.prepare(run.loader)  # each process extracts its share of every epoch's batches
     rank, world = accelerator.process_index, accelerator.num_processes
     for epoch in range(cfg.train.epochs):
         mine = cache / f"epoch{epoch}.rank{rank}.npz"
         if not mine.is_file():
-            f, y = _epoch_features(run, run.loader, accelerator, epoch, note_skipped)
-            _save_npz(mine, features=f, labels=y)
+            f, y, rows = _epoch_features(run, run.loader, accelerator, epoch, note_skipped)
+            _save_npz(mine, features=f, labels=y, rows=rows)
         accelerator.wait_for_everyone()
     parts = [np.load(cache / f"epoch{epoch}.rank{r}.npz") for epoch in range(cfg.train.epochs) for r in range(world)]
     x = np.concatenate([p["features"] for p in parts])
     y = np.concatenate([p["labels"] for p in parts])
+    rows = np.concatenate([p["rows"] for p in parts])
     good = np.isfinite(x).all(axis=1)
-    x, y = x[good], y[good]
+    x, y, rows = x[good], y[good], rows[good]
     if len(set(y.tolist())) < 2:
         raise RuntimeError(f"[{run.name}] fit: logistic needs real and fake training images; its views hold only "
                            f"label {sorted(set(y.tolist()))}")
-    head = fit_head(x, y, C=run.e.fit_c)
+    # fit_c is per training image: its views are copies of one image, not more evidence, so the regularisation
+    # must not weaken as epochs add views (C scales the summed loss: divide it by the views per image)
+    images = len(np.unique(rows))
+    head = fit_head(x, y, C=run.e.fit_c * images / len(y))
     backbone = accelerator.unwrap_model(run.net).backbone
     state = head_state(backbone, head)
     backbone.load_state_dict(state)
     run.ema.module.load_state_dict(state)
     ce = float(log_loss(y, head.probs(x), labels=[0, 1]))
-    accelerator.print(f"[{run.name}] logistic head (C={run.e.fit_c}) fitted on {len(y)} views of "
-                      f"{cfg.train.epochs} epoch(s): {int((y == 1).sum())} fake, {int((y == 0).sum())} real; "
-                      f"training log-loss {ce:.4f}")
+    accelerator.print(f"[{run.name}] logistic head (C={run.e.fit_c} per image) fitted on {len(y)} views of {images} "
+                      f"images over {cfg.train.epochs} epoch(s): {int((y == 1).sum())} fake, {int((y == 0).sum())} "
+                      f"real; training log-loss {ce:.4f}")
     return {"ce": ce, "total": ce}

@@ -67,7 +67,8 @@ class ExpertConfig:
     #: probe or probe_onnx: an L2 logistic regression fitted in closed form on the features of the augmented views
     #: the run's sampler draws over ``train.epochs``; training/closed_form.py says when SGD's head fails and this not)
     fit: str = "sgd"
-    fit_c: float = 0.05                  #: fit: logistic: the inverse L2 strength (scikit-learn's C)
+    #: fit: logistic: the inverse L2 strength (scikit-learn's C) per training image (an image's views count as one)
+    fit_c: float = 0.05
 
 
 @dataclass
