@@ -105,7 +105,7 @@ def test_malformed_json_is_refused(bundle_copy):
     (lambda d: d["experts"][0].update(std=[float("inf"), 0.5, 0.5]), "list of 3 finite numbers"),
     (lambda d: d["experts"][0].update(calibration={"temperature": 1e-300}), "calibration.temperature must be"),
     (lambda d: d["experts"][0].update(calibration={"temperature": float("inf")}), "calibration.temperature must be"),
-    (lambda d: d.update(format="dfx-ensemble/1.10"), "unknown bundle format 'dfx-ensemble/1.10'"),
+    (lambda d: d.update(format="dfx-ensemble/1.11"), "unknown bundle format 'dfx-ensemble/1.11'"),
     (lambda d: d.update(name="x" * 5_000_000), "a name must be 1..200 printable characters, got 5000000"),
     (lambda d: d["experts"][0].update(name="a\x1b[31mred"), "printable"),
 ])

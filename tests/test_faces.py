@@ -221,5 +221,9 @@ def test_a_bundle_names_its_face_finder_only_with_face_experts(tiny_bundle, tmp_
                      (dict(finder, sha256="xyz"), "sha256"), ({**finder, "extra": 1}, "unknown field")):
         with pytest.raises(BundleError, match=why):
             parse_spec({**faces, "face_finder": bad}, tmp_path / "e.json")
+    for bad in (1.5, -0.1, "0.7", True):
+        with pytest.raises(BundleError, match="face_gate must be a score in"):
+            parse_spec({**faces, "format": "dfx-ensemble/1.10", "face_gate": bad}, tmp_path / "e.json")
+    assert parse_spec({**faces, "format": "dfx-ensemble/1.10", "face_gate": 0.7}, tmp_path / "e.json").face_gate == 0.7
     with pytest.raises(BundleError, match="up to 'dfx-ensemble/1.10'"):
         parse_spec({**faces, "format": "dfx-ensemble/1.11"}, tmp_path / "e.json")
