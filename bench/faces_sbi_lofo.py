@@ -13,7 +13,10 @@ For each held-out family (the test sets of ``bench/probe_eval.py``: its fakes, o
 repository that supplied its fakes) a logistic regression is fitted on frozen features of the face crops of every
 *other* image, plus the self-blended crops of every real outside the test set (a blend never crosses to the other
 side of its real). A test image's face score is the maximum over its faces (``--min-face`` px and up); it is combined
-with its whole-image score by ``max`` or ``noisy_or`` (an image without a face keeps its whole-image score).
+with its whole-image score by ``max``, ``noisy_or`` or ``gated_max`` (an image without a face keeps its whole-image
+score). ``gated_max`` is the bundle's ``face_gate`` measured without peeking: per held-out family the gate is the
+(1 - ``--gate-fpr``) quantile of the training side's real images' most suspicious faces, each scored by a head fitted
+without its real fold; a test face below the gate leaves the whole-image score as it is.
 Protocol B (short side 256, centre crop, JPEG 90) is applied to the whole image before its faces are cut (boxes
 mapped into the processed image), so a face in B has the pixels a resized, re-compressed upload leaves it.
 
