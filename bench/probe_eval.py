@@ -274,7 +274,13 @@ def main() -> int:
     stage_sets = CLIP_STAGE_SETS if source.converter == "clip_onnx" else STAGE_SETS
     all_stages_sets = stage_sets
     if args.stage_sets:
+        unknown = [k for k in args.stage_sets.split(",") if k not in stage_sets]
+        if unknown:
+            raise SystemExit(f"--stage-sets: unknown {', '.join(unknown)} (known: {', '.join(stage_sets)})")
         stage_sets = {k: stage_sets[k] for k in args.stage_sets.split(",")}
+    if args.export_stages not in stage_sets:  # found out now, not after the extraction and every fit
+        raise SystemExit(f"--export-stages {args.export_stages} is not among the evaluated sets "
+                         f"({', '.join(stage_sets)}): pass --export-stages with one of them")
     if args.family == "probe_onnx":  # the graph serves blocks, not the embedding: extract only what is asked
         all_stages_sets = stage_sets
     all_stages = tuple(sorted({s for keep in all_stages_sets.values() for s in keep}))  # the cached extraction
