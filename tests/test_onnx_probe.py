@@ -283,6 +283,26 @@ def test_clip_graph_agrees_with_the_torch_tower_and_scores_what_was_fitted(tmp_p
     np.testing.assert_allclose(scores, head.image_probs(f, owners, len(train)), atol=1e-4)
 
 
+def _logistic_configs(tmp_path: Path, *, seed: int, family: str, train: dict, **expert):
+    """``name -> config file``: runs of one ``fit: logistic`` expert (random test_efficientnet backbone, the tiny
+    dataset) that differ only in their output folder."""
+    import yaml
+
+    weights = _weights(tmp_path, "test_efficientnet")
+    data = make_tiny_dataset(tmp_path / "data", n_per_class=6, size=72, corrupt=False)
+
+    def config(name: str) -> Path:
+        cfg = {"seed": seed, "output": str(tmp_path / name), "data": {"manifest": [str(data)], "workers": 0},
+               "experts": [{"name": "lr", "arch": "test_efficientnet", "family": family, "stages": [1, 2, 3],
+                            "pretrained": str(weights), "input_size": 64, "preprocess": "crop", "val_fold": 0,
+                            "fit": "logistic", **expert}],
+               "train": train}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        return tmp_path / f"{name}.yaml"
+
+    return config
+
+
 def test_a_killed_logistic_fit_resumes_to_the_same_head(tmp_path):
     """``fit: logistic`` is resumable by epoch: killed after its first epoch's features were written, ``--resume``
     keeps them, extracts the rest and fits the very head an uninterrupted run fits; the features go when the expert
@@ -292,20 +312,9 @@ def test_a_killed_logistic_fit_resumes_to_the_same_head(tmp_path):
     import sys
     import time
 
-    import yaml
     from safetensors.torch import load_file
 
-    weights = _weights(tmp_path, "test_efficientnet")
-    data = make_tiny_dataset(tmp_path / "data", n_per_class=6, size=72, corrupt=False)
-
-    def config(name: str) -> Path:
-        cfg = {"seed": 3, "output": str(tmp_path / name), "data": {"manifest": [str(data)], "workers": 0},
-               "experts": [{"name": "lr", "arch": "test_efficientnet", "family": "probe", "stages": [1, 2, 3],
-                            "pretrained": str(weights), "input_size": 64, "preprocess": "crop", "val_fold": 0,
-                            "fit": "logistic", "fit_c": 0.1}],
-               "train": {"epochs": 3, "batch_size": 2}}
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        return tmp_path / f"{name}.yaml"
+    config = _logistic_configs(tmp_path, seed=3, family="probe", fit_c=0.1, train={"epochs": 3, "batch_size": 2})
 
     def run(cfg: Path, *extra: str) -> subprocess.Popen:
         return subprocess.Popen([str(Path(sys.executable).with_name("dfx")), "train", str(cfg), *extra],
@@ -344,20 +353,10 @@ def test_a_logistic_fit_in_two_processes_fits_the_one_process_head(tmp_path):
     import subprocess
     import sys
 
-    import yaml
     from safetensors.torch import load_file
 
-    weights = _weights(tmp_path, "test_efficientnet")
-    data = make_tiny_dataset(tmp_path / "data", n_per_class=6, size=72, corrupt=False)
-
-    def config(name: str) -> Path:
-        cfg = {"seed": 5, "output": str(tmp_path / name), "data": {"manifest": [str(data)], "workers": 0},
-               "experts": [{"name": "lr", "arch": "test_efficientnet", "family": "probe_onnx", "stages": [1, 2, 3],
-                            "pretrained": str(weights), "input_size": 64, "preprocess": "crop", "val_fold": 0,
-                            "fit": "logistic"}],
-               "train": {"epochs": 2, "batch_size": 3}}  # 6 training rows: two batches, one per process
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        return tmp_path / f"{name}.yaml"
+    # 6 training rows: two batches, one per process
+    config = _logistic_configs(tmp_path, seed=5, family="probe_onnx", train={"epochs": 2, "batch_size": 3})
 
     assert dfx("train", str(config("one"))).returncode == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}

@@ -16,22 +16,13 @@ Resumable by epoch: each process writes the features of its share of an epoch's 
 
 from __future__ import annotations
 
-import logging
-import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-log = logging.getLogger("dfx.train")
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+from inference.files import atomic_path
 
 
 @torch.inference_mode()
@@ -81,7 +72,8 @@ def fit_logistic(cfg: Any, run: Any, accelerator: Any, resume: bool, note_skippe
         mine = cache / f"epoch{epoch}.rank{rank}.npz"
         if not mine.is_file():
             f, y, rows = _epoch_features(run, run.loader, accelerator, epoch, note_skipped)
-            _save_npz(mine, features=f, labels=y, rows=rows)
+            with atomic_path(mine, suffix=".npz") as tmp:  # np.savez keeps a name ending .npz as it is
+                np.savez(tmp, features=f, labels=y, rows=rows)
         accelerator.wait_for_everyone()
     parts = [np.load(cache / f"epoch{epoch}.rank{r}.npz") for epoch in range(cfg.train.epochs) for r in range(world)]
     x = np.concatenate([p["features"] for p in parts])

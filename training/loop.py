@@ -118,7 +118,8 @@ def _model(cfg: TrainConfig, e: ExpertConfig, index: int, rows: list[dict[str, A
     set_seed(cfg.seed + 1000 * index)
     backbone = create_backbone(e, spec, index)
     family = family_of(e.family)
-    if family.calibrates and not e.init_from:  # e.g. a new probe: its features standardised on the training images
+    # e.g. a new probe: its features standardised on the training images (a closed-form fit standardises its own)
+    if family.calibrates and not e.init_from and e.fit != "logistic":
         family.calibrate(backbone.eval(), calibration_inputs(train_rows, spec, cfg.data.max_pixels))
     with torch.no_grad():
         feat_dim = family.outputs(backbone.eval(), torch.zeros(1, 3, run.size, run.size))[1].shape[1]
