@@ -2,8 +2,8 @@
 
 Every expert of weights/default was validated on fold 0 of `runs/default/folds.csv` (clusters it never trained on),
 and the fakes made from fold-0 reals (edits, self-blended faces) were never trained on either. This bench scores
-those images through the served path (`Detector`: MTCNN faces searched in every image, the bundle's face rule), so
-its figures are the bundle's, not a re-implementation's. Run by hand after the recipe (not a test; about 10 minutes
+those images through the served path (`Detector`: faces searched in every image by the bundle's own finder, its
+face rule), so its figures are the bundle's, not a re-implementation's. Run by hand after the recipe (not a test; about 10 minutes
 on 2 CPU cores):
 
     .venv/bin/python bench/default_eval.py [--work runs/default] [--bundle weights/default] [--out runs/default/eval]

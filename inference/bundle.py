@@ -23,8 +23,10 @@ Layout (``weights/<name>/``)::
      "face_finder": {"method": "mtcnn", "file": "face_finder.safetensors", "sha256": "..."},
                            # 1.9, with experts that read faces: the finder that cuts their crops, in the bundle
      "face_gate": 0.73,    # 1.10, with experts that read faces: a face counts from this score up
+     "face_finder": {"method": "retinaface", "max_side": 480, "min_face": 16, "min_confidence": 0.9, ...}
+                           # 1.11: RetinaFace, and how the finder searches (as `dfx prepare faces` cut the crops)
 
-Versions 1.1 to 1.10 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
+Versions 1.1 to 1.11 and each family's own fields: README "Bundles" and ``inference/families/``; older bundles
 read unchanged, an older reader refuses a newer family or mode by name, and bundles are written in the oldest
 format that holds them.
 
@@ -45,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "dfx-ensemble/1.10"
+FORMAT = "dfx-ensemble/1.11"
 SUPPORTED_MAJOR = "dfx-ensemble/1"
 MANIFEST_NAME = "ensemble.json"
 from .errors import BundleError  # noqa: E402,F401  (raised here; importable from here as before)
@@ -133,8 +135,9 @@ class ExpertSpec:
         return d
 
 
-#: Face finders a bundle may carry (format 1.9): MTCNN's three networks in one safetensors file
-FACE_FINDERS = ("mtcnn",)
+#: Face finders a bundle may carry: MTCNN's three networks in one safetensors file (format 1.9), RetinaFace's ONNX
+#: graph as one uint8 tensor (1.11)
+FACE_FINDERS = ("mtcnn", "retinaface")
 
 
 @dataclass(frozen=True)
@@ -145,9 +148,19 @@ class FaceFinderSpec:
     file: str
     sha256: str
     method: str = "mtcnn"
+    #: how it searches (1.11): the long side an image is searched at, the smallest face there, the least confidence
+    #: kept; None: the finder's defaults (inference/faces.py ``SEARCH_DEFAULTS``), as format 1.9 had them
+    max_side: int | None = None
+    min_face: int | None = None
+    min_confidence: float | None = None
+
+    def search(self) -> dict[str, Any]:
+        """The search settings given (to ``FaceFinder``)."""
+        return {k: v for k, v in (("max_side", self.max_side), ("min_face", self.min_face),
+                                  ("min_confidence", self.min_confidence)) if v is not None}
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "file": self.file, "sha256": self.sha256}
+        return {"method": self.method, **self.search(), "file": self.file, "sha256": self.sha256}
 
 
 @dataclass(frozen=True)
@@ -206,10 +219,13 @@ class BundleSpec:
 def oldest_format(spec: BundleSpec, packed: bool = False) -> str:
     """The oldest format version that holds ``spec``, so older readers keep reading what they can: the newest that
     any expert's family needs (inference/families/), 1.3 for ``tta``, 1.6 for a ``provenance_rule``, 1.7 for experts
-    that read faces, 1.9 for a face finder stored in the bundle, 1.10 for a ``face_gate``, 1.5 when some weight file holds packed INT8
+    that read faces, 1.9 for a face finder stored in the bundle, 1.10 for a ``face_gate``, 1.11 for RetinaFace or
+    a finder's search settings, 1.5 when some weight file holds packed INT8
     tensors (``packed``); at least 1.1."""
     minor = max([1, 3 if spec.tta else 1, 5 if packed else 1, 6 if spec.provenance_rule != "none" else 1,
                  7 if spec.reads_faces else 1, 9 if spec.face_finder is not None else 1,
+                 11 if spec.face_finder is not None and (spec.face_finder.method != "mtcnn"
+                                                         or spec.face_finder.search()) else 1,
                  10 if spec.reads_faces and spec.face_gate > 0 else 1]
                 + [family_of(e.family).format_minor(e) for e in spec.experts])
     return f"{SUPPORTED_MAJOR}.{minor}"
@@ -435,7 +451,7 @@ def _parse_face_finder(raw: Any, experts: tuple[ExpertSpec, ...], where: str) ->
         raise BundleError(f"{where}: must be an object")
     if not any(e.reads == "faces" for e in experts):
         raise BundleError(f"{where}: only a bundle with experts that read faces carries a face finder")
-    unknown = sorted(set(raw) - {"method", "file", "sha256"})
+    unknown = sorted(set(raw) - {"method", "file", "sha256", "max_side", "min_face", "min_confidence"})
     if unknown:
         raise BundleError(f"{where}: unknown field '{unknown[0][:40]}'")
     method = raw.get("method", "mtcnn")
@@ -444,7 +460,20 @@ def _parse_face_finder(raw: Any, experts: tuple[ExpertSpec, ...], where: str) ->
     file, sha = _plain_file(raw, where)
     if file in {e.file for e in experts} or file == MANIFEST_NAME:
         raise BundleError(f"{where}: file '{file}' is already an expert's file or the manifest")
-    return FaceFinderSpec(file=file, sha256=sha, method=method)
+    search: dict[str, Any] = {}
+    for key, low, high in (("max_side", 32, 8192), ("min_face", 8, 8192)):
+        v = raw.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high):
+            raise BundleError(f"{where}: {key} must be an integer in [{low}, {high}]")
+        search[key] = v
+    if search["max_side"] is not None and search["min_face"] is not None and search["min_face"] > search["max_side"]:
+        raise BundleError(f"{where}: min_face must not exceed max_side")
+    conf = raw.get("min_confidence")
+    if conf is not None and (not isinstance(conf, (int, float)) or isinstance(conf, bool)
+                             or not 0.0 < float(conf) < 1.0):
+        raise BundleError(f"{where}: min_confidence must be a number in (0, 1)")
+    return FaceFinderSpec(file=file, sha256=sha, method=method, max_side=search["max_side"],
+                          min_face=search["min_face"], min_confidence=None if conf is None else float(conf))
 
 
 def image_work(spec: BundleSpec) -> dict[str, int]:
@@ -514,6 +543,7 @@ def bundle_digest(spec: BundleSpec) -> str:
          **({"face_rule": spec.face_rule} if spec.reads_faces else {}),
          **({"face_gate": spec.face_gate} if spec.reads_faces and spec.face_gate > 0 else {}),
          **({"face_finder": spec.face_finder.sha256} if spec.face_finder is not None else {}),  # it picks the faces
+         **({"face_search": spec.face_finder.search()} if spec.face_finder and spec.face_finder.search() else {}),
          "aggregate": spec.aggregate, "threshold": spec.threshold, "band": spec.uncertain_band,
          **({"tta": list(spec.tta)} if spec.tta else {})},  # TTA changes the scores, so it is part of the identity
         sort_keys=True, default=list,

@@ -127,9 +127,10 @@ def _keep_list(items: list[Any]) -> list[Any]:
 
 
 def bundle_face_finder(spec: BundleSpec, where: Path) -> Any:
-    """The face finder a bundle with experts that read faces scores with (MTCNN: the faces those experts were
-    trained on were cut with it): the bundle's own (format 1.9), else the installed wheel's; None for a bundle without
-    face experts. Raises BundleError when a bundle without its own finder finds none installed."""
+    """The face finder a bundle with experts that read faces scores with (the faces those experts were trained on
+    were cut with it): the bundle's own (format 1.9; its method and search, 1.11), else the installed MTCNN wheel's;
+    None for a bundle without face experts. Raises BundleError when a bundle without its own finder finds none
+    installed, or when the bundle's finder file does not fit its method's networks."""
     if not spec.reads_faces:
         return None
     from .faces import WEIGHTS_PIP, FaceFinder, mtcnn_weights_dir
@@ -137,13 +138,16 @@ def bundle_face_finder(spec: BundleSpec, where: Path) -> Any:
     if spec.face_finder is not None:  # format 1.9: the finder's weights are in the bundle (checked with the rest)
         from safetensors.torch import load_file
 
-        path = where / spec.face_finder.file
-        finder = FaceFinder(method="mtcnn", state=load_file(str(path)), source=f"{spec.face_finder.file} in the bundle")
+        ff = spec.face_finder
+        path = where / ff.file
         try:
-            finder.load()  # now, so that a file that does not fit MTCNN's networks is refused at load, by name
-        except RuntimeError as exc:
-            raise BundleError(f"{path}: the face finder's tensors do not fit MTCNN's networks ({str(exc)[:300]})") \
-                from exc
+            finder = FaceFinder(method=ff.method, state=load_file(str(path)), source=f"{ff.file} in the bundle",
+                                **ff.search())
+            finder.load()  # now, so that a file that does not fit the networks is refused at load, by name
+        except (RuntimeError, ValueError) as exc:
+            named = {"mtcnn": "MTCNN", "retinaface": "RetinaFace"}[ff.method]
+            raise BundleError(f"{path}: the face finder's tensors do not fit {named}'s networks "
+                              f"({str(exc)[:300]})") from exc
         return finder
 
     if mtcnn_weights_dir() is None:

@@ -180,27 +180,37 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_size: int | None = None,
     name: str | None = None,
+    min_long: int | None = None,
 ) -> Image.Image:
     """Decode ``src`` (a path, bytes or a binary stream) into an RGB ``PIL.Image``.
 
     ``min_size``: the smallest side length the caller needs. JPEGs much larger than that are decoded
     at a reduced DCT scale (1/2, 1/4, 1/8) that still keeps both sides at or above ``min_size``; a
-    4000×3000 photo headed for a 224-px model decodes about 8× faster this way.
+    4000×3000 photo headed for a 224-px model decodes about 8× faster this way. ``min_long``: the same for the
+    long side (a face search reads the image at most so many pixels long).
 
     Raises :class:`ImageError` for an empty input, a non-image, an unsupported format, a corrupt or
     truncated file, or an image over ``max_pixels``.
     """
+    return load_image_scaled(src, max_pixels=max_pixels, min_size=min_size, min_long=min_long, name=name)[0]
+
+
+def load_image_scaled(src: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None,
+                      min_long: int | None = None, name: str | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`load_image`, and the size of the image decoded in full (EXIF rotation applied): what a JPEG decoded at
+    reduced scale stands for, so that boxes found on it can be given in the file's own pixels."""
     what = _describe(src, name)
     stream, nbytes = _open_stream(src, what)
     owned = isinstance(src, (str, os.PathLike))
     try:
-        return _decode(stream, nbytes, what, max_pixels=max_pixels, min_size=min_size)
+        return _decode(stream, nbytes, what, max_pixels=max_pixels, min_size=min_size, min_long=min_long)
     finally:
         if owned:
             stream.close()
 
 
-def _decode(stream: BinaryIO, nbytes: int | None, what: str, *, max_pixels: int, min_size: int | None) -> Image.Image:
+def _decode(stream: BinaryIO, nbytes: int | None, what: str, *, max_pixels: int, min_size: int | None,
+            min_long: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     with warnings.catch_warnings():
         # Our own pixel limit applies below; Pillow's bomb warning would only add noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -228,12 +238,17 @@ def _decode(stream: BinaryIO, nbytes: int | None, what: str, *, max_pixels: int,
         try:
             if getattr(img, "is_animated", False):
                 img.seek(0)
-            if min_size and img.format in ("JPEG", "MPO") and min(width, height) >= 2 * min_size:
+            ratios = [r for r, need in ((min(width, height) / (min_size or 1), min_size),
+                                        (max(width, height) / (min_long or 1), min_long)) if need]
+            if ratios and img.format in ("JPEG", "MPO") and min(ratios) >= 2:
                 # draft keeps each side >= the requested size; it scales by powers of two.
-                scale = min(width, height) / min_size
+                scale = min(ratios)
                 img.draft("RGB", (int(width / scale + 0.5), int(height / scale + 0.5)))
             img.load()
+            stored = img.size
             img = ImageOps.exif_transpose(img)
+            turned = img.size != stored  # EXIF rotated it by 90° or 270°
+            full = (height, width) if turned else (width, height)
             if img.mode in HIGH_DEPTH_MODES:
                 img = _high_depth_to_l(img)  # drops the wide image before the RGB copy is made
             rgb = _to_rgb(img)
@@ -245,7 +260,7 @@ def _decode(stream: BinaryIO, nbytes: int | None, what: str, *, max_pixels: int,
             raise ImageError("too_large", f"{what}: image too large ({exc})") from exc
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
             raise ImageError("corrupt", f"{what}: corrupt or truncated image data ({exc})") from exc
-    return rgb
+    return rgb, full
 
 
 def is_candidate_file(path: Path) -> bool:

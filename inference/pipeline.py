@@ -41,33 +41,30 @@ class Decoded:
 
 
 def decode(pre: "Preprocessor", src: Source | Image.Image, *, name: str | None = None, finder: Any = None,
-           keep_image: bool = False, faces: list[Any] | None = None,
-           provenance: "ProvenanceReader | None" = None) -> Decoded:
+           keep_image: bool = False, provenance: "ProvenanceReader | None" = None) -> Decoded:
     """Decode and preprocess one image; raises ImageError. The whole image is read exactly as a plain prediction
     reads it (a JPEG may be decoded at reduced scale), so its score is the same. ``finder`` (inference/faces.py):
-    also its face crops, found on the image decoded in full (at most :data:`MAX_FACES`; ``faces``: already found,
-    the finder is not run; a bundle with experts that read faces always looks, with ``pre.finder``). ``keep_image``: keep the decoded picture, for maps. ``provenance``: also read what the
-    file says about itself, from its bytes (never from the pixels the experts read, and never into them)."""
-    from .faces import face_crop
-    from .images import load_image
+    also its face crops, found and cut by :func:`inference.faces.find_and_cut` (at most :data:`MAX_FACES`; a bundle
+    with experts that read faces always looks, with ``pre.finder``), as ``dfx prepare faces`` cuts training crops.
+    ``keep_image``: keep the decoded picture, for maps. ``provenance``: also read what the file says about itself,
+    from its bytes (never from the pixels the experts read, and never into them)."""
+    from .faces import find_and_cut
 
     if hasattr(src, "read"):
         src = src.read()  # type: ignore[union-attr]  # read more than once below
     finder = finder if finder is not None else pre.finder  # a bundle with face experts always looks for faces
-    want_faces = finder is not None or faces is not None
     if isinstance(src, Image.Image):
-        picture = full = src if src.mode == "RGB" else src.convert("RGB")
-        whole = pre.transform(picture)
+        picture = src if src.mode == "RGB" else src.convert("RGB")
+        loaded = None
     else:
-        picture = pre.load(src, name=name) if keep_image else None
-        whole = pre.transform(picture) if picture is not None else pre.prepare(src, name=name)
-        full = load_image(src, max_pixels=pre.max_pixels, name=name) if want_faces else None
-    found: list[Any] | None = None
-    if want_faces and full is not None:
-        found = (finder.find(full) if faces is None else faces)[:MAX_FACES]
-    items = [whole] + [pre.transform_face(face_crop(full, f)) for f in found or []]  # type: ignore[arg-type]
+        loaded = pre.load_scaled(src, name=name)
+        picture = loaded[0]
+    whole = pre.transform(picture)
+    cut = find_and_cut(picture if loaded is None else src, finder, max_faces=MAX_FACES, max_pixels=pre.max_pixels,
+                       name=name, decoded=loaded) if finder is not None else None
+    items = [whole] + [pre.transform_face(crop) for crop in (cut.crops if cut else [])]
     prov = provenance.read(src) if provenance is not None and not isinstance(src, Image.Image) else None
-    return Decoded(items, found, picture if keep_image else None, full.size if found is not None and full else None,
+    return Decoded(items, cut.faces if cut else None, picture if keep_image else None, cut.size if cut else None,
                    prov)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import DEFAULT_MAX_PIXELS, Source, load_image
+from .images import DEFAULT_MAX_PIXELS, Source, load_image_scaled
 
 PreprocessKey = tuple[int, str, tuple[float, ...], tuple[float, ...]]
 TILE_ALIGN = 8
@@ -156,7 +156,11 @@ class Preprocessor:
 
     def load(self, src: Source, name: str | None = None) -> Image.Image:
         """Decode ``src`` to RGB, at reduced JPEG scale when the experts' sizes allow."""
-        return load_image(src, max_pixels=self.max_pixels, min_size=self.min_decode_size, name=name)
+        return self.load_scaled(src, name=name)[0]
+
+    def load_scaled(self, src: Source, name: str | None = None) -> tuple[Image.Image, tuple[int, int]]:
+        """:meth:`load`, and the size of the image in full (for a face search that can read the same decode)."""
+        return load_image_scaled(src, max_pixels=self.max_pixels, min_size=self.min_decode_size, name=name)
 
     def transform_face(self, crop: Image.Image) -> dict[PreprocessKey, torch.Tensor]:
         """A face crop → its inputs: for the experts that read faces (:class:`FaceInputs`) when the bundle has

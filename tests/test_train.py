@@ -369,3 +369,24 @@ def test_a_bundle_records_where_its_data_was_in_the_project_not_on_one_machine(t
                      "elsewhere": "/opt/data/x.csv", "hub": "https://example.org/a/b"})
     assert got == {"manifests": [{"path": "runs/folds.csv", "sha256": "ab"}], "pretrained": "pkg:clip_vit_b16",
                    "elsewhere": "/opt/data/x.csv", "hub": "https://example.org/a/b"}
+
+
+def test_experts_that_read_faces_must_have_crops_cut_one_way(tiny_dataset, tmp_path):
+    """A bundle finds faces one way (its face finder and search, format 1.11): face experts whose crops were cut by
+    different finders (the ``finder.json`` ``dfx prepare faces`` writes beside each manifest) are refused before
+    anything is written."""
+    import shutil
+
+    manifests = []
+    for name, method in (("a", "mtcnn"), ("b", "retinaface")):
+        (tmp_path / name).mkdir()
+        manifests.append(str(shutil.copy(tiny_dataset, tmp_path / name / "manifest.csv")))
+        (tmp_path / name / "finder.json").write_text(json.dumps({"method": method, "max_side": 640, "min_face": 16,
+                                                                  "min_confidence": 0.9, "margin": 0.3}))
+    face = {"arch": "convnext_atto", "input_size": 32, "reads": "faces"}
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_dataset, tmp_path / "out", experts=[
+        {"arch": "convnext_atto", "input_size": 32}, {**face, "name": "fa", "manifest": [manifests[0]]},
+        {**face, "name": "fb", "manifest": [manifests[1]]}])
+    r = dfx("train", str(cfg))
+    assert r.returncode == 1 and "cut by different finders or searches" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -3,9 +3,11 @@ expert's family checks its own fields (the validator bundles use too, inference/
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError, ExpertConfig, TrainConfig, expert_name, replay_spec
 
@@ -43,6 +45,19 @@ def check_fit(e: ExpertConfig, where: str) -> None:
                           f"backbone (use a probe or probe_onnx expert, or fit: sgd)")
     if isinstance(e.fit_c, bool) or not isinstance(e.fit_c, (int, float)) or not e.fit_c > 0:
         raise ConfigError(f"{where}.fit_c: must be a number > 0, got {e.fit_c!r}")
+
+
+def expert_face_finder(e: ExpertConfig) -> dict[str, Any] | None:
+    """How the face crops an expert that reads faces trains on were found and cut (data_prep/faces.py
+    ``finder.json`` beside its manifests), or None when they do not say (MTCNN's defaults). Raises ConfigError when
+    its manifests disagree."""
+    from data_prep.faces import finder_of
+
+    found = {json.dumps(finder_of(m), sort_keys=True) for m in e.manifest or []}
+    if len(found) > 1:
+        raise ConfigError(f"experts ({expert_name(e)}).manifest: crops cut by different finders or searches "
+                          f"({' / '.join(sorted(found))})")
+    return json.loads(found.pop()) if found else None
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -112,6 +127,11 @@ def check_config(cfg: TrainConfig) -> None:
                                                                   for e in cfg.experts):
         raise ConfigError("experts: experts that read faces need at least one that reads the whole image (an image "
                           "without a face must still get a score)")
+    cut_by = {json.dumps(expert_face_finder(e), sort_keys=True) for e in cfg.experts if e.reads == "faces"}
+    if len(cut_by) > 1:
+        raise ConfigError("experts: the experts that read faces were given crops cut by different finders or searches "
+                          f"({' / '.join(sorted(cut_by))}: finder.json beside each manifest); a bundle finds faces one "
+                          "way: cut them all with the same `dfx prepare faces` options")
     gate = cfg.decision.face_gate_fpr
     if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate < 1):
         raise ConfigError(f"decision.face_gate_fpr: a share in (0, 1) (e.g. 0.05), or null, got {gate!r}")

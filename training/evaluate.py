@@ -58,14 +58,16 @@ def evaluate(weights: str | os.PathLike[str], manifest: str | os.PathLike[str], 
             continue
         rows.append({"path": str(res.path), "label": int(r["label"]), "source": r.get("source", ""),
                      "kind": r.get("kind", ""), "score": res.prediction.score, "verdict": res.prediction.label,
-                     **{f"expert_{k}": v for k, v in res.prediction.experts.items()}})
+                     # an expert that reads faces scores only images with a face: blank elsewhere
+                     **{f"expert_{e.name}": res.prediction.experts.get(e.name, "") for e in det.spec.experts}})
     write_manifest(out / "predictions.csv", rows)
     y = [r["label"] for r in rows]
     metrics = metrics_by_source(y, [r["score"] for r in rows], [r["source"] for r in rows],
                                 threshold=det.spec.threshold)
-    metrics["experts"] = {e.name: metrics_by_source(y, [r[f"expert_{e.name}"] for r in rows],
-                                                    [r["source"] for r in rows])["overall"]
-                          for e in det.spec.experts}
+    scored = {e.name: [r for r in rows if r[f"expert_{e.name}"] != ""] for e in det.spec.experts}
+    metrics["experts"] = {name: metrics_by_source([r["label"] for r in mine], [r[f"expert_{name}"] for r in mine],
+                                                  [r["source"] for r in mine])["overall"]
+                          for name, mine in scored.items() if mine}
     metrics["model"] = det.model_id
     metrics["tta"] = list(det.spec.tta)
     metrics["errors"] = errors
@@ -80,7 +82,8 @@ def evaluate(weights: str | os.PathLike[str], manifest: str | os.PathLike[str], 
     save_metrics(out / "metrics.json", metrics)
     (out / "per_source.md").write_text(per_source_markdown(metrics))
     save_roc_png(out / "roc.png", {"ensemble": (y, [r["score"] for r in rows]),
-                                   **{e.name: (y, [r[f"expert_{e.name}"] for r in rows]) for e in det.spec.experts}},
+                                   **{name: ([r["label"] for r in mine], [r[f"expert_{name}"] for r in mine])
+                                      for name, mine in scored.items() if mine}},
                  title=f"ROC: {det.model_id}")
     if perturb:
         from .robustness import write_robustness

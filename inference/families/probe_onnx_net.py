@@ -109,13 +109,23 @@ class OnnxProbeNet(nn.Module):
             return self._sessions.by_key[key]
 
     def stage_outputs(self, x: torch.Tensor) -> dict[int, np.ndarray]:
-        """The graph's raw ``stage_<i>`` outputs for a batch (float32 NumPy arrays)."""
+        """The graph's raw ``stage_<i>`` outputs for a batch (float32 NumPy arrays), the graph run one image at a time.
+
+        Why one at a time: a dynamically quantised graph quantises each product's input with one scale taken from
+        the whole tensor's range (``DynamicQuantizeLinear``), so run on a batch, an image's features depend on the
+        other images in it (measured: scores moved by up to 0.2 between an image scored alone and in a batch of 16).
+        One image per run makes a score the image's own, whoever else is scored with it (the API's micro-batches,
+        training's batches); on 2 CPU cores it is also no slower (8 images: 0.68 s one by one, 0.77 s batched)."""
         from ..onnx_graph import stage_name
 
         sess = self.session("cuda" if x.is_cuda else "cpu")
         pixels = np.ascontiguousarray(x.detach().float().cpu().numpy())
         names = [stage_name(s) for s in self.stages]
-        return dict(zip(self.stages, sess.run(names, {sess.get_inputs()[0].name: pixels})))
+        feed = sess.get_inputs()[0].name
+        if not len(pixels):
+            return dict(zip(self.stages, sess.run(names, {feed: pixels})))
+        runs = [sess.run(names, {feed: pixels[i:i + 1]}) for i in range(len(pixels))]
+        return {s: np.concatenate([r[k] for r in runs]) for k, s in enumerate(self.stages)}
 
     def stage_vectors(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """One pooled vector per stage, ``{stage: (N, D_stage)}``, from a single pass of the graph."""
