@@ -99,7 +99,7 @@ def _row(r: ItemResult) -> dict[str, Any]:
     row = {"key": str(r.path), "score": p.score if p else None, "label": p.label if p else None,
            "experts": p.experts if p else None, "error": r.error, "error_code": r.error_code}
     if p is not None and p.faces is not None:
-        row["faces"], row["whole_score"] = p.faces, p.whole_score
+        row["faces"], row["whole_score"], row["face_rule"] = p.faces, p.whole_score, p.face_rule
     if p is not None and p.provenance is not None:
         row["provenance"], row["label_by"] = p.provenance, p.label_by
     return row
@@ -107,7 +107,8 @@ def _row(r: ItemResult) -> dict[str, Any]:
 
 def to_result(row: dict[str, Any]) -> ItemResult:
     pred = Prediction(row["score"], row["label"], row["experts"], faces=row.get("faces"),
-                      whole_score=row.get("whole_score"), provenance=row.get("provenance"),
+                      whole_score=row.get("whole_score"), face_rule=row.get("face_rule"),
+                      provenance=row.get("provenance"),
                       label_by=row.get("label_by", "model")) if row.get("score") is not None else None
     return ItemResult(Path(row["key"]), pred, row.get("error"), row.get("error_code"))
 

@@ -258,3 +258,9 @@ def test_a_face_gate_keeps_faces_that_look_real_from_raising_the_score(face_run,
         [pred] = det.predict([folder / name])
         assert pred.score == pytest.approx(prob, abs=1e-5), name
         assert "at least" in pred.face_rule
+    # dfx predict's rows (scored in worker processes, gathered through shards) name the gated rule too
+    r = dfx("predict", str(face_run / "real_0.jpg"), "--weights", str(tmp_path / "bundle"), "-o",
+            str(tmp_path / "rows.jsonl"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    [row] = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert row["face_count"] == 1 and row["face_rule"] == det.face_rule and "at least" in row["face_rule"]

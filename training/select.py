@@ -117,7 +117,7 @@ def rank(strategy: str, budget: int, *, scores: np.ndarray | None = None, expert
         if experts is None or experts.shape[1] < 2:
             raise SelectError("disagreement needs a bundle of two or more experts (this one has "
                               f"{0 if experts is None else experts.shape[1]})")
-        crit = experts.std(axis=1)
+        crit = np.nan_to_num(np.nanstd(experts, axis=1), nan=0.0)
         order = np.argsort(-crit, kind="stable")[:budget]
         return [int(i) for i in order], [float(crit[i]) for i in order]
     assert emb is not None
@@ -184,8 +184,9 @@ def select(pool: str | os.PathLike[str], weights: str | os.PathLike[str], output
             raise SelectError(f"budget {budget} is more than the pool's {len(keep)} readable unlabelled images "
                               f"({len(results) - len(keep)} unreadable, {excluded} excluded)")
         scores = np.array([r.prediction.score if r.prediction else np.nan for r in results])
-        experts = np.array([[r.prediction.experts[e.name] if r.prediction else np.nan for e in det.spec.experts]
-                            for r in results])
+        # an expert that reads faces has no score for an image without a face: NaN, left out of the spread
+        experts = np.array([[r.prediction.experts.get(e.name, np.nan) if r.prediction else np.nan
+                             for e in det.spec.experts] for r in results])
     emb = labelled_emb = None
     work = out.with_name(out.name + ".work")
     if strategy in ("coreset", "hybrid"):

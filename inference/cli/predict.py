@@ -161,7 +161,8 @@ def _rows_csv(results: Iterable["ItemResult"], experts: list[str], out: TextIO, 
                 if faces:
                     fs = p.faces or []
                     fcols = [str(len(fs)), repr(p.whole_score), repr(max(f["score"] for f in fs)) if fs else ""]
-                yield [csv_path(r.path), repr(p.score), p.label, *[repr(p.experts[n]) for n in experts], *fcols,
+                scored = [repr(p.experts[n]) if n in p.experts else "" for n in experts]  # face experts: faces only
+                yield [csv_path(r.path), repr(p.score), p.label, *scored, *fcols,
                        *(provenance_cells(p) if provenance else []), "ok", ""]
             else:
                 yield [csv_path(r.path), "", "", *["" for _ in experts], *(["", "", ""] if faces else []),

@@ -23,7 +23,7 @@ step cluster; "$DFX" prepare cluster "$WORK/all.csv" --features "$WORK/embed.npy
 #    crops of every image and every blend, cut by one finder and framing so that a crop is no cue.
 step blend;   "$DFX" prepare blend --reals "$WORK/folds.csv" --out "$WORK/sbi" --per-image 2 --seed 0
 step merge;   "$DFX" prepare merge "$WORK/folds.csv" "$WORK/sbi/manifest.csv" -o "$WORK/with_sbi.csv"
-step faces;   "$DFX" prepare faces "$WORK/with_sbi.csv" -o "$WORK/faces"
+step faces;   "$DFX" prepare faces "$WORK/with_sbi.csv" -o "$WORK/faces" --finder retinaface
 # 3. Local edits of the reals (splice, copy-move, inpaint, resample), each with its mask, as JPEG like the camera
 #    photos they are compared with (a PNG-only class would be a format shortcut), for the map expert, which also
 #    learns from the blends' masks.
