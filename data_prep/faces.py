@@ -18,18 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from inference.faces import FaceFinder, find_and_cut
+from inference.faces import FINDER_FILE, FaceFinder, find_and_cut, finder_of
 from inference.images import ImageError
 from inference.manifest import read_manifest, write_manifest
-
-FINDER_FILE = "finder.json"  #: beside the crops' manifest: how they were found and cut
-
-
-def finder_of(manifest: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The finder that cut a crops manifest's faces (its ``finder.json``: method, search, margin), or None for a
-    manifest without one (crops from before it was recorded: MTCNN's defaults)."""
-    path = Path(manifest).parent / FINDER_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def prepare_faces(manifest: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_faces: int = 4,

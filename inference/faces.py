@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,17 @@ SEARCH_DEFAULTS = {"mtcnn": (1600, 20), "haar": (1600, 20), "retinaface": (480, 
 FINDERS = ("mtcnn", "retinaface", "haar")
 #: a face crop is cut from the smallest JPEG scale at which its square keeps this many pixels (or at native size)
 CROP_MIN = 256
+FINDER_FILE = "finder.json"  #: beside a crops manifest (``dfx prepare faces``): how its faces were found and cut
+
+
+def finder_of(manifest: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The finder that cut a crops manifest's faces (its ``finder.json``: method, search, margin), or None for a
+    manifest without one (crops from before it was recorded: MTCNN's defaults). Training reads it to record, and
+    ``dfx export`` to carry, how the bundle must find faces."""
+    import json
+
+    path = Path(manifest).parent / FINDER_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 #: How an image's score is made from its faces' when faces are scored (recorded in every output).
 FACE_RULE = "max(whole image, every face)"
 

@@ -105,7 +105,7 @@ def test_malformed_json_is_refused(bundle_copy):
     (lambda d: d["experts"][0].update(std=[float("inf"), 0.5, 0.5]), "list of 3 finite numbers"),
     (lambda d: d["experts"][0].update(calibration={"temperature": 1e-300}), "calibration.temperature must be"),
     (lambda d: d["experts"][0].update(calibration={"temperature": float("inf")}), "calibration.temperature must be"),
-    (lambda d: d.update(format="dfx-ensemble/1.11"), "unknown bundle format 'dfx-ensemble/1.11'"),
+    (lambda d: d.update(format="dfx-ensemble/1.12"), "unknown bundle format 'dfx-ensemble/1.12'"),
     (lambda d: d.update(name="x" * 5_000_000), "a name must be 1..200 printable characters, got 5000000"),
     (lambda d: d["experts"][0].update(name="a\x1b[31mred"), "printable"),
 ])
@@ -198,8 +198,9 @@ def test_the_default_bundle_scores_as_the_code_that_wrote_it():
     """A shipped bundle must keep scoring as it did when it shipped, whatever is restructured around it (issue 25
     moved how experts are built; issue 34 moved the default onto onnxruntime). ``tests/data/default_scores_onnx.json``
     holds what the code that exported ``weights/default`` answered for four scikit-image photos, scored in one call
-    (the INT8 graph scales its activations per batch, so a photo scored alone moves by up to ~0.03); onnxruntime picks
-    its kernels by CPU instruction set, so another machine may differ in the last float bits, hence 1e-4."""
+    (the astronaut's face by the face expert too; the INT8 graph runs one image at a time, so the call's batch does
+    not matter); onnxruntime picks its kernels by CPU instruction set, so another machine may differ in the last
+    float bits, hence 1e-4."""
     import io
 
     from skimage import data as skdata

@@ -51,7 +51,7 @@ def expert_face_finder(e: ExpertConfig) -> dict[str, Any] | None:
     """How the face crops an expert that reads faces trains on were found and cut (data_prep/faces.py
     ``finder.json`` beside its manifests), or None when they do not say (MTCNN's defaults). Raises ConfigError when
     its manifests disagree."""
-    from data_prep.faces import finder_of
+    from inference.faces import finder_of
 
     found = {json.dumps(finder_of(m), sort_keys=True) for m in e.manifest or []}
     if len(found) > 1:
