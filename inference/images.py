@@ -238,8 +238,8 @@ def _decode(stream: BinaryIO, nbytes: int | None, what: str, *, max_pixels: int,
         try:
             if getattr(img, "is_animated", False):
                 img.seek(0)
-            ratios = [r for r, need in ((min(width, height) / (min_size or 1), min_size),
-                                        (max(width, height) / (min_long or 1), min_long)) if need]
+            ratios = ([min(width, height) / min_size] if min_size else []) + \
+                ([max(width, height) / min_long] if min_long else [])
             if ratios and img.format in ("JPEG", "MPO") and min(ratios) >= 2:
                 # draft keeps each side >= the requested size; it scales by powers of two.
                 scale = min(ratios)

