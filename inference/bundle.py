@@ -599,6 +599,7 @@ def write_bundle(out_dir: str | os.PathLike[str], spec: BundleSpec,
         os.chmod(tmp / MANIFEST_NAME, 0o644)
         os.chmod(tmp, 0o755)
         if out.exists():
+            _keep_foreign_files(out, tmp)
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
             os.replace(tmp, out)
@@ -609,6 +610,35 @@ def write_bundle(out_dir: str | os.PathLike[str], spec: BundleSpec,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _keep_foreign_files(old: Path, new: Path) -> list[str]:
+    """Copy into the new bundle folder what the replaced one held besides its own bundle files (a model card, a
+    licence, notes): replacing weights must not lose a person's files. The old manifest's weight files are not
+    kept (stale weights beside a new manifest); where the old manifest is unreadable, nothing of it is known to
+    be stale, so only names the new bundle writes are skipped. Returns the kept names, also logged."""
+    import logging
+
+    stale = {MANIFEST_NAME}
+    try:
+        raw = json.loads((old / MANIFEST_NAME).read_text(encoding="utf-8"))
+        stale |= {e.get("file") for e in raw.get("experts", []) if isinstance(e, dict)}
+        stale.add((raw.get("face_finder") or {}).get("file"))
+    except (OSError, ValueError, AttributeError):
+        pass
+    kept = []
+    for entry in sorted(old.iterdir()):
+        if entry.name in stale or (new / entry.name).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+        kept.append(entry.name)
+    if kept:
+        logging.getLogger(__name__).warning("%s: kept %s from the bundle it replaces (check that they still describe "
+                                            "the new weights)", old, ", ".join(kept))
+    return kept
 
 
 def _has_packed_files(root: Path, spec: BundleSpec) -> bool:

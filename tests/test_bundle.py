@@ -55,6 +55,22 @@ def test_existing_bundle_is_not_overwritten_by_accident(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
 
 
+def test_replacing_a_bundle_keeps_the_files_people_put_beside_it(tmp_path):
+    """`dfx export --force` over a published folder: the model card, licence and notes stay; the replaced
+    bundle's weight files do not (stale weights beside a new manifest)."""
+    old = init_bundle(["convnext_atto"], tmp_path / "x", input_size=TINY_SIZE, seed=3)
+    (tmp_path / "x" / "MODEL_CARD.md").write_text("# card\n")
+    (tmp_path / "x" / "notes").mkdir()
+    (tmp_path / "x" / "notes" / "a.txt").write_text("kept")
+    new = init_bundle(["resnet10t"], tmp_path / "x", input_size=TINY_SIZE, seed=4, overwrite=True)
+    names = sorted(p.name for p in (tmp_path / "x").iterdir())
+    assert old.experts[0].file not in names and new.experts[0].file in names
+    assert (tmp_path / "x" / "MODEL_CARD.md").read_text() == "# card\n"
+    assert (tmp_path / "x" / "notes" / "a.txt").read_text() == "kept"
+    assert Detector(tmp_path / "x", device="cpu").spec.experts[0].arch == "resnet10t"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+
+
 def test_tampered_bytes_are_refused(bundle_copy):
     spec = read_spec(bundle_copy)
     path = bundle_copy / spec.experts[0].file

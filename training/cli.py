@@ -45,7 +45,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     x.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder")
     x.add_argument("--out", required=True, help="bundle folder to write (e.g. weights/NAME)")
     x.add_argument("--name", default=None, help="bundle name (default: the output folder's name)")
-    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+    x.add_argument("--force", action="store_true",
+                   help="replace the bundle in --out if there is one (files beside it, such as MODEL_CARD.md, are kept)")
     x.add_argument("--half", action="store_true",
                    help="store weights as float16 (half the size; models still run in float32 after loading, "
                         "scores move by about 1e-3)")
