@@ -372,6 +372,21 @@ class Detector:
             return replace(pred, label="fake", label_by="provenance", provenance=prov.to_json())
         return replace(pred, provenance=prov.to_json())
 
+    def face_finder(self, method: str | None = None) -> Any:
+        """The finder that scoring with faces (``--faces``, the API's ``faces``) looks with. A bundle with experts
+        that read faces has its own, which cut the crops they learnt from: it is always that one, and another
+        ``method`` is refused rather than silently feeding those experts crops they never saw. Otherwise
+        ``method`` (inference/faces.py FINDERS; default: MTCNN, else OpenCV Haar when MTCNN is not installed)."""
+        own = self.preprocessor.finder
+        if own is not None:
+            if method not in (None, "auto", own.method):
+                raise ValueError(f"this bundle's face experts read faces found by {own.method} (the bundle carries "
+                                 f"it); --face-finder {method} would give them crops they never learnt from")
+            return own
+        from .faces import FaceFinder
+
+        return FaceFinder(method=method or "auto")
+
     @property
     def face_rule(self) -> str:
         """How an image's score is made from its faces' (said in every answer that has faces)."""

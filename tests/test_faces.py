@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -185,6 +186,29 @@ def test_predict_faces_rows(tiny_bundle, folder, tmp_path):
     r = dfx("predict", str(folder), "--weights", str(tiny_bundle), "--faces", "-o", str(csv_out), "--no-progress")
     header, *lines = csv_out.read_text().splitlines()
     assert "faces" in header.split(",") and "whole_score" in header.split(",") and len(lines) == 3
+
+
+@needs_retinaface
+def test_predict_faces_looks_with_the_bundles_own_finder(tiny_bundle, folder, tmp_path):
+    """--face-finder picks the finder for a bundle without face experts; weights/default's face expert learnt from
+    RetinaFace's crops, so --faces with it looks with that one, and asking for another is refused, not obeyed."""
+    out = tmp_path / "rows.jsonl"
+    r = dfx("predict", str(folder / "astronaut.png"), "--weights", str(tiny_bundle), "--faces", "--face-finder",
+            "retinaface", "-o", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "found with retinaface" in r.stderr
+    row = json.loads(out.read_text())
+    assert row["face_count"] == 1 and iou(row["faces"][0]["box"], ASTRONAUT_FACE) > 0.6
+
+    default = str(Path(__file__).resolve().parent.parent / "weights" / "default")
+    r = dfx("predict", str(folder / "astronaut.png"), "--weights", default, "--faces", "-o", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "found with retinaface" in r.stderr and "in the bundle" in r.stderr
+    row = json.loads(out.read_text())
+    assert row["face_count"] == 1 and "face" in row["experts"]
+    r = dfx("predict", str(folder / "astronaut.png"), "--weights", default, "--faces", "--face-finder", "mtcnn",
+            "-o", str(tmp_path / "refused.jsonl"), "--no-progress")
+    assert r.returncode != 0 and "found by retinaface" in r.stderr and "Traceback" not in r.stderr
 
 
 @needs_mtcnn

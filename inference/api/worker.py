@@ -59,12 +59,11 @@ class ModelWorker:
             log.error("model failed to load: %s: %s", type(exc).__name__, exc)
 
     def face_finder(self) -> Any:
-        """The face finder, built on first use (one per worker process; MTCNN, else Haar)."""
+        """The face finder, built on first use (one per worker process): the bundle's own when it has experts that
+        read faces, else MTCNN (Haar when MTCNN is not installed)."""
         with self.finder_lock:
             if self.finder is None:
-                from ..faces import FaceFinder
-
-                self.finder = FaceFinder()
+                self.finder = self.require().face_finder()
             return self.finder
 
     def _forward(self, items: list) -> list[Prediction]:

@@ -72,11 +72,7 @@ def _explain(args: argparse.Namespace) -> int:
     det = Detector(resolve_weights(args.weights), device=args.device, batch_size=args.batch_size,
                    max_pixels=args.max_pixels, precision=args.precision, provenance_rule=args.provenance_rule)
     reader = provenance_reader(args)
-    finder = None
-    if args.faces:
-        from ..faces import FaceFinder
-
-        finder = FaceFinder()
+    finder = det.face_finder(args.face_finder) if args.faces else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[list[str]] = []

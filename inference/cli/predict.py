@@ -36,7 +36,11 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--faces", action="store_true",
                    help="also find faces (MTCNN; OpenCV Haar when its weights are not installed) and score each "
                         "face crop; an image's score is then the maximum of its whole-image score and its faces'. "
-                        "Rows gain the face count (and, in JSONL, every face's box and score)")
+                        "Rows gain the face count (and, in JSONL, every face's box and score). A bundle with "
+                        "experts that read faces always scores faces, with the finder it carries")
+    p.add_argument("--face-finder", choices=("mtcnn", "retinaface", "haar"), default=None,
+                   help="which finder --faces looks with, for bundles without experts that read faces (default: "
+                        "MTCNN, else OpenCV Haar); a bundle with face experts uses its own and refuses another")
 
 
 def add_provenance_options(p: argparse.ArgumentParser) -> None:
@@ -115,11 +119,9 @@ def _score_all(args: argparse.Namespace, paths: list[Path], desc: str) -> tuple[
     reader = provenance_reader(args)
     faces = None
     if getattr(args, "faces", False):
-        from ..faces import FACE_RULE, FaceFinder
-
-        faces = FaceFinder()
+        faces = det.face_finder(args.face_finder)
         if world.is_main:
-            print(f"scoring faces too, found with {faces.describe()}; an image's score is {FACE_RULE}",
+            print(f"scoring faces too, found with {faces.describe()}; an image's score is {det.face_rule}",
                   file=sys.stderr)
     if args.output:
         return det, score_to_parts(det, paths, args.output, world=world, resume=args.resume, workers=workers,
