@@ -20,7 +20,8 @@ without its real fold; a test face below the gate leaves the whole-image score a
 Protocol B (short side 256, centre crop, JPEG 90) is applied to the whole image before its faces are cut (boxes
 mapped into the processed image), so a face in B has the pixels a resized, re-compressed upload leaves it.
 
-Conditions: the backbone (CLIP ViT-B/16 class tokens of block sets, or EfficientNet-Lite0 stages), and the training
+Conditions: the backbone (CLIP ViT-B/16 class tokens of block sets; ``cliptok``: each block's class token with the
+mean and standard deviation of its patch tokens; or EfficientNet-Lite0 stages), and the training
 fakes: ``sbi`` (self-blended only: no generator's output is learnt), ``data`` (other families' face crops only) or
 ``sbi+data``. Against the "a crop = fake" shortcut: every crop, real or fake, is cut by the same finder and framing
 (``dfx prepare faces``), and a blend differs from its real only inside its mask.
@@ -45,6 +46,30 @@ sys.path.insert(0, str(ROOT / "bench"))
 FACE_FAMILIES = ("faceswap", "gan-inversion-face-edit", "inpainting")
 CLIP_SETS = {"b2-5": (2, 3, 4, 5), "b4-8": (4, 5, 6, 7, 8), "b8-11": (8, 9, 10, 11), "b2-11": tuple(range(2, 12))}
 LITE0_SETS = {"s1-4": (1, 2, 3, 4), "s2-3": (2, 3)}
+TOKEN_SETS = {"t4-7": (4, 5, 6, 7), "t8-11": (8, 9, 10, 11), "t4-11": tuple(range(4, 12))}
+
+
+class TokenStats:
+    """CLIP blocks read as [class token, mean and standard deviation of the patch tokens]: a blend's seam is local,
+    and the class token of a block may not carry it."""
+
+    def __init__(self, net) -> None:
+        self.net, self.stages = net, tuple(s for s in net.stages if s < net.depth)
+
+    def stage_vectors(self, x, stages=None) -> dict:
+        import torch
+
+        stages = self.stages if stages is None else tuple(stages)
+        inter = self.net.backbone.forward_intermediates(x, indices=list(stages), return_prefix_tokens=True, norm=False,
+                                                        output_fmt="NLC", intermediates_only=True)
+        return {s: torch.cat([prefix[:, 0], patches.mean(1), patches.std(1)], dim=1).float()
+                for s, (patches, prefix) in zip(stages, inter)}
+
+    def pooled(self, x):
+        import torch
+
+        vectors = self.stage_vectors(x)
+        return torch.cat([vectors[s] for s in self.stages], dim=1)
 
 
 def crop_table(rows: list[dict], args) -> list[dict]:
@@ -115,6 +140,8 @@ def crop_features(table: list[dict], spec, out: Path, protocol: str, tag: str) -
     if cache.exists():
         return np.load(cache)
     net = build_probe(spec)
+    if tag == "cliptok":
+        net = TokenStats(net)
     pre = Preprocessor([spec.expert().preprocess_key])
     images: dict = {}
     feats: list[np.ndarray | None] = []
@@ -191,10 +218,15 @@ def main() -> int:
           f"({len(set(owner[~is_sbi]))} images), {int(is_sbi.sum())} self-blended", file=sys.stderr)
 
     backbones = {}
-    if "clip" in args.backbones:
+    chosen = args.backbones.split(",")
+    if "clip" in chosen:
         backbones["clip"] = (ProbeSpec(arch="vit_base_patch16_clip_quickgelu_224", pretrained="pkg:clip_vit_b16",
                                        stages=tuple(range(12)), preprocess="crop", name="face-clip"), CLIP_SETS, False)
-    if "lite0" in args.backbones:
+    if "cliptok" in chosen:
+        backbones["cliptok"] = (ProbeSpec(arch="vit_base_patch16_clip_quickgelu_224", pretrained="pkg:clip_vit_b16",
+                                          stages=tuple(range(4, 12)), preprocess="crop", name="face-clip"),
+                                TOKEN_SETS, False)
+    if "lite0" in chosen:
         backbones["lite0"] = (ProbeSpec(stages=(0, 1, 2, 3, 4), preprocess="crop", name="face-lite0"), LITE0_SETS, True)
     results: dict = {"n_crops": len(table), "n_sbi": int(is_sbi.sum()), "min_face": args.min_face, "C": args.C,
                      "gate_fpr": args.gate_fpr,
@@ -215,6 +247,8 @@ def main() -> int:
     results["whole"] = evaluate(whole)
     for bname, (spec, sets, cnn) in backbones.items():
         net = build_probe(spec)
+        if bname == "cliptok":
+            net = TokenStats(net)
         widths = stage_widths(net, spec.input_size)
         feats = {p: crop_features(table, spec, out, p, bname) for p in ("A", "B")}
         for sname, keep in sets.items():
