@@ -264,3 +264,28 @@ def test_a_face_gate_keeps_faces_that_look_real_from_raising_the_score(face_run,
     assert r.returncode == 0, r.stderr
     [row] = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert row["face_count"] == 1 and row["face_rule"] == det.face_rule and "at least" in row["face_rule"]
+
+
+def test_the_api_scores_faces_with_the_bundles_own_finder(face_run, tmp_path):
+    """A real `dfx serve` on 127.0.0.1: asking for faces does not swap the finder the face expert learnt from
+    (RetinaFace, in the bundle) for the API's default one, so the answer is the score the bundle validated."""
+    import base64
+
+    import requests
+
+    from inference import Detector
+    from tests.test_api import Server
+
+    photo = face_run / "real_3.jpg"
+    [pred] = Detector(face_run / "bundle", device="cpu").predict([photo])
+    server = Server(face_run / "bundle", tmp_path / "serve.log")
+    try:
+        image = base64.b64encode(photo.read_bytes()).decode()
+        data = requests.post(f"{server.url}/predict", json={"image": image, "faces": True}, timeout=120).json()
+        assert data["face_count"] == 1, data
+        assert data["faces"][0]["score"] == pytest.approx(pred.faces[0]["score"], abs=1e-5)
+        assert data["result"] == pytest.approx(pred.score, abs=1e-5) and "most suspicious face" in data["face_rule"]
+        plain = requests.post(f"{server.url}/predict", json={"image": image}, timeout=60).json()
+        assert plain["result"] == pytest.approx(pred.score, abs=1e-5), "the bundle reads faces either way"
+    finally:
+        server.stop()
