@@ -13,7 +13,9 @@ real images' most suspicious faces, is read from those out-of-fold scores), plus
 without exactly its test set (its fakes, one real fold, and the reals of the repositories that supplied its fakes),
 which scores that family's test set. The other families' fakes are scored by their test fold's model (no model
 ever trains on a generator's fakes); their related repositories' reals (3 to 8 images) by their own fold's model.
-The frozen-CLIP head is refitted on the same training sets, so the two are compared on equal terms.
+The frozen-CLIP head is refitted on the same training sets, so the two are compared on equal terms. Rules: those of
+``faces_sbi_lofo.py``, a stacked logistic regression fitted on the other families, and the two scores on a common
+scale (the share of the training side's reals reaching each), with and without Sidak's correction and the gate.
 
 Writes ``results.json`` and ``results.md`` in ``--out``; about 5 minutes per model on 2 CPU cores for Lite0.
 """
@@ -144,6 +146,24 @@ def stacked(whole: np.ndarray, face_train: np.ndarray, face_test: np.ndarray, tr
     good = ~np.isnan(whole)
     out[good] = lr.predict_proba(design(whole, face_test)[good])[:, 1]
     return out
+
+
+def sidak(whole: np.ndarray, face: np.ndarray, real_whole: np.ndarray, real_face: np.ndarray, looks: float = 2.0,
+          gate: float = 1.0) -> np.ndarray:
+    """Each score as how rarely the training side's real images reach it (p = (reals at or above + 1) / (n + 1),
+    whole images and faces apart), the image's evidence the rarer of its two, corrected for having looked twice:
+    1 - (1 - min p)^2 for an image with a face (Sidak), so that a face adds no false alarms on its own."""
+    def p_of(v: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        ref = np.sort(ref[~np.isnan(ref)])
+        above = len(ref) - np.searchsorted(ref, v, side="left")
+        return (above + 1) / (len(ref) + 1)
+
+    pw = p_of(np.nan_to_num(whole, nan=-1.0), real_whole)
+    has = ~np.isnan(face)
+    pf = np.where(has, p_of(np.nan_to_num(face, nan=-1.0), real_face), 1.0)
+    pf = np.where(pf <= gate, pf, 1.0)
+    p = np.where(has, 1 - (1 - np.minimum(pw, pf)) ** looks, pw)
+    return np.where(np.isnan(whole), np.nan, 1 - p + 1e-9 * np.nan_to_num(whole))  # ties broken by the whole score
 
 
 _labels: list[int] = []
@@ -280,7 +300,13 @@ def main() -> int:
                          "gated_max": np.where(has & (np.nan_to_num(f) >= gate),
                                                np.maximum(whole[p], np.nan_to_num(f)), whole[p]),
                          "face-only": f,
-                         "stacked": stacked(whole[p], oof[p], f, ~test)}
+                         "stacked": stacked(whole[p], oof[p], f, ~test),
+                         "sidak": sidak(whole[p], f, whole[p][(y == 0) & ~test], oof_real[p][train_reals]),
+                         "min_p": sidak(whole[p], f, whole[p][(y == 0) & ~test], oof_real[p][train_reals], 1.0),
+                         "min_p_gated": sidak(whole[p], f, whole[p][(y == 0) & ~test], oof_real[p][train_reals],
+                                              1.0, args.gate_fpr),
+                         "sidak_gated": sidak(whole[p], f, whole[p][(y == 0) & ~test], oof_real[p][train_reals],
+                                              2.0, args.gate_fpr)}
                 for rule, s in rules.items():
                     sel = test & ~np.isnan(s)
                     m = binary_metrics(y[sel].tolist(), s[sel].tolist())
@@ -295,7 +321,8 @@ def main() -> int:
              + " | ten whole-image families A / B |",
              "| --- | --- | --- | --- | " + " | ".join("---" for _ in FACE_FAMILIES) + " | --- |"]
     for model_name, per in results["models"].items():
-        for rule in ("whole", "max", "gated_max", "stacked", "face-only"):
+        for rule in ("whole", "max", "gated_max", "stacked", "sidak", "sidak_gated", "min_p", "min_p_gated",
+                     "face-only"):
             if rule == "whole" and model_name != "clip":
                 continue
             def m(fs, p, key="auc"):  # noqa: E306
