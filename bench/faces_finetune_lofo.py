@@ -72,10 +72,12 @@ def fine_tune(pix: dict[str, np.ndarray], train: np.ndarray, labels: np.ndarray,
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    device = torch.device(args.device)
     model = timm.create_model(args.arch, num_classes=2, pretrained=False)
     load_pretrained(model, f"pkg:{args.arch.replace('tf_', '')}", args.arch)
     torch.nn.init.zeros_(model.classifier.weight)  # timm's init gives logits of +-20 on ImageNet features
     torch.nn.init.zeros_(model.classifier.bias)
+    model.to(device)
     frozen = [model.conv_stem, model.bn1, *model.blocks[:args.freeze]]
     for m in frozen:
         m.requires_grad_(False)
@@ -85,7 +87,7 @@ def fine_tune(pix: dict[str, np.ndarray], train: np.ndarray, labels: np.ndarray,
     steps = args.epochs * int(np.ceil(len(idx) / args.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
     counts = np.bincount(labels[idx], minlength=2)
-    weight = torch.tensor(len(idx) / (2.0 * np.maximum(counts, 1)), dtype=torch.float32)
+    weight = torch.tensor(len(idx) / (2.0 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     model.train()
     for m in frozen:
         m.eval()  # frozen batch-norm statistics stay ImageNet's
@@ -98,8 +100,9 @@ def fine_tune(pix: dict[str, np.ndarray], train: np.ndarray, labels: np.ndarray,
             x = np.where(use_b[:, None, None, None], pix["B"][b], pix["A"][b])
             flip = rng.random(len(b)) < 0.5
             x[flip] = x[flip, :, ::-1]
-            xt = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
-            loss = torch.nn.functional.cross_entropy(model(xt), torch.from_numpy(labels[b]).long(), weight=weight)
+            xt = (torch.from_numpy(x).to(device).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+            target = torch.from_numpy(labels[b]).long().to(device)
+            loss = torch.nn.functional.cross_entropy(model(xt), target, weight=weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -115,13 +118,14 @@ def score(model, pix: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """P(fake) of every crop under both protocols (NaN where a crop is absent)."""
     import torch
 
+    device = next(model.parameters()).device
     out = {}
     for p in ("A", "B"):
         probs = np.full(len(pix[p]), np.nan)
         with torch.inference_mode():
             for s in range(0, len(pix[p]), 64):
-                x = torch.from_numpy(pix[p][s:s + 64]).permute(0, 3, 1, 2).float()
-                probs[s:s + 64] = torch.softmax(model((x / 255 - 0.5) / 0.5), dim=1)[:, 1].numpy()
+                x = torch.from_numpy(pix[p][s:s + 64]).to(device).permute(0, 3, 1, 2).float()
+                probs[s:s + 64] = torch.softmax(model((x / 255 - 0.5) / 0.5), dim=1)[:, 1].cpu().numpy()
         probs[~pix[f"has_{p}"]] = np.nan
         out[p] = probs
     return out
@@ -169,6 +173,12 @@ def sidak(whole: np.ndarray, face: np.ndarray, real_whole: np.ndarray, real_face
 _labels: list[int] = []
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/faces_ft")
@@ -184,6 +194,8 @@ def main() -> int:
     ap.add_argument("--freeze", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="where the models train (default: "
+                    "CUDA when there is one)")
     ap.add_argument("--C", type=float, default=0.001, help="the CLIP head's regularisation (as shipped)")
     ap.add_argument("--gate-fpr", type=float, default=0.05)
     args = ap.parse_args()
@@ -239,7 +251,7 @@ def main() -> int:
         plans[fam] = usable & ~tests[fam][owner]
     crop_scores: dict[str, dict[str, dict[str, np.ndarray]]] = {"finetuned": {}, "clip": {}}
     for k, (name, train) in enumerate(plans.items()):
-        cache = out / f"scores_{name}.npz"
+        cache = out / f"scores_{name}_{args.arch}_{args.size}px_e{args.epochs}_f{args.freeze}_lr{args.lr:g}.npz"
         if cache.exists():
             z = np.load(cache)
             crop_scores["finetuned"][name] = {"A": z["A"], "B": z["B"]}
