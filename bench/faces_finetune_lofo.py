@@ -23,7 +23,6 @@ Writes ``results.json`` and ``results.md`` in ``--out``; about 5 minutes per mod
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from faces_sbi_lofo import CLIP_SETS, FACE_FAMILIES, crop_table, cut  # noqa: E402
+from faces_sbi_lofo import CLIP_SETS, FACE_FAMILIES, crop_table, cut, held_out_setting  # noqa: E402
 
 
 def crop_pixels(table: list[dict], out: Path, size: int) -> dict[str, np.ndarray]:
@@ -131,7 +130,8 @@ def score(model, pix: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def stacked(whole: np.ndarray, face_train: np.ndarray, face_test: np.ndarray, train: np.ndarray) -> np.ndarray:
+def stacked(labels: np.ndarray, whole: np.ndarray, face_train: np.ndarray, face_test: np.ndarray,
+            train: np.ndarray) -> np.ndarray:
     """A logistic regression on [logit whole, logit face (0 without a face), has a face], fitted on the training
     side's out-of-sample scores (class-balanced), applied to the test side's."""
     from sklearn.linear_model import LogisticRegression
@@ -144,8 +144,8 @@ def stacked(whole: np.ndarray, face_train: np.ndarray, face_test: np.ndarray, tr
         return np.c_[logit(w), np.where(has, logit(np.nan_to_num(f, nan=0.5)), 0.0), has.astype(float)]
 
     ok = train & ~np.isnan(whole)
-    y = np.asarray(_labels)[ok]
-    lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000).fit(design(whole, face_train)[ok], y)
+    lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000).fit(design(whole, face_train)[ok],
+                                                                               labels[ok])
     out = np.full(len(whole), np.nan)
     good = ~np.isnan(whole)
     out[good] = lr.predict_proba(design(whole, face_test)[good])[:, 1]
@@ -168,9 +168,6 @@ def sidak(whole: np.ndarray, face: np.ndarray, real_whole: np.ndarray, real_face
     pf = np.where(pf <= gate, pf, 1.0)
     p = np.where(has, 1 - (1 - np.minimum(pw, pf)) ** looks, pw)
     return np.where(np.isnan(whole), np.nan, 1 - p + 1e-9 * np.nan_to_num(whole))  # ties broken by the whole score
-
-
-_labels: list[int] = []
 
 
 def _has_cuda() -> bool:
@@ -200,26 +197,15 @@ def main() -> int:
     ap.add_argument("--gate-fpr", type=float, default=0.05)
     args = ap.parse_args()
 
-    from probe_eval import FAMILIES, columns, family_of, held_out, real_folds, rows_of
+    from probe_eval import FAMILIES, columns
     from training.metrics import binary_metrics
     from training.probe import fit_head
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = rows_of(["dev", "more"])
+    rows, y, fams, folds, tests, whole = held_out_setting(args.whole)
     n = len(rows)
-    y = np.asarray([r["label"] for r in rows])
-    _labels[:] = y.tolist()
-    fams = [family_of(r) for r in rows]
-    folds = real_folds(rows)
     names = list(FAMILIES)
-    tests = {fam: held_out(y, [r["source"] for r in rows], fams, folds, i, fam) for i, fam in enumerate(names)}
-    whole = {p: np.full(n, np.nan) for p in ("A", "B")}
-    at = {r["abspath"]: i for i, r in enumerate(rows)}
-    with open(args.whole) as f:
-        for r in csv.DictReader(f):
-            for p in ("A", "B"):
-                whole[p][at[r["abspath"]]] = float(r[f"score_{p}"])
     table = crop_table(rows, argparse.Namespace(faces=args.faces, blend=args.blend, blend_faces=args.blend_faces,
                                                 min_face=args.min_face))
     owner = np.asarray([c["owner"] for c in table])
@@ -312,7 +298,7 @@ def main() -> int:
                          "gated_max": np.where(has & (np.nan_to_num(f) >= gate),
                                                np.maximum(whole[p], np.nan_to_num(f)), whole[p]),
                          "face-only": f,
-                         "stacked": stacked(whole[p], oof[p], f, ~test),
+                         "stacked": stacked(y, whole[p], oof[p], f, ~test),
                          "sidak": sidak(whole[p], f, whole[p][(y == 0) & ~test], oof_real[p][train_reals]),
                          "min_p": sidak(whole[p], f, whole[p][(y == 0) & ~test], oof_real[p][train_reals], 1.0),
                          "min_p_gated": sidak(whole[p], f, whole[p][(y == 0) & ~test], oof_real[p][train_reals],

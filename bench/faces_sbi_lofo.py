@@ -72,6 +72,28 @@ class TokenStats:
         return torch.cat([vectors[s] for s in self.stages], dim=1)
 
 
+def held_out_setting(whole_csv: str) -> tuple[list[dict], np.ndarray, list, np.ndarray, dict, dict]:
+    """What every face bench holds out by family: the rows of dev + more, their labels, families and real folds,
+    each family's test set (``probe_eval.held_out``), and each image's leave-one-family-out whole-image score under
+    protocols A and B (``bench/probe_eval.py``'s ``oof.csv``)."""
+    import csv
+
+    from probe_eval import FAMILIES, family_of, held_out, real_folds, rows_of
+
+    rows = rows_of(["dev", "more"])
+    y = np.asarray([r["label"] for r in rows])
+    fams = [family_of(r) for r in rows]
+    folds = real_folds(rows)
+    tests = {fam: held_out(y, [r["source"] for r in rows], fams, folds, i, fam) for i, fam in enumerate(FAMILIES)}
+    whole = {p: np.full(len(rows), np.nan) for p in ("A", "B")}
+    at = {r["abspath"]: i for i, r in enumerate(rows)}
+    with open(whole_csv) as f:
+        for r in csv.DictReader(f):
+            for p in ("A", "B"):
+                whole[p][at[r["abspath"]]] = float(r[f"score_{p}"])
+    return rows, y, fams, folds, tests, whole
+
+
 def crop_table(rows: list[dict], args) -> list[dict]:
     """Every face crop: its image (index into ``rows``; for a blend, its real's), label, box, and origin."""
     from inference.manifest import read_manifest
@@ -191,25 +213,14 @@ def main() -> int:
                          "real images' faces reach, read from their out-of-fold scores (nested: inner folds)")
     args = ap.parse_args()
 
-    import csv
-
-    from probe_eval import FAMILIES, columns, family_of, held_out, real_folds, rows_of, stage_widths
+    from probe_eval import FAMILIES, columns, stage_widths
     from training.metrics import binary_metrics
     from training.probe import ProbeSpec, build_probe, fit_head
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = rows_of(["dev", "more"])
+    rows, y, fams, folds, tests, whole = held_out_setting(args.whole)
     n = len(rows)
-    y = np.asarray([r["label"] for r in rows])
-    fams = [family_of(r) for r in rows]
-    folds = real_folds(rows)
-    whole = {p: np.full(n, np.nan) for p in ("A", "B")}
-    at = {r["abspath"]: i for i, r in enumerate(rows)}
-    with open(args.whole) as f:
-        for r in csv.DictReader(f):
-            for p in ("A", "B"):
-                whole[p][at[r["abspath"]]] = float(r[f"score_{p}"])
     table = crop_table(rows, args)
     owner = np.asarray([c["owner"] for c in table])
     is_sbi = np.asarray([c["sbi"] for c in table])
@@ -232,7 +243,6 @@ def main() -> int:
                      "gate_fpr": args.gate_fpr,
                      "whole": {}, "conditions": {}}
     names = list(FAMILIES)
-    tests = {fam: held_out(y, [r["source"] for r in rows], fams, folds, i, fam) for i, fam in enumerate(names)}
 
     def evaluate(scores: dict[str, np.ndarray]) -> dict:
         per = {}
